@@ -1,0 +1,293 @@
+"""The shard format: the single place where it is defined.
+
+Layout of a build's output folder::
+
+    manifest.json        # written last, atomically, by finalize()
+    tokenizer.json       # the tokenizer used (its sha256 is in the manifest)
+    train/{unit}-{k:05d}.tar
+    validation/{unit}-{k:05d}.tar
+
+Each tar is plain (uncompressed) webdataset input: one sample per packed sequence,
+``__key__ = f"{unit}-{seq_index:08d}"`` (no dots) and one member ``{key}.ids.u16`` (or
+``.ids.u32`` when the vocabulary does not fit in 16 bits) holding ``seq_len`` token ids as
+raw little-endian bytes.  Tars are byte-deterministic: fixed mtime/uid/gid/mode, members in
+sequence order, USTAR headers, so a re-run of a unit reproduces its shards bit for bit.
+
+Readers (``pretrain``) need only :func:`read_manifest`, :func:`shard_urls` and
+:func:`decode_sample`::
+
+    m = read_manifest("out/")
+    ds = webdataset.WebDataset(shard_urls(m, "train")).map(decode_sample)
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataPipelineError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+SPLITS = ("train", "validation")
+DTYPES = {"uint16": ("u16", np.dtype("<u2")), "uint32": ("u32", np.dtype("<u4"))}
+FIELD_TO_DTYPE = {"ids." + ext: dt for ext, dt in DTYPES.values()}
+SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to a multiple of this
+_MTIME = 0  # fixed so that tars are byte-identical across runs
+
+
+# --------------------------------------------------------------------------- dtype / names
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """``"uint16"`` when every id fits in 16 bits, else ``"uint32"``."""
+    if vocab_size <= 0:
+        raise DataPipelineError(f"vocab_size must be positive, got {vocab_size}")
+    return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+def sample_key(unit_name: str, seq_index: int) -> str:
+    return f"{unit_name}-{seq_index:08d}"
+
+
+def shard_relpath(split: str, unit_name: str, k: int) -> str:
+    return f"{split}/{unit_name}-{k:05d}.tar"
+
+
+def check_unit_name(name: str) -> None:
+    if not name or "." in name or "/" in name or len(name) > 60:
+        raise DataPipelineError(f"invalid unit name {name!r}: must be non-empty, <= 60 chars, no '.' or '/'")
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def read_manifest(path_or_dir: str | os.PathLike) -> dict:
+    """Load and validate ``manifest.json`` (give the file or the build folder).
+
+    The returned dict is the file's content plus ``"_root"``: the absolute folder that
+    shard paths are relative to (not stored in the file, so outputs can be moved).
+    """
+    p = Path(path_or_dir)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if not p.is_file():
+        hint = " (is the build finished? run `python -m data_pipeline finalize`)" if p.parent.is_dir() else ""
+        raise DataPipelineError(f"{p}: manifest not found{hint}")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataPipelineError(f"{p}: corrupt manifest, not valid JSON ({e})") from None
+    problem = _manifest_problem(m)
+    if problem:
+        raise DataPipelineError(f"{p}: invalid manifest: {problem}")
+    m["_root"] = str(p.parent.resolve())
+    return m
+
+
+def _manifest_problem(m: Any) -> str | None:
+    if not isinstance(m, dict):
+        return "top level is not an object"
+    if m.get("format_version") != FORMAT_VERSION:
+        return f"format_version is {m.get('format_version')!r}, this reader knows {FORMAT_VERSION}"
+    for k, t in (("seq_len", int), ("vocab_size", int), ("dtype", str), ("tokenizer", dict),
+                 ("special_ids", dict), ("packing", str), ("splits", dict)):
+        if not isinstance(m.get(k), t):
+            return f"missing or mistyped field {k!r}"
+    if m["dtype"] not in DTYPES:
+        return f"dtype {m['dtype']!r} is not one of {sorted(DTYPES)}"
+    if m["dtype"] != dtype_for_vocab(m["vocab_size"]) and m["dtype"] != "uint32":
+        return f"dtype {m['dtype']} cannot hold vocab_size {m['vocab_size']}"
+    if m["packing"] not in ("concat", "single"):
+        return f"packing {m['packing']!r} is not 'concat' or 'single'"
+    missing = [s for s in SPECIAL_NAMES if not isinstance(m["special_ids"].get(s), int)]
+    if missing:
+        return f"special_ids lacks {missing}"
+    for split, s in m["splits"].items():
+        if not isinstance(s, dict) or not isinstance(s.get("shards"), list):
+            return f"split {split!r} has no shard list"
+        for sh in s["shards"]:
+            if not isinstance(sh, dict) or not all(k in sh for k in ("path", "samples", "tokens", "sha256")):
+                return f"split {split!r} has a malformed shard entry {sh!r}"
+    return None
+
+
+def shard_urls(manifest: dict, split: str) -> list[str]:
+    """Absolute paths of a split's shards, in manifest (= unit, then shard) order."""
+    if split not in manifest.get("splits", {}):
+        raise DataPipelineError(f"split {split!r} not in manifest (has {sorted(manifest.get('splits', {}))})")
+    root = Path(manifest.get("_root") or ".").resolve()
+    return [str(root / sh["path"]) for sh in manifest["splits"][split]["shards"]]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_sample(sample: dict, seq_len: int | None = None) -> np.ndarray:
+    """A webdataset sample (dict with ``ids.u16`` or ``ids.u32`` bytes) -> int64 ids.
+
+    With ``seq_len`` the length is checked too.  Raises :class:`DataPipelineError` naming
+    the sample's key and shard on a malformed sample.
+    """
+    key = sample.get("__key__", "?") if isinstance(sample, dict) else "?"
+    src = sample.get("__url__", "") if isinstance(sample, dict) else ""
+    where_ = f"{src}: sample {key!r}" if src else f"sample {key!r}"
+    if not isinstance(sample, dict):
+        raise DataPipelineError(f"{where_}: expected a dict, got {type(sample).__name__}")
+    fields = [f for f in FIELD_TO_DTYPE if f in sample]
+    if len(fields) != 1:
+        raise DataPipelineError(
+            f"{where_}: expected exactly one of {sorted(FIELD_TO_DTYPE)}, found fields "
+            f"{sorted(k for k in sample if not k.startswith('__'))}")
+    raw = sample[fields[0]]
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise DataPipelineError(f"{where_}: field {fields[0]} is {type(raw).__name__}, expected raw bytes "
+                                "(open the dataset without a decoder)")
+    dt = FIELD_TO_DTYPE[fields[0]]
+    if len(raw) == 0 or len(raw) % dt.itemsize:
+        raise DataPipelineError(f"{where_}: {len(raw)} bytes is not a whole number of {dt.name} ids")
+    ids = np.frombuffer(raw, dtype=dt).astype(np.int64)
+    if seq_len is not None and ids.shape[0] != seq_len:
+        raise DataPipelineError(f"{where_}: {ids.shape[0]} ids, expected seq_len={seq_len}")
+    return ids
+
+
+def iter_shard(path: str | os.PathLike, seq_len: int | None = None):
+    """Yield ``(key, ids)`` from one shard with the standard library (no webdataset needed)."""
+    with tarfile.open(path, "r:") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            key, _, field = member.name.partition(".")
+            data = tf.extractfile(member).read()
+            yield key, decode_sample({"__key__": key, "__url__": str(path), field: data}, seq_len)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, _MTIME, 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+class ShardWriter:
+    """Writes one unit's sequences of one split into size-capped, deterministic tar shards.
+
+    Each shard is written as ``<final>.tmp`` and renamed to its final name only once it is
+    complete (flushed and fsynced), so a killed process never leaves a truncated ``.tar``.
+    ``close()`` returns the shard records ``{"path", "samples", "tokens", "sha256", "bytes"}``.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, unit_name: str, dtype: str,
+                 seq_len: int, pad_id: int, shard_bytes: int, *, on_shard_done=None):
+        check_unit_name(unit_name)
+        if dtype not in DTYPES:
+            raise DataPipelineError(f"unknown dtype {dtype!r}")
+        self.out_dir, self.split, self.unit_name = Path(out_dir), split, unit_name
+        self.ext, self.np_dtype = DTYPES[dtype]
+        self.seq_len, self.pad_id = seq_len, pad_id
+        self.shard_bytes = max(int(shard_bytes), 1)
+        self.on_shard_done = on_shard_done  # test/debug hook: called with the record after each rename
+        data_size = seq_len * self.np_dtype.itemsize
+        self._padding = b"\0" * (-data_size % _BLOCK)
+        self._sample_bytes = _BLOCK + data_size + len(self._padding)
+        self.records: list[dict] = []
+        self.seq_index = 0
+        self._k = 0
+        self._f = None
+        (self.out_dir / split).mkdir(parents=True, exist_ok=True)
+
+    # -- one shard file
+    def _open(self):
+        rel = shard_relpath(self.split, self.unit_name, self._k)
+        self._rel, self._final = rel, self.out_dir / rel
+        self._tmp = self._final.with_name(self._final.name + ".tmp")
+        self._f = open(self._tmp, "wb")
+        self._hash = hashlib.sha256()
+        self._bytes = self._samples = self._tokens = 0
+
+    def _write(self, b: bytes):
+        self._f.write(b)
+        self._hash.update(b)
+        self._bytes += len(b)
+
+    def _finish(self):
+        # end of archive: two zero blocks, then pad to a whole record (as GNU tar / tarfile do)
+        end = 2 * _BLOCK
+        end += -(self._bytes + end) % _RECORD
+        self._write(b"\0" * end)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        os.replace(self._tmp, self._final)
+        rec = {"path": self._rel, "samples": self._samples, "tokens": self._tokens,
+               "sha256": self._hash.hexdigest(), "bytes": self._bytes}
+        self.records.append(rec)
+        self._k += 1
+        if self.on_shard_done is not None:
+            self.on_shard_done(rec)
+
+    def write(self, seqs: np.ndarray) -> None:
+        """Append a ``(n, seq_len)`` array of packed sequences (any integer dtype)."""
+        seqs = np.ascontiguousarray(seqs, dtype=self.np_dtype)
+        if seqs.ndim != 2 or seqs.shape[1] != self.seq_len:
+            raise ValueError(f"expected (n, {self.seq_len}) sequences, got {seqs.shape}")
+        nonpad = (seqs != self.pad_id).sum(axis=1).tolist()
+        for row, ntok in zip(seqs, nonpad):
+            if self._f is not None and self._samples and self._bytes + self._sample_bytes + 2 * _BLOCK > self.shard_bytes:
+                self._finish()
+            if self._f is None:
+                self._open()
+            name = f"{sample_key(self.unit_name, self.seq_index)}.ids.{self.ext}"
+            data = row.tobytes()
+            self._write(_tar_header(name, len(data)) + data + self._padding)
+            self._samples += 1
+            self._tokens += ntok
+            self.seq_index += 1
+
+    def close(self) -> list[dict]:
+        if self._f is not None:
+            self._finish()
+        return self.records
+
+    def abort(self) -> None:
+        """Drop the shard being written (its .tmp file); finished shards stay."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+            self._tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to ``path.tmp`` then rename: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
