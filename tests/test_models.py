@@ -1,0 +1,260 @@
+"""The model library: shapes, padding, the HyperMixing formula, tying, gradients, config, save/load."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hypermixer import (
+    MIXERS,
+    EncoderConfig,
+    ForMaskedLM,
+    ForSequenceClassification,
+    HyperMixing,
+    flops_per_token,
+)
+
+VOCAB = 500
+
+
+def tiny(mixer: str, **overrides) -> EncoderConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_seq_len=40)
+    return EncoderConfig.from_dict({**base, "mixer": mixer, **overrides})
+
+
+def batch(b=3, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, VOCAB, (b, n), generator=g)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_shapes(mixer):
+    torch.manual_seed(0)
+    ids = batch()
+    mask = torch.ones_like(ids)
+    mlm = ForMaskedLM(tiny(mixer))
+    assert mlm(ids, mask).logits.shape == (3, 12, VOCAB)
+    labels = torch.full_like(ids, -100)
+    labels[:, [1, 4]] = ids[:, [1, 4]]
+    out = mlm(ids, mask, labels=labels)
+    assert out.logits.shape == (6, VOCAB) and out.num_masked == 6
+    assert out.loss.ndim == 0 and 0.0 <= out.accuracy.item() <= 1.0
+    clf = ForSequenceClassification(tiny(mixer), num_labels=3)
+    assert clf(ids, mask, torch.zeros_like(ids)).logits.shape == (3, 3)
+    reg = ForSequenceClassification(tiny(mixer), num_labels=1)
+    out = reg(ids, mask, labels=torch.randn(3))
+    assert out.logits.shape == (3, 1) and out.loss.ndim == 0
+
+
+# FNet is not padding-invariant: its DFT along the sequence has length N, so appending padding changes
+# every frequency, and so every output, even with the padded inputs zeroed.
+@pytest.mark.parametrize("mixer", ["hypermixer", "transformer", "mlpmixer"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_appended_padding_leaves_real_positions_unchanged(mixer, pooling):
+    torch.manual_seed(0)
+    model = ForSequenceClassification(tiny(mixer, pooling=pooling)).eval()
+    ids = batch(b=2, n=10)
+    padded = torch.cat([ids, torch.zeros(2, 7, dtype=ids.dtype)], dim=1)
+    mask = torch.cat([torch.ones(2, 10), torch.zeros(2, 7)], dim=1)
+    with torch.no_grad():
+        hidden = model.encoder(ids, torch.ones(2, 10))
+        hidden_padded = model.encoder(padded, mask)
+        torch.testing.assert_close(hidden_padded[:, :10], hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(padded, mask).logits, model(ids, torch.ones(2, 10)).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fnet_is_not_padding_invariant():
+    torch.manual_seed(0)
+    model = ForMaskedLM(tiny("fnet")).eval()
+    ids = batch(b=1, n=10)
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=ids.dtype)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1)
+    with torch.no_grad():
+        diff = (model.encoder(padded, mask)[:, :10] - model.encoder(ids)).abs().max()
+    assert diff > 1e-3
+
+
+def naive_hypermixing(module: HyperMixing, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The formula, one example and one head at a time: TM(X) = W2 · GELU(W1ᵀ · X), W = h(X + P)."""
+    heads, size = module.num_heads, module.head_size
+    outputs = torch.zeros_like(x)
+    w2_net = module.hyper_w1 if module.tied else module.hyper_w2
+
+    def hypernet(net, z, h):
+        hidden = F.gelu(z @ net.fc1_weight[h] + net.fc1_bias[h, 0])
+        return hidden @ net.fc2_weight[h] + net.fc2_bias[h, 0]
+
+    for b, n in enumerate(lengths):
+        tokens = x[b, :n]
+        dim = tokens.shape[1]
+        positions = torch.zeros(n, dim, dtype=x.dtype)
+        for pos in range(n):
+            for i in range(0, dim, 2):
+                angle = pos / (10000 ** (i / dim))
+                positions[pos, i] = math.sin(angle)
+                positions[pos, i + 1] = math.cos(angle)
+        z = tokens + positions
+        per_head = []
+        for h in range(heads):
+            cols = slice(h * size, (h + 1) * size)
+            w1 = hypernet(module.hyper_w1, z[:, cols], h)
+            w2 = hypernet(w2_net, z[:, cols], h)
+            per_head.append(w2 @ F.gelu(w1.T @ tokens[:, cols]))
+        outputs[b, :n] = torch.cat(per_head, dim=1)
+    return outputs
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hypermixing_equals_naive_loop(tied):
+    torch.manual_seed(0)
+    config = tiny("hypermixer", hypermixer_tied=tied, hypermixer_layer_norm=False,
+                  hypermixer_hypernet_hidden_size=24, hypermixer_token_mixing_size=16)
+    module = HyperMixing(config).double()
+    lengths = [9, 5, 7]
+    x = torch.randn(3, 9, 32, dtype=torch.float64)
+    mask = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    got = module(x, mask)
+    want = naive_hypermixing(module, x, lengths)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(got[b, :n], want[b, :n], rtol=1e-10, atol=1e-10)
+        assert torch.all(got[b, n:] == 0)  # padded query rows are masked out of W2
+
+
+def test_tied_hypermixing_shares_parameters_and_refuses_cross_mixing():
+    untied = HyperMixing(tiny("hypermixer"))
+    tied = HyperMixing(tiny("hypermixer", hypermixer_tied=True))
+    assert tied.hyper_w2 is None
+    n_untied = sum(p.numel() for p in untied.parameters())
+    n_tied = sum(p.numel() for p in tied.parameters())
+    assert n_untied - n_tied == sum(p.numel() for p in untied.hyper_w2.parameters())
+    x = torch.randn(2, 7, 32)
+    assert tied(x, torch.ones(2, 7)).shape == (2, 7, 32)  # the reference's tied path fails on real tensors
+    with pytest.raises(ValueError, match="tied"):
+        tied(x, query=torch.randn(2, 3, 32))
+    assert untied(x, torch.ones(2, 7), query=torch.randn(2, 3, 32), query_mask=torch.ones(2, 3)).shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_gradients_reach_every_parameter(mixer):
+    torch.manual_seed(0)
+    overrides = {"hypermixer_position": "learned"} if mixer == "hypermixer" else {}
+    for model, kwargs in (
+        (ForMaskedLM(tiny(mixer, **overrides)), {}),
+        (ForSequenceClassification(tiny(mixer, **overrides), num_labels=2), {"token_type_ids": None}),
+    ):
+        ids = batch()
+        mask = torch.ones_like(ids)
+        if isinstance(model, ForMaskedLM):
+            labels = torch.full_like(ids, -100)
+            labels[:, ::3] = ids[:, ::3]
+            loss = model(ids, mask, labels=labels).loss
+        else:
+            segments = torch.zeros_like(ids)
+            segments[:, 6:] = 1
+            loss = model(ids, mask, segments, labels=torch.tensor([0, 1, 1])).loss
+        loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert not missing, f"{mixer}: no gradient for {missing}"
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"hidden_sise": 32}, "hidden_sise"),
+        ({"num_heads": 5}, "num_heads"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"hidden_size": -8}, "hidden_size"),
+        ({"intermediate_size": 2.5}, "intermediate_size"),
+        ({"mixer": "lstm"}, "mixer"),
+        ({"hypermixer_token_mixing_size": 30}, "hypermixer_token_mixing_size"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key):
+        overrides = dict(overrides)
+        tiny(overrides.pop("mixer", "hypermixer"), **overrides)
+
+
+def test_presets():
+    base = EncoderConfig.preset("base")
+    assert (base.hidden_size, base.num_layers, base.num_heads) == (768, 12, 12)
+    assert EncoderConfig.preset("tiny", mixer="fnet").mixer == "fnet"
+    with pytest.raises(ValueError, match="preset"):
+        EncoderConfig.preset("huge")
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_save_load_round_trip_is_bit_identical(tmp_path, mixer):
+    torch.manual_seed(0)
+    model = ForMaskedLM(tiny(mixer, hypermixer_tied=True)).eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = ForMaskedLM.from_pretrained(tmp_path).eval()
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # A classifier starts from the MLM release's encoder, bit for bit.
+    clf = ForSequenceClassification.from_pretrained(tmp_path, num_labels=3).eval()
+    with torch.no_grad():
+        assert torch.equal(clf.encoder(ids), model.encoder(ids))
+    clf.save_pretrained(tmp_path / "clf")
+    again = ForSequenceClassification.from_pretrained(tmp_path / "clf").eval()
+    assert again.num_labels == 3
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, clf(ids).logits)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ForMaskedLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ForMaskedLM.from_pretrained(tmp_path)
+    ForMaskedLM(tiny("hypermixer")).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["encoder"]["num_heads"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="num_heads"):
+        ForMaskedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_mlm_loss_at_init_is_close_to_log_vocab(mixer):
+    torch.manual_seed(0)
+    vocab = 8000
+    config = EncoderConfig.preset("tiny", mixer=mixer, vocab_size=vocab)
+    model = ForMaskedLM(config).eval()
+    ids = torch.randint(5, vocab, (8, 64))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::5] = ids[:, ::5]
+    with torch.no_grad():
+        loss = model(ids, labels=labels).loss.item()
+    assert abs(loss - math.log(vocab)) < 0.5, loss
+
+
+def test_flops_per_token():
+    hyper = EncoderConfig.preset("base", mixer="hypermixer")
+    attention = EncoderConfig.preset("base", mixer="transformer")
+    # HyperMixer's per-token cost does not depend on the length; attention's grows linearly with it.
+    assert flops_per_token(hyper, 128) == flops_per_token(hyper, 4096)
+    grow = flops_per_token(attention, 4096) - flops_per_token(attention, 2048)
+    assert grow == pytest.approx(3 * 12 * 4 * 2048 * 768)
+    # Multi-head hypernetworks (d/H -> d/H -> d'/H per head) cost less than attention's four d x d projections.
+    assert flops_per_token(hyper, 128) < flops_per_token(attention, 128)
+    for mixer in MIXERS:
+        assert flops_per_token(EncoderConfig.preset("tiny", mixer=mixer), 128, mlm_fraction=0.15) > 0
+
+
+def test_model_library_imports_no_pipeline_dependency():
+    code = (
+        "import sys, hypermixer; "
+        "bad = [m for m in ('deepspeed', 'datasets', 'webdataset', 'wandb', 'submitit', 'data_pipeline', "
+        "'pretrain', 'finetune', 'slurm', 'transformers') if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
