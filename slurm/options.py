@@ -1,0 +1,146 @@
+"""Cluster options: one dataclass, loaded from a JSON file and overridden by CLI flags, mapped
+onto `submitit.AutoExecutor` in one function (`executor_kwargs`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class OptionsError(ValueError):
+    """A bad cluster option; its message is one line meant for the user."""
+
+
+def _opt(default: Any = None, help: str = "", **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=type(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# Signals the job may get before its limit. USR1 is out: some NCCL versions catch it (submitit moved to
+# USR2 for that reason), and TERM/USR1 are what the training itself handles, so they cannot also carry
+# "requeue me" (see docs/slurm.md).
+ALLOWED_SIGNALS = ("USR2", "HUP")
+
+
+@dataclass
+class ClusterOptions:
+    partition: str | None = _opt(None, "partition (-p)")
+    account: str | None = _opt(None, "account to charge (-A)")
+    qos: str | None = _opt(None, "quality of service")
+    time_min: int = _opt(60, "time limit in minutes")
+    nodes: int = _opt(1, "number of nodes")
+    gpus_per_node: int = _opt(0, "GPUs per node (0: CPU job)")
+    tasks_per_node: int | None = _opt(None, "tasks (ranks) per node; default one per GPU, or 1 on CPU")
+    cpus_per_task: int | None = _opt(None, "CPUs per task (data loader workers + 1 is a good start)")
+    mem_gb: float | None = _opt(None, "memory per node in GB; default: the cluster's")
+    constraint: str | None = _opt(None, "node feature constraint (-C), e.g. a100")
+    exclusive: bool = _opt(False, "whole nodes only")
+    sbatch_args: dict[str, Any] = _opt({}, "extra #SBATCH options, e.g. mail-type=END (flag alone: true)")
+    srun_args: list[str] = _opt([], "extra srun arguments, e.g. --srun-arg=--cpu-bind=none")
+    setup: list[str] = _opt([], "shell line run before srun, e.g. 'module load cuda'")
+    job_folder: str = _opt("runs/slurm/%j", "folder for submitit's pickles and logs; %j is the job id")
+    job_name: str | None = _opt(None, "job name; default: the stage's name")
+    array_parallelism: int | None = _opt(None, "at most this many array tasks at once")
+    max_requeues: int = _opt(3, "requeues allowed after hitting the time limit (preemptions do not count)")
+    signal: str = _opt("USR2", f"signal sent before the time limit: {' or '.join(ALLOWED_SIGNALS)}")
+    signal_lead_s: int = _opt(120, "seconds before the limit to send it (SLURM may send it up to 60 s early)")
+
+    @property
+    def ntasks_per_node(self) -> int:
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    def validate(self) -> "ClusterOptions":
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type.split(" |")[0]
+            want = {"str": str, "int": int, "float": (int, float), "bool": bool,
+                    "dict[str, Any]": dict, "list[str]": list}[kind]
+            if value is None and "None" in f.type:
+                continue
+            if not isinstance(value, want) or (kind in ("int", "float") and isinstance(value, bool)):
+                raise OptionsError(f"cluster option {f.name!r} must be {kind.split('[')[0]}, got {value!r}")
+        for name in ("time_min", "nodes", "tasks_per_node", "cpus_per_task", "array_parallelism"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise OptionsError(f"cluster option {name!r} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("gpus_per_node", "max_requeues", "signal_lead_s"):
+            if getattr(self, name) < 0:
+                raise OptionsError(f"cluster option {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if signal_name(self) not in ALLOWED_SIGNALS:
+            raise OptionsError(
+                f"cluster option 'signal': {self.signal!r} is not allowed, use one of {', '.join(ALLOWED_SIGNALS)} "
+                "(USR1 can be swallowed by NCCL; TERM/USR1 are the training's own stop signals)")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ClusterOptions)}
+
+
+def merge(base: ClusterOptions, overrides: dict[str, Any], source: str) -> ClusterOptions:
+    """A copy of `base` with `overrides` applied; an unknown key is a one-line error naming it."""
+    for key in overrides:
+        if key not in FIELDS:
+            raise OptionsError(f"{source}: unknown cluster option {key!r} (known: {', '.join(FIELDS)})")
+    return dataclasses.replace(base, **overrides).validate()
+
+
+def load_json(path: str | Path, base: ClusterOptions | None = None) -> ClusterOptions:
+    """Options from a JSON object of {option: value}, on top of `base` (the stage's defaults)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OptionsError(f"cannot read cluster config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise OptionsError(f"cluster config {path}: expected a JSON object of option: value")
+    return merge(base or ClusterOptions(), data, f"cluster config {path}")
+
+
+def signal_name(opts: ClusterOptions) -> str:
+    return opts.signal.upper().removeprefix("SIG")
+
+
+def executor_kwargs(opts: ClusterOptions, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(constructor kwargs, update_parameters kwargs) of `submitit.AutoExecutor` for these options.
+
+    `slurm_max_num_timeout` only works in the constructor (update_parameters rejects it).
+    """
+    from submitit.core.job_environment import JobEnvironment
+
+    opts.validate()
+    ctor: dict[str, Any] = {"folder": opts.job_folder, "slurm_max_num_timeout": opts.max_requeues}
+    params: dict[str, Any] = {
+        "name": opts.job_name or stage,
+        "timeout_min": opts.time_min,
+        "nodes": opts.nodes,
+        "tasks_per_node": opts.ntasks_per_node,
+        "slurm_signal_delay_s": opts.signal_lead_s,
+    }
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    if opts.cpus_per_task is not None:
+        params["cpus_per_task"] = opts.cpus_per_task
+    if opts.mem_gb is not None:
+        params["mem_gb"] = opts.mem_gb
+    for name in ("partition", "account", "qos", "constraint", "array_parallelism"):
+        if getattr(opts, name) is not None:
+            params[f"slurm_{name}"] = getattr(opts, name)
+    if opts.exclusive:
+        params["slurm_exclusive"] = True
+    sbatch, setup = dict(opts.sbatch_args), list(opts.setup)
+    # submitit writes `--signal=<USR_SIG>@lead` and binds USR_SIG in the job, USR_SIG being read from
+    # SUBMITIT_PREEMPT_SIGNAL at import. For another signal set both sides: the #SBATCH line here, and
+    # the variable the job's submitit reads (exported before srun starts the tasks).
+    sig = signal_name(opts)
+    if sig != JobEnvironment.USR_SIG:
+        sbatch.setdefault("signal", f"{sig}@{opts.signal_lead_s}")
+        setup.insert(0, f"export SUBMITIT_PREEMPT_SIGNAL={sig}")
+    if sbatch:
+        params["slurm_additional_parameters"] = sbatch
+    if opts.srun_args:
+        params["slurm_srun_args"] = list(opts.srun_args)
+    if setup:
+        params["slurm_setup"] = setup
+    return ctor, params
