@@ -1,0 +1,247 @@
+"""Command line: ``python -m data_pipeline {build,plan,run-unit,finalize,train-tokenizer,inspect} --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DataPipelineError
+
+PROG = "data_pipeline"
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs")
+    g.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files or globs (.txt[.gz|.zst], .jsonl[.gz|.zst], .parquet), a datasets "
+                        "save_to_disk folder (DIR or DIR@SPLIT), or hf:NAME[:CONFIG][@SPLIT] (streamed)")
+    g.add_argument("--text-field", default="text", help="jsonl field / parquet or datasets column (default: text)")
+    g.add_argument("--txt-mode", choices=("line", "block"), default="line",
+                   help=".txt documents: one per line, or blank-line separated blocks (default: line)")
+    g.add_argument("--hf-split", default="train", help="default split for hf: inputs and DatasetDict folders")
+    g.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="bad records / corrupt files: stop with an error, or skip and count (default: fail)")
+    g.add_argument("--unicode-normalization", choices=("NFC", "NFKC", "NFD", "NFKD", "none"), default="NFC")
+    g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (default: 0 = off)")
+    g.add_argument("--dedup", choices=("none", "unit"), default="none",
+                   help="drop exact duplicate documents within each unit (default: none)")
+
+
+def _add_tokenizer_args(p: argparse.ArgumentParser, with_file: bool = True) -> None:
+    g = p.add_argument_group("tokenizer")
+    if with_file:
+        g.add_argument("--tokenizer", default=None,
+                       help="reuse this tokenizer.json (or a folder holding one) instead of training one")
+    g.add_argument("--tokenizer-kind", choices=("wordpiece", "bpe", "unigram"), default="wordpiece")
+    g.add_argument("--vocab-size", type=int, default=32768)
+    g.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--min-frequency", type=int, default=2)
+    g.add_argument("--tokenizer-sample-mb", type=float, default=512.0,
+                   help="cap on the text streamed into tokenizer training (default: 512)")
+
+
+def _add_build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    _add_input_args(p)
+    _add_tokenizer_args(p)
+    g = p.add_argument_group("packing and shards")
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--packing", choices=("concat", "single"), default="concat",
+                   help="concat: documents joined by [SEP] and cut; single: one document per sequence, padded")
+    g.add_argument("--validation-fraction", type=float, default=0.005)
+    g.add_argument("--split-salt", default="", help="change to draw another (still stable) train/validation split")
+    g.add_argument("--unit-mb", type=float, default=256.0, help="cut big inputs into work units of about this size")
+    g.add_argument("--shard-mb", type=float, default=128.0, help="target shard size")
+    g.add_argument("--batch-docs", type=int, default=2048, help="documents per tokenizer call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cfg_from_args(a):
+    from .config import BuildConfig
+    return BuildConfig(
+        inputs=a.inputs, out_dir=a.out, text_field=a.text_field, txt_mode=a.txt_mode, hf_split=a.hf_split,
+        on_error=a.on_error, unicode_normalization=a.unicode_normalization, min_chars=a.min_chars,
+        dedup=a.dedup, tokenizer=a.tokenizer, tokenizer_kind=a.tokenizer_kind, vocab_size=a.vocab_size,
+        lowercase=a.lowercase, min_frequency=a.min_frequency, tokenizer_sample_mb=a.tokenizer_sample_mb,
+        seq_len=a.seq_len, packing=a.packing, validation_fraction=a.validation_fraction,
+        split_salt=a.split_salt, unit_mb=a.unit_mb, shard_mb=a.shard_mb, batch_docs=a.batch_docs)
+
+
+def cmd_build(a) -> int:
+    from .build import build
+    from .shards import read_manifest
+    from .build import format_report
+    path = build(_cfg_from_args(a), workers=a.workers, progress=not a.no_progress, verify=a.verify)
+    m = read_manifest(path)
+    print(format_report(m["report"]))
+    print(f"manifest: {path}")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from .build import plan_units
+    units = plan_units(_cfg_from_args(a), progress=not a.no_progress)
+    print(f"{len(units)} units planned in {a.out} (config.json, tokenizer.json, _work/plan.json)")
+    if a.list:
+        for u in units:
+            print(f"{u.index}\t{u.name}\t{u.describe()}")
+    return 0
+
+
+def cmd_run_unit(a) -> int:
+    from .build import load_plan, run_unit
+    from .config import load_config
+    cfg = load_config(a.out)
+    units = load_plan(cfg)
+    if a.all:
+        chosen = units
+    else:
+        if a.unit is None:
+            raise DataPipelineError("give --unit INDEX (e.g. $SLURM_ARRAY_TASK_ID) or --all")
+        bad = [i for i in a.unit if not 0 <= i < len(units)]
+        if bad:
+            raise DataPipelineError(f"unit index {bad[0]} out of range (the plan has {len(units)} units)")
+        chosen = [units[i] for i in a.unit]
+    for u in chosen:
+        r = run_unit(cfg, u)
+        c = r["counts"]
+        print(f"{u.name}: {c['docs_kept']:,} docs, {c['tokens_written']:,} tokens, "
+              f"{sum(len(s['shards']) for s in r['splits'].values())} shards ({u.describe()})")
+    return 0
+
+
+def cmd_finalize(a) -> int:
+    from .build import finalize, format_report
+    from .shards import read_manifest
+    path = finalize(a.out, verify=a.verify)
+    print(format_report(read_manifest(path)["report"]))
+    print(f"manifest: {path}")
+    return 0
+
+
+def cmd_train_tokenizer(a) -> int:
+    import tempfile
+    from .build import _training_texts
+    from .config import BuildConfig
+    from .readers import expand_inputs
+    from .tokenizer import save_tokenizer, train_tokenizer
+    from .units import plan
+    out = Path(a.out)
+    cfg = BuildConfig(inputs=a.inputs, out_dir=tempfile.gettempdir(), text_field=a.text_field,
+                      txt_mode=a.txt_mode, hf_split=a.hf_split, on_error=a.on_error,
+                      unicode_normalization=a.unicode_normalization, min_chars=a.min_chars,
+                      tokenizer_kind=a.tokenizer_kind, vocab_size=a.vocab_size, lowercase=a.lowercase,
+                      min_frequency=a.min_frequency, tokenizer_sample_mb=a.tokenizer_sample_mb,
+                      validation_fraction=0.0)
+    units = plan(expand_inputs(cfg.inputs, cfg.hf_split), cfg.unit_mb)
+    tok = train_tokenizer(_training_texts(cfg, units, not a.no_progress), kind=cfg.tokenizer_kind,
+                          vocab_size=cfg.vocab_size, lowercase=cfg.lowercase, min_frequency=cfg.min_frequency,
+                          show_progress=not a.no_progress)
+    folder = out if (out.is_dir() or not out.suffix) else out.parent
+    path = save_tokenizer(tok, folder)
+    if out.suffix == ".json" and out.name != "tokenizer.json":
+        path = path.replace(out)
+    print(f"tokenizer ({cfg.tokenizer_kind}, vocab {tok.get_vocab_size():,}): {path}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .packing import unpack
+    from .shards import iter_shard, read_manifest, sha256_file, shard_urls
+    from .tokenizer import load_tokenizer
+    m = read_manifest(a.path)
+    root = Path(m["_root"])
+    print(f"{root}: format {m['format_version']}, seq_len {m['seq_len']}, vocab {m['vocab_size']:,} "
+          f"({m['dtype']}), packing {m['packing']}")
+    for s, info in m["splits"].items():
+        print(f"  {s:<11} {len(info['shards']):>6} shards {info['samples']:>12,} sequences {info['tokens']:>14,} tokens")
+    bad = 0
+    if a.verify:
+        for s in m["splits"]:
+            for sh in m["splits"][s]["shards"]:
+                if sha256_file(root / sh["path"]) != sh["sha256"]:
+                    print(f"  MISMATCH {sh['path']}")
+                    bad += 1
+        print(f"  verified sha256 of all shards: {'OK' if not bad else f'{bad} mismatches'}")
+    if a.samples:
+        tok = load_tokenizer(root / m["tokenizer"]["file"])
+        urls = shard_urls(m, a.split)
+        shown = 0
+        for url in urls:
+            for key, ids in iter_shard(url, m["seq_len"]):
+                print(f"--- {key}\n{tok.decode(ids.tolist(), skip_special_tokens=False)}")
+                shown += 1
+                if shown >= a.samples:
+                    break
+            if shown >= a.samples:
+                break
+    return 1 if bad else 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=(
+        "Preprocess text corpora into packed webdataset shards for pretraining. "
+        "`build` does everything; `plan` + `run-unit` + `finalize` are the same steps for "
+        "distributed runs (SLURM arrays)."))
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="plan, run all units on local processes, finalize",
+                       description="Build shards end to end; re-run the same command to resume.")
+    _add_build_args(b)
+    b.add_argument("--workers", type=int, default=1, help="local processes (output does not depend on it)")
+    b.add_argument("--verify", action="store_true", help="re-hash every shard before writing the manifest")
+    b.set_defaults(func=cmd_build)
+
+    pl = sub.add_parser("plan", help="prepare the output folder (config, tokenizer, unit plan)",
+                        description="Prepare a build for distributed units: writes config.json, "
+                                    "tokenizer.json and _work/plan.json.")
+    _add_build_args(pl)
+    pl.add_argument("--list", action="store_true", help="print the units")
+    pl.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("run-unit", help="run units of a planned build (e.g. one SLURM array task)",
+                       description="Run the given units (skipping finished ones) of a planned build.")
+    r.add_argument("--out", required=True, help="the planned output folder")
+    r.add_argument("--unit", type=int, nargs="+", help="unit index(es), 0-based")
+    r.add_argument("--all", action="store_true", help="every unit, in order")
+    r.set_defaults(func=cmd_run_unit)
+
+    f = sub.add_parser("finalize", help="merge finished units into manifest.json",
+                       description="Write manifest.json once every unit is finished.")
+    f.add_argument("--out", required=True)
+    f.add_argument("--verify", action="store_true", help="re-hash every shard")
+    f.set_defaults(func=cmd_finalize)
+
+    t = sub.add_parser("train-tokenizer", help="train a tokenizer only",
+                       description="Train a tokenizer from a sample of the inputs and save tokenizer.json.")
+    t.add_argument("--out", required=True, help="a folder, or a .json file name")
+    _add_input_args(t)
+    _add_tokenizer_args(t, with_file=False)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train_tokenizer)
+
+    i = sub.add_parser("inspect", help="summarise a build, verify hashes, print decoded samples",
+                       description="Summarise a finished build.")
+    i.add_argument("path", help="build folder or manifest.json")
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    i.add_argument("--samples", type=int, default=0, help="decode and print N sequences")
+    i.add_argument("--split", default="train")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataPipelineError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
