@@ -147,8 +147,7 @@ def cmd_train_tokenizer(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .packing import unpack
-    from .shards import iter_shard, read_manifest, sha256_file, shard_urls
+    from .shards import iter_shard, read_manifest, shard_urls
     from .tokenizer import load_tokenizer
     m = read_manifest(a.path)
     root = Path(m["_root"])
@@ -158,12 +157,12 @@ def cmd_inspect(a) -> int:
         print(f"  {s:<11} {len(info['shards']):>6} shards {info['samples']:>12,} sequences {info['tokens']:>14,} tokens")
     bad = 0
     if a.verify:
-        for s in m["splits"]:
-            for sh in m["splits"][s]["shards"]:
-                if sha256_file(root / sh["path"]) != sh["sha256"]:
-                    print(f"  MISMATCH {sh['path']}")
-                    bad += 1
-        print(f"  verified sha256 of all shards: {'OK' if not bad else f'{bad} mismatches'}")
+        from .verify import verify_build
+        problems = verify_build(m)
+        for line in problems[:50]:
+            print(f"  PROBLEM {line}")
+        bad = len(problems)
+        print(f"  verified hashes, counts and keys of all shards: {'OK' if not bad else f'{bad} problems'}")
     if a.samples:
         tok = load_tokenizer(root / m["tokenizer"]["file"])
         urls = shard_urls(m, a.split)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
 import os
 import zlib
@@ -159,17 +158,63 @@ class _LineCounter:
         return self._base + offset_lines + 1
 
 
-def _open_stream(path: str):
-    """Binary line-iterable stream for a (possibly compressed) file."""
-    low = path.lower()
-    if low.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if low.endswith(".zst"):
-        import zstandard
-        fh = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+def _zst_chunks(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed chunks of a (multi-frame) .zst file.
+
+    Uses ``decompressobj`` rather than ``stream_reader``, because the latter ends silently
+    on a truncated frame; here a frame cut short raises, and frames that carry a checksum
+    (the ``zstd`` tool writes one by default) are verified by the library.
+    """
+    import zstandard
+    dctx = zstandard.ZstdDecompressor()
+    obj, fed = dctx.decompressobj(), False
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            if not data:
+                break
+            while data:
+                out = obj.decompress(data)
+                fed = True
+                if out:
+                    yield out
+                if obj.eof:                      # frame done; the rest starts the next frame
+                    data = obj.unused_data
+                    obj, fed = dctx.decompressobj(), False
+                else:
+                    data = b""
+    if fed and not obj.eof:
+        raise zstandard.ZstdError("truncated zstd frame")
+
+
+def _zst_lines(path: str) -> Iterator[bytes]:
+    rest = b""
+    for chunk in _zst_chunks(path):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
+
+
+class _Lines:
+    """Context manager yielding the lines (without the newline) of a possibly compressed file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fh = None
+
+    def __enter__(self):
+        low = self.path.lower()
+        if low.endswith(".zst"):
+            return _zst_lines(self.path)
+        self.fh = gzip.open(self.path, "rb") if low.endswith(".gz") else open(self.path, "rb", buffering=1 << 20)
+        return (line.rstrip(b"\n") for line in self.fh)
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()
 
 
 _CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile, OSError)
@@ -188,9 +233,9 @@ def _iter_compressed_lines(path: str, stats: ReadStats, on_error: str) -> Iterat
     errors = _corrupt_errors()
     i = -1
     try:
-        with _open_stream(path) as f:
+        with _Lines(path) as f:
             for i, line in enumerate(f):
-                yield line.rstrip(b"\r\n"), i
+                yield line.rstrip(b"\r"), i
     except errors as e:
         msg = f"{where(path, i + 2)}: corrupt or truncated compressed data ({type(e).__name__}: {e})"
         if on_error == "fail":
