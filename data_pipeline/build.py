@@ -222,15 +222,20 @@ def _remove_unit_files(cfg: BuildConfig, unit: Unit) -> None:
                 p.unlink()
 
 
+_shards_done_in_process = 0
+
+
 def _kill_hook():
+    """Test hook: with DATA_PIPELINE_TEST_KILL_AFTER_SHARDS=N the process SIGKILLs itself
+    right after renaming its N-th shard (counted over all units), i.e. mid-unit."""
     n = int(os.environ.get(_KILL_ENV, "0") or 0)
     if n <= 0:
         return None
-    count = [0]
 
     def hook(_rec):
-        count[0] += 1
-        if count[0] >= n:
+        global _shards_done_in_process
+        _shards_done_in_process += 1
+        if _shards_done_in_process >= n:
             os.kill(os.getpid(), signal.SIGKILL)
     return hook
 

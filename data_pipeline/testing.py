@@ -27,7 +27,7 @@ def synthetic_docs(n: int, seed: int = 0, dup_every: int = 23, empty_every: int 
         if empty_every and i % empty_every == 5:
             docs.append("   " if i % 2 else "")
             continue
-        if dup_every and i % dup_every == 7 and docs:
+        if dup_every and i % dup_every == dup_every - 1 and docs:
             docs.append(docs[(i * 7919) % len(docs)])
             continue
         k = rng.choice((1, 3, 8, 20, 60, 150, 400))
