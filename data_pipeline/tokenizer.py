@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from itertools import chain
 from pathlib import Path
 from typing import Iterable
@@ -141,18 +142,48 @@ def copy_tokenizer(src: str | Path, out_dir: str | Path, specials: dict | None =
 _ASCII_CLEAN = {c: None for c in range(32)} | {0x7F: None} | {9: 32, 10: 32, 13: 32}
 
 
+class _CharMap(dict):
+    """code point -> what the tokenizer's (character-local) normalizer makes of it.
+
+    Filled lazily from the normalizer itself (``normalize_str`` of the single character), so
+    it is right by construction for every character it accepts; characters whose result
+    could depend on their neighbours (unassigned, surrogates, and non-Mn combining marks,
+    which canonical reordering may move) are marked unsafe and send their document down
+    the ordinary path.
+    """
+
+    def __init__(self, normalizer):
+        super().__init__()
+        self.normalizer = normalizer
+        self.unsafe: set[int] = set()
+
+    def __missing__(self, cp: int) -> str:
+        c = chr(cp)
+        cat = unicodedata.category(c)
+        if cat in ("Cn", "Cs") or (unicodedata.combining(c) and cat != "Mn"):
+            self.unsafe.add(cp)
+            v = c
+        else:
+            v = self.normalizer.normalize_str(c)
+        self[cp] = v
+        return v
+
+
 class BulkEncoder:
     """Encodes batches of documents into one flat id array plus per-document lengths.
 
     * no special tokens are added, and special-token *text* in a document (a literal
       "[SEP]") is tokenized as ordinary text, never turned into the special id;
     * ``encode_batch_fast`` (no offsets), one call per batch;
-    * fast path for BERT-style tokenizers: for pure-ASCII documents the ``BertNormalizer``
-      reduces to "lowercase, drop control characters, map \\t\\n\\r to space", which Python's
-      C string methods do several times faster than the normalizer's alignment-tracking
-      code; those documents go through a copy of the tokenizer without a normalizer.  The
-      result is identical (tests check it on WikiText-2); any other document, or any other
-      normalizer, takes the ordinary path.
+    * fast path for BERT-style tokenizers.  ``BertNormalizer`` works character by
+      character (clean control characters and whitespace, pad CJK, strip accents, lowercase)
+      but its Rust implementation tracks alignments and costs about as much as the rest of
+      the tokenizer.  So documents are normalised in Python first, with C string methods
+      (pure ASCII: ``lower()`` and a control-character clean-up; otherwise ``str.translate``
+      with a per-character table filled from the normalizer itself), and then encoded by a
+      copy of the tokenizer without a normalizer.  The ids are identical (the tests check
+      it on WikiText-2, odd characters and every BMP character); documents with characters
+      whose normalisation could depend on context take the ordinary path.
     """
 
     def __init__(self, tok):
@@ -168,13 +199,17 @@ class BulkEncoder:
             self.fast.encode_special_tokens = True
             self.lower = bool(norm.get("lowercase", True))
             self.clean = bool(norm.get("clean_text", True))
-        elif norm is None:
-            self.fast = None  # nothing to gain: the ordinary path has no normalizer either
+            self.charmap = _CharMap(self.tok.normalizer)
 
     def _ascii_ready(self, t: str) -> str | None:
         """The normalized text if ``t`` can take the fast path, else None."""
         if not t.isascii():
-            return None
+            cm = self.charmap
+            for c in set(t):
+                cm[ord(c)]                      # fills the table (and the unsafe set) lazily
+            if cm.unsafe and not cm.unsafe.isdisjoint(map(ord, set(t))):
+                return None
+            return t.translate(cm)
         if self.lower:
             t = t.lower()
         if not t.isprintable():

@@ -322,3 +322,36 @@ def test_cli_help_for_every_subcommand():
         assert sp.format_help().startswith("usage:")
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--workers" in r.stdout and "--on-error" in r.stdout
+
+
+def test_vectorised_tar_headers_equal_tarfile_output(tmp_path):
+    """The writer builds headers with numpy; they must be exactly what tarfile writes."""
+    import io
+    import tarfile
+    rows = np.random.default_rng(0).integers(0, 60000, size=(1234, 7))
+    recs = _write(tmp_path, rows, seq_len=7, shard_bytes=1 << 30, name="u0042")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, r in enumerate(rows.astype("<u2")):
+            ti = tarfile.TarInfo(f"u0042-{i:08d}.ids.u16")
+            ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = 14, 0, 0o444, "", ""
+            tf.addfile(ti, io.BytesIO(r.tobytes()))
+    assert (tmp_path / recs[0]["path"]).read_bytes() == buf.getvalue()
+
+
+def test_bulk_encoder_fast_path_is_exact_for_every_bmp_character(tok_dir):
+    """Each assigned BMP character, alone and between words, through the fast path and
+    through the tokenizer's own normalizer, gives the same ids."""
+    import unicodedata
+    tok = load_tokenizer(tok_dir)
+    enc = BulkEncoder(tok)
+    ref = load_tokenizer(tok_dir)
+    ref.encode_special_tokens = True
+    chars = [chr(c) for c in range(0x80, 0x10000)
+             if unicodedata.category(chr(c)) not in ("Cs",)]
+    texts = [f"The{c}x {c}Ab {c}{c}" for c in chars] + ["".join(chars[i:i + 50]) for i in range(0, len(chars), 50)]
+    flat, lengths = enc.encode(texts)
+    expected = [ref.encode(t, add_special_tokens=False).ids for t in texts]
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert flat.tolist() == [i for e in expected for i in e]
+    assert len(enc.charmap) > 60000      # the table really was used, not the ordinary path
