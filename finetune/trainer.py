@@ -1,0 +1,191 @@
+"""The one training loop: AdamW (no weight decay on biases and norms), linear warmup then linear
+decay, epochs with a dev evaluation after each, the best epoch kept, seeds, autocast on GPU.
+
+A run folder (`config.output_dir`) holds: `config.json` (the FinetuneConfig), `metrics.jsonl`
+(one line per epoch), `model/` (the best epoch: config.json, model.safetensors, tokenizer.json;
+loadable by `ForSequenceClassification.from_pretrained`), `predictions/` (test sets, GLUE
+server format) and `result.json`, written last and atomically: a run is done when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from finetune import metrics
+from finetune.config import FinetuneConfig
+from finetune.data import Encoded, read_split
+from finetune.model import Runner, load
+from finetune.submission import FINETUNE_FILE, predict_tests
+from finetune.tasks import get_task
+
+RESULT_FILE = "result.json"
+
+
+def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
+    """Fine-tune, evaluate on dev after each epoch, keep the best epoch; returns (and writes) the result.
+    progress: tqdm bar per epoch; None = only on a terminal."""
+    started = time.perf_counter()
+    task = get_task(config.task)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULT_FILE).unlink(missing_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    seed_everything(config.seed)
+    runner = load(config.release, task.num_labels, config.from_scratch, config.max_seq_len, config.device, config.precision)
+    source = dict(glue_dir=config.glue_dir, hf_dataset=config.hf_dataset)
+
+    train_examples = read_split(task, task.train, **source)
+    if config.max_train_examples is not None and config.max_train_examples < len(train_examples):
+        pick = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(config.seed))
+        train_examples = train_examples.subset(sorted(pick[: config.max_train_examples].tolist()))
+    train_data = runner.encode(train_examples)
+    dev_data = {ev.name: runner.encode(read_split(task, ev.dev, **source)) for ev in task.evals}
+    _log(f"{task.name}: {len(train_data)} training examples, dev {', '.join(f'{k} {len(v)}' for k, v in dev_data.items())}; "
+         f"{runner.config.mixer} from {config.release}{' (random init)' if config.from_scratch else ''} "
+         f"on {runner.device} ({runner.precision})")
+
+    optimizer = make_optimizer(runner.model, config.learning_rate, config.weight_decay, config.adam_eps)
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    scheduler = linear_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_ratio)
+    scaler = torch.amp.GradScaler(runner.device.type, enabled=runner.amp_dtype == torch.float16)
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    history, best, best_state = [], None, None
+    (out / "metrics.jsonl").write_text("")
+    for epoch in range(1, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        loss = train_epoch(runner, train_data, config, optimizer, scheduler, scaler, shuffle,
+                           desc=f"{task.name} epoch {epoch}/{config.epochs}", progress=progress)
+        dev = evaluate(runner, task, dev_data, config.eval_batch_size)
+        score = metrics.task_score(dev)
+        record = {"epoch": epoch, "train_loss": loss, "dev": dev, "score": score,
+                  "seconds": round(time.perf_counter() - epoch_start, 2), "lr": scheduler.get_last_lr()[0]}
+        history.append(record)
+        with open(out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        improved = best is None or score > best["score"]
+        if improved:
+            best = record
+            # A CPU copy, not a file per improvement: one write at the end.
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in runner.model.state_dict().items()}
+        _log(f"{task.name} epoch {epoch}/{config.epochs}: train loss {loss:.4f}, dev {_format(dev)}"
+             f"{' (best)' if improved else ''} [{record['seconds']:.0f} s]")
+
+    runner.model.load_state_dict(best_state)
+    if config.save_model:
+        extra = {"tokenizer.json": (Path(config.release) / "tokenizer.json").read_text(),
+                 FINETUNE_FILE: json.dumps({"task": task.name, "max_seq_len": runner.max_len}, indent=2) + "\n"}
+        runner.model.save_pretrained(out / "model", extra_files=extra)
+    predictions = []
+    if config.predict_test:
+        predictions = predict_tests(runner, task, out / "predictions", batch_size=config.eval_batch_size, **source)
+    result = {
+        "task": task.name,
+        "metrics": list(task.metrics),
+        "score": best["score"],
+        "dev": best["dev"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "train_examples": len(train_data),
+        "skipped_rows": train_examples.skipped,
+        "model_dir": "model" if config.save_model else None,
+        "predictions": [p.name for p in predictions],
+        "device": str(runner.device),
+        "precision": runner.precision,
+        "parameters": sum(p.numel() for p in runner.model.parameters()),
+        "seconds": round(time.perf_counter() - started, 2),
+        "config": config.to_dict(),
+    }
+    write_json(out / RESULT_FILE, result)
+    return result
+
+
+def train_epoch(runner: Runner, data: Encoded, config: FinetuneConfig, optimizer, scheduler, scaler,
+                shuffle: torch.Generator, desc: str, progress: bool | None) -> float:
+    """One pass over the shuffled training set; returns the mean training loss."""
+    model = runner.model
+    model.train()
+    order = torch.randperm(len(data), generator=shuffle)
+    steps = math.ceil(len(data) / config.batch_size)
+    total = torch.zeros((), device=runner.device)  # summed on the device: no sync per step
+    bar = tqdm(runner.batches(data, config.batch_size, order), total=steps, desc=desc, unit="step",
+               disable=None if progress is None else not progress, leave=False, file=sys.stderr)
+    for step, (_, batch) in enumerate(bar, start=1):
+        with runner.autocast():
+            loss = model(**runner.inputs(batch)).loss
+        scaler.scale(loss).backward()
+        if config.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.detach()
+        if step % 20 == 0 or step == steps:
+            bar.set_postfix(loss=f"{total.item() / step:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+    return total.item() / steps
+
+
+def evaluate(runner: Runner, task, dev_data: dict[str, Encoded], batch_size: int) -> dict[str, dict[str, float]]:
+    """{eval set: {metric: value}} on the labelled dev sets."""
+    return {name: metrics.compute(task.metrics, data.labels.numpy(), runner.predict(data, batch_size).numpy())
+            for name, data in dev_data.items()}
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices and embeddings only: not on biases (including the
+    hypernetworks' `fc*_bias`) nor LayerNorm parameters, as BERT does."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if isinstance(module, nn.LayerNorm) or name.endswith("bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, eps=eps)
+
+
+def linear_schedule(optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 over warmup_ratio of the steps, then linear decay to 0 at the last step."""
+    warmup = round(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def write_json(path: Path, value) -> None:
+    """Write under a temporary name, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _format(dev: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{name} " + ", ".join(f"{metrics.DISPLAY[m]} {100 * v:.2f}" for m, v in values.items())
+                     for name, values in dev.items())
+
+
+def _log(message: str) -> None:
+    print(f"finetune: {message}", file=sys.stderr, flush=True)
