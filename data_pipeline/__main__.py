@@ -138,10 +138,12 @@ def cmd_train_tokenizer(a) -> int:
     tok = train_tokenizer(_training_texts(cfg, units, not a.no_progress), kind=cfg.tokenizer_kind,
                           vocab_size=cfg.vocab_size, lowercase=cfg.lowercase, min_frequency=cfg.min_frequency,
                           show_progress=not a.no_progress)
-    folder = out if (out.is_dir() or not out.suffix) else out.parent
-    path = save_tokenizer(tok, folder)
-    if out.suffix == ".json" and out.name != "tokenizer.json":
-        path = path.replace(out)
+    if out.suffix == ".json":          # a file name: just that file
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(out))
+        path = out
+    else:                              # a folder: tokenizer.json + transformers side files
+        path = save_tokenizer(tok, out)
     print(f"tokenizer ({cfg.tokenizer_kind}, vocab {tok.get_vocab_size():,}): {path}")
     return 0
 

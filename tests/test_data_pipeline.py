@@ -132,6 +132,22 @@ def test_trained_tokenizer_loads_in_tokenizers_and_transformers(tmp_path, kind):
     t3 = AutoTokenizer.from_pretrained(str(tmp_path))
     assert t3(text)["input_ids"] == ids and t3.pad_token_id == 0 and t3.mask_token == "[MASK]"
     assert t1.encode("the lobster").ids == t1.encode("THE LOBSTER").ids  # lowercasing
+    # the bulk encoder (fast path or not) gives exactly the per-document ids
+    texts = synthetic_docs(200, seed=9)
+    flat, lengths = BulkEncoder(tok).encode(texts)
+    t1.encode_special_tokens = True
+    assert flat.tolist() == [i for t in texts for i in t1.encode(t, add_special_tokens=False).ids]
+
+
+def test_cli_train_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+    src = write_lines(tmp_path / "c.txt", synthetic_docs(300))
+    r = subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", str(src), "--out",
+                        str(tmp_path / "tok"), "--vocab-size", "200", "--min-frequency", "1", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert hf.cls_token_id == 2 and hf("the river")["input_ids"][-1] == 3
 
 
 def test_bulk_encoder_matches_per_document_encoding(tok_dir):
