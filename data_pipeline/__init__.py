@@ -12,11 +12,13 @@ See docs/data_pipeline.md.
 """
 from .build import build, finalize, format_report, load_plan, plan_units, run_unit
 from .config import BuildConfig, load_config
+from .dedup import hash_unit, resolve_duplicates
 from .errors import DataPipelineError
 from .shards import decode_sample, read_manifest, shard_urls
 from .tokenizer import load_tokenizer, train_tokenizer
 from .units import Unit
 
 __all__ = ["BuildConfig", "DataPipelineError", "Unit", "build", "decode_sample", "finalize", "format_report",
-           "load_config", "load_plan", "load_tokenizer", "plan_units", "read_manifest", "run_unit",
+           "hash_unit", "load_config", "load_plan", "load_tokenizer", "plan_units", "read_manifest",
+           "resolve_duplicates", "run_unit",
            "shard_urls", "train_tokenizer"]

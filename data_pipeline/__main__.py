@@ -1,4 +1,8 @@
-"""Command line: ``python -m data_pipeline {build,plan,run-unit,finalize,train-tokenizer,inspect} --help``."""
+"""Command line: ``python -m data_pipeline COMMAND --help``.
+
+Commands: build, plan, run-unit, finalize, train-tokenizer, inspect, and for ``--dedup global``
+in distributed runs: hash-units, resolve-duplicates (between plan and run-unit).
+"""
 from __future__ import annotations
 
 import argparse
@@ -24,8 +28,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                    help="bad records / corrupt files: stop with an error, or skip and count (default: fail)")
     g.add_argument("--unicode-normalization", choices=("NFC", "NFKC", "NFD", "NFKD", "none"), default="NFC")
     g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (default: 0 = off)")
-    g.add_argument("--dedup", choices=("none", "unit"), default="none",
-                   help="drop exact duplicate documents within each unit (default: none)")
+    g.add_argument("--dedup", choices=("none", "unit", "global"), default="none",
+                   help="drop exact duplicate documents: within each unit, or across the whole input "
+                        "(global: an extra hash pass before the units; default: none)")
 
 
 def _add_tokenizer_args(p: argparse.ArgumentParser, with_file: bool = True) -> None:
@@ -94,20 +99,42 @@ def cmd_run_unit(a) -> int:
     from .config import load_config
     cfg = load_config(a.out)
     units = load_plan(cfg)
-    if a.all:
-        chosen = units
-    else:
-        if a.unit is None:
-            raise DataPipelineError("give --unit INDEX (e.g. $SLURM_ARRAY_TASK_ID) or --all")
-        bad = [i for i in a.unit if not 0 <= i < len(units)]
-        if bad:
-            raise DataPipelineError(f"unit index {bad[0]} out of range (the plan has {len(units)} units)")
-        chosen = [units[i] for i in a.unit]
-    for u in chosen:
+    for u in _chosen_units(a, units):
         r = run_unit(cfg, u)
         c = r["counts"]
         print(f"{u.name}: {c['docs_kept']:,} docs, {c['tokens_written']:,} tokens, "
               f"{sum(len(s['shards']) for s in r['splits'].values())} shards ({u.describe()})")
+    return 0
+
+
+def _chosen_units(a, units):
+    if a.all:
+        return units
+    if a.unit is None:
+        raise DataPipelineError("give --unit INDEX (e.g. $SLURM_ARRAY_TASK_ID) or --all")
+    bad = [i for i in a.unit if not 0 <= i < len(units)]
+    if bad:
+        raise DataPipelineError(f"unit index {bad[0]} out of range (the plan has {len(units)} units)")
+    return [units[i] for i in a.unit]
+
+
+def cmd_hash_units(a) -> int:
+    from .build import load_plan
+    from .config import load_config
+    from .dedup import hash_unit
+    cfg = load_config(a.out)
+    for u in _chosen_units(a, load_plan(cfg)):
+        print(f"{u.name}: {hash_unit(cfg, u)}")
+    return 0
+
+
+def cmd_resolve(a) -> int:
+    from .build import load_plan
+    from .config import load_config
+    from .dedup import resolve_duplicates
+    cfg = load_config(a.out)
+    resolve_duplicates(cfg, load_plan(cfg))
+    print(f"duplicate lists written under {cfg.work_dir / 'dups'}")
     return 0
 
 
@@ -207,6 +234,19 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--unit", type=int, nargs="+", help="unit index(es), 0-based")
     r.add_argument("--all", action="store_true", help="every unit, in order")
     r.set_defaults(func=cmd_run_unit)
+
+    h = sub.add_parser("hash-units", help="dedup=global only: hash units (before run-unit)",
+                       description="Global dedup, step 1: write the document hashes of the given units.")
+    h.add_argument("--out", required=True, help="the planned output folder")
+    h.add_argument("--unit", type=int, nargs="+", help="unit index(es), 0-based")
+    h.add_argument("--all", action="store_true", help="every unit, in order")
+    h.set_defaults(func=cmd_hash_units)
+
+    rd = sub.add_parser("resolve-duplicates", help="dedup=global only: find cross-unit duplicates",
+                        description="Global dedup, step 2 (after hash-units, before run-unit): for each unit, "
+                                    "list the documents that an earlier unit already holds.")
+    rd.add_argument("--out", required=True)
+    rd.set_defaults(func=cmd_resolve)
 
     f = sub.add_parser("finalize", help="merge finished units into manifest.json",
                        description="Write manifest.json once every unit is finished.")

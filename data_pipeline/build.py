@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .config import BuildConfig, load_config
+from .dedup import dups_path, hash_unit, load_drop_set, resolve_duplicates
 from .errors import DataPipelineError
 from .packing import Packer
 from .readers import ReadStats, expand_inputs, iter_docs
@@ -48,21 +49,25 @@ _KILL_ENV = "DATA_PIPELINE_TEST_KILL_AFTER_SHARDS"  # test hook: SIGKILL self af
 
 
 class DocFilter:
-    """normalise -> filter (empty, too short, duplicate) -> train/validation by stable hash."""
+    """normalise -> filter (empty, too short, duplicate) -> train/validation by stable hash.
 
-    def __init__(self, cfg: BuildConfig, dedup: bool | None = None):
+    ``drop``: 64-bit hashes (``doc_hash64``) that earlier units already hold (global dedup).
+    """
+
+    def __init__(self, cfg: BuildConfig, dedup: bool | None = None, drop: set[int] | None = None):
         self.form = None if cfg.unicode_normalization == "none" else cfg.unicode_normalization
         self.min_chars = cfg.min_chars
-        self.dedup = (cfg.dedup == "unit") if dedup is None else dedup
+        self.dedup = (cfg.dedup != "none") if dedup is None else dedup
+        self.drop = drop or None
         self.seen: set[bytes] = set()
         self.key = cfg.split_salt.encode("utf-8")[:64]
         self.val_threshold = round(cfg.validation_fraction * 1_000_000)
         self.dropped = {"empty": 0, "too_short": 0, "duplicate": 0}
 
-    def __call__(self, texts: Iterator[str]) -> Iterator[tuple[str, bool]]:
-        """Yield ``(text, is_validation)`` for the documents kept."""
-        form, min_chars, dedup, seen, key, thr = (self.form, self.min_chars, self.dedup, self.seen,
-                                                  self.key, self.val_threshold)
+    def kept(self, texts: Iterator[str]) -> Iterator[tuple[str, bytes]]:
+        """``(normalised text, 16-byte blake2b digest)`` of documents passing the
+        empty / too-short filters (no dedup)."""
+        form, min_chars, key = self.form, self.min_chars, self.key
         blake2b, is_normalized, normalize = hashlib.blake2b, unicodedata.is_normalized, unicodedata.normalize
         dropped = self.dropped
         for t in texts:
@@ -76,13 +81,19 @@ class DocFilter:
                 dropped["too_short"] += 1
                 continue
             # surrogatepass: lone surrogates from JSON escapes must not crash the hash
-            d = blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16, key=key).digest()
+            yield t, blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16, key=key).digest()
+
+    def __call__(self, texts: Iterator[str]) -> Iterator[tuple[str, bool]]:
+        """Yield ``(text, is_validation)`` for the documents kept."""
+        dedup, seen, drop, thr, dropped = self.dedup, self.seen, self.drop, self.val_threshold, self.dropped
+        for t, d in self.kept(texts):
+            h = int.from_bytes(d[:8], "little")
             if dedup:
-                if d in seen:
+                if d in seen or (drop is not None and h in drop):
                     dropped["duplicate"] += 1
                     continue
                 seen.add(d)
-            yield t, (int.from_bytes(d[:8], "little") % 1_000_000) < thr
+            yield t, (h % 1_000_000) < thr
 
 
 # --------------------------------------------------------------------------- plan
@@ -280,7 +291,7 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     writers = {s: ShardWriter(cfg.out, s, unit.name, dtype, cfg.seq_len, sids["pad"], shard_bytes,
                               on_shard_done=hook) for s in SPLITS}
     stats = ReadStats()
-    filt = DocFilter(cfg)
+    filt = DocFilter(cfg, drop=load_drop_set(cfg, unit) if cfg.dedup == "global" else None)
     per_split = {s: {"docs": 0, "doc_tokens": 0} for s in SPLITS}
     no_tokens = 0
     chars = 0
@@ -477,6 +488,14 @@ def _worker_run(cfg_dict: dict, unit_dict: dict, queue) -> dict:
     return run_unit(cfg, Unit.from_dict(unit_dict), progress=cb)
 
 
+def _worker_hash(cfg_dict: dict, unit_dict: dict, queue) -> str:
+    unit = Unit.from_dict(unit_dict)
+    p = hash_unit(BuildConfig.from_dict(cfg_dict), unit)
+    if queue is not None:
+        queue.put(unit.est_bytes)
+    return str(p)
+
+
 def build(cfg, workers: int = 1, progress: bool = True, verify: bool = False) -> Path:
     """plan_units + run every unfinished unit on ``workers`` processes + finalize.
 
@@ -489,6 +508,23 @@ def build(cfg, workers: int = 1, progress: bool = True, verify: bool = False) ->
     t0 = time.perf_counter()
     units = plan_units(cfg, progress=progress)
     todo = [u for u in units if read_result(cfg.work_dir, u) is None]
+    if cfg.dedup == "global" and todo and not all(dups_path(cfg, u).is_file() for u in units):
+        # global dedup needs every unit's hashes before any unit is built
+        from .dedup import hashes_path
+        to_hash = [u for u in units if not hashes_path(cfg, u).is_file()]
+        bar = _bar(progress, total=sum(u.est_bytes for u in to_hash) or None, desc="dedup hashes", unit="B")
+        try:
+            if workers == 1 or len(to_hash) <= 1:
+                for u in to_hash:
+                    hash_unit(cfg, u)
+                    if bar is not None:
+                        bar.update(u.est_bytes)
+            else:
+                _run_pool(cfg, to_hash, workers, bar.update if bar is not None else None, _worker_hash)
+        finally:
+            if bar is not None:
+                bar.close()
+        resolve_duplicates(cfg, units)
     bar = _bar(progress, total=sum(u.est_bytes for u in todo) or None, desc="build", unit="B")
     update = bar.update if bar is not None else None
     try:
@@ -496,14 +532,14 @@ def build(cfg, workers: int = 1, progress: bool = True, verify: bool = False) ->
             for u in todo:
                 run_unit(cfg, u, progress=update)
         else:
-            _run_pool(cfg, todo, workers, update)
+            _run_pool(cfg, todo, workers, update, _worker_run)
     finally:
         if bar is not None:
             bar.close()
     return finalize(cfg, wall_seconds=time.perf_counter() - t0, verify=verify)
 
 
-def _run_pool(cfg: BuildConfig, todo: list[Unit], workers: int, update) -> None:
+def _run_pool(cfg: BuildConfig, todo: list[Unit], workers: int, update, fn=_worker_run) -> None:
     ctx = mp.get_context("spawn")   # no fork: the parent may hold tokenizer thread pools
     threads = max(1, (os.cpu_count() or 1) // workers)
     manager = ctx.Manager() if update is not None else None
@@ -522,7 +558,7 @@ def _run_pool(cfg: BuildConfig, todo: list[Unit], workers: int, update) -> None:
     try:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
                                  initializer=_init_worker, initargs=(threads,)) as ex:
-            futs = [ex.submit(_worker_run, cfg.to_dict(), u.to_dict(), queue) for u in todo]
+            futs = [ex.submit(fn, cfg.to_dict(), u.to_dict(), queue) for u in todo]
             done, pending = wait(futs, return_when=FIRST_EXCEPTION)
             for f in futs:
                 if f.done() and f.exception() is not None:

@@ -31,7 +31,7 @@ class BuildConfig:
     # -- normalise / filter
     unicode_normalization: str = "NFC"  # "NFC", "NFKC", "NFD", "NFKD" or "none"
     min_chars: int = 0                # drop documents shorter than this (after normalising); 0 = off
-    dedup: str = "none"               # "none" or "unit": drop exact duplicates (by blake2b) within a unit
+    dedup: str = "none"               # exact duplicates (blake2b): "none", "unit" (within a unit), "global"
     # -- tokenizer: a tokenizer.json (or a folder holding one) to reuse, or None to train one
     tokenizer: str | None = None
     tokenizer_kind: str = "wordpiece"
@@ -68,7 +68,7 @@ class BuildConfig:
             bad("no inputs given")
         choices = {"txt_mode": ("line", "block"), "on_error": ("fail", "skip"),
                    "unicode_normalization": ("NFC", "NFKC", "NFD", "NFKD", "none"),
-                   "dedup": ("none", "unit"), "tokenizer_kind": TOKENIZER_KINDS,
+                   "dedup": ("none", "unit", "global"), "tokenizer_kind": TOKENIZER_KINDS,
                    "packing": ("concat", "single")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -333,7 +333,8 @@ def test_cli_help_for_every_subcommand():
     from data_pipeline.__main__ import make_parser
     p = make_parser()
     sub = next(a for a in p._actions if a.dest == "cmd")
-    assert set(sub.choices) == {"build", "plan", "run-unit", "finalize", "train-tokenizer", "inspect"}
+    assert set(sub.choices) == {"build", "plan", "run-unit", "finalize", "train-tokenizer", "inspect",
+                                "hash-units", "resolve-duplicates"}
     for name, sp in sub.choices.items():
         assert sp.format_help().startswith("usage:")
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--help"], capture_output=True, text=True)

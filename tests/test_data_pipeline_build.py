@@ -207,3 +207,44 @@ def test_wikitext2_build_is_exact(tmp_path):
     assert m["report"]["doc_tokens"] > 200_000
     hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "wt"))
     assert hf.mask_token_id == m["special_ids"]["mask"] and len(hf) == m["vocab_size"]
+
+
+def test_global_dedup_across_units_and_files(tmp_path, tok_file):
+    a = synthetic_docs(600, seed=41)
+    b = synthetic_docs(300, seed=42) + a[100:250]          # b repeats part of a
+    write_lines(tmp_path / "a.txt", a)
+    write_lines(tmp_path / "b.txt", b)
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    cfg = _cfg(inputs, tmp_path / "g1", tok_file, dedup="global")
+    m = read_manifest(build(cfg, workers=1, progress=False))
+    assert len(load_plan(cfg)) >= 4
+    ref = reference_documents(a + b, tmp_path / "g1" / "tokenizer.json", validation_fraction=0.2, dedup=True)
+    for split in ("train", "validation"):
+        assert split_documents(m, split) == ref[split]
+    assert m["report"]["dropped"]["duplicate"] >= 150
+    # resolving by hash buckets (bounded memory) gives the same duplicate lists
+    import shutil
+    import numpy as np
+    from data_pipeline import resolve_duplicates
+    dups = tmp_path / "g1" / "_work" / "dups"
+    before = {p.name: np.load(p) for p in dups.glob("*.npy")}
+    assert sum(len(v) for v in before.values()) > 0
+    shutil.rmtree(dups)
+    resolve_duplicates(cfg, load_plan(cfg), bucket_hashes=7)
+    after = {p.name: np.load(p) for p in dups.glob("*.npy")}
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+    m2 = read_manifest(build(_cfg(inputs, tmp_path / "g2", tok_file, dedup="global"), workers=2, progress=False))
+    assert _files(tmp_path / "g1") == _files(tmp_path / "g2") and m["splits"] == m2["splits"]
+    # distributed steps by CLI: plan, hash-units, resolve-duplicates, run-unit, finalize
+    out = tmp_path / "g3"
+    cmd, env = _cli(out, inputs, tok_file, extra=("--dedup", "global"))
+    run = lambda *x: subprocess.run([sys.executable, "-m", "data_pipeline", *x], env=env, capture_output=True,
+                                    text=True, timeout=120)
+    assert subprocess.run([c if c != "build" else "plan" for c in cmd], env=env, timeout=120).returncode == 0
+    r = run("run-unit", "--out", str(out), "--unit", "0")
+    assert r.returncode == 2 and "dedup=global" in r.stderr
+    assert run("hash-units", "--out", str(out), "--all").returncode == 0
+    assert run("resolve-duplicates", "--out", str(out)).returncode == 0
+    assert run("run-unit", "--out", str(out), "--all").returncode == 0
+    assert run("finalize", "--out", str(out)).returncode == 0
+    assert _files(out) == _files(tmp_path / "g1")
