@@ -1,0 +1,182 @@
+"""Training checkpoints (complete or absent), resume, and the stop signals.
+
+    <checkpoint dir>/
+        latest                    the tag of the newest complete checkpoint; written last, atomically
+        step_00001000/            DeepSpeed's files (engine.save_checkpoint: weights, optimizer partitions,
+                                  LR scheduler), plus ours:
+            rng_rank00000.safetensors   each rank's torch RNG state (dropout)
+            trainer_state.json    step, tokens, data cursor, config, fingerprint, metrics; written by
+                                  rank 0 after every rank has saved: its presence is the completion marker
+        zero_to_fp32.py           DeepSpeed's own converter, copied there by DeepSpeed
+
+A folder without trainer_state.json is an interrupted save: never resumed from, deleted at the next save.
+The `latest` file has the name and content DeepSpeed's tools expect, so `zero_to_fp32.py` works as is.
+The checkpoint dir must be on a filesystem every rank sees (as DeepSpeed itself assumes).
+Nothing of ours is pickled: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
+STATE_FORMAT_VERSION = 1
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int | None:
+    match = TAG_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """Every step_* folder, complete or not, oldest first."""
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(folders, key=step_of)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer if it names a complete one, else a scan."""
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if step_of(candidate) is not None and is_complete(candidate):
+            return candidate
+    complete = [p for p in checkpoint_folders(root) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("format_version") != STATE_FORMAT_VERSION:
+        raise ValueError(f"{path / STATE_FILE}: format_version {state.get('format_version')!r} is not "
+                         f"{STATE_FORMAT_VERSION}")
+    return state
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a checkpoint dir (-> its latest complete checkpoint). For export and --resume PATH."""
+    path = Path(spec)
+    if step_of(path) is not None:
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE}; an interrupted save?)")
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (expected step_* folders with {STATE_FILE})")
+    return found
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine: Any, root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder once it is complete on disk."""
+    rank = dist.get_rank()
+    path = root / tag_for(step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # an interrupted save of this very step, from an earlier attempt
+            shutil.rmtree(path)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=path.name, client_state={}, save_latest=False)
+    save_rng_state(path, rank)
+    dist.barrier()  # every rank's files are on disk before the marker says "complete"
+    if rank == 0:
+        _write_atomic(path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1))
+        _write_atomic(root / LATEST_FILE, path.name)
+        prune(root, keep_last)
+    dist.barrier()
+    return path
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, and interrupted saves (no marker)."""
+    folders = checkpoint_folders(root)
+    complete = [p for p in folders if is_complete(p)]
+    doomed = [p for p in folders if not is_complete(p)] + complete[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def load(engine: Any, path: Path) -> dict[str, Any]:
+    """Collective: restore the engine (weights, optimizer, scheduler) and this rank's RNG; return our state."""
+    state = read_state(path)
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
+    load_rng_state(path, dist.get_rank())
+    return state
+
+
+def save_rng_state(path: Path, rank: int) -> None:
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(path / f"rng_rank{rank:05d}.safetensors"))
+
+
+def load_rng_state(path: Path, rank: int) -> None:
+    tensors = load_file(str(path / f"rng_rank{rank:05d}.safetensors"))
+    torch.set_rng_state(tensors["cpu"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 only set a flag; the training loop agrees on it across ranks at the next
+    step boundary, checkpoints, and returns. Previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received).name if self.received is not None else None

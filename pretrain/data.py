@@ -1,0 +1,319 @@
+"""Masked-LM batches from data_pipeline shards: split by rank and worker, shuffled per epoch, masked on
+the fly, and resumable from a two-number cursor without re-reading what came before.
+
+The stream of an epoch is a pure function of (seed, epoch, world size, workers per rank):
+
+1. the train shards in a seeded order (manifest order when shuffling is off);
+2. their samples, concatenated in that order, cut into `world_size x workers` equal contiguous ranges,
+   one per stream (a stream is one DataLoader worker of one rank); the remainder (< number of
+   streams) is dropped. Ranges are cut at sample granularity, so every rank gets exactly the same
+   number of batches even with fewer shards than streams: no rank runs dry while the others wait
+   for it in a collective (the classic hang of per-node shard splitting);
+3. a stream reads its range in chunks of `shuffle_shards` shard pieces, shuffles each chunk in memory
+   (seeded by the chunk's place in the plan) and cuts it into micro-batches; the partial last
+   micro-batch of a stream is dropped;
+4. every sample is masked with a generator seeded by (seed, epoch, shard, index in shard), so masks are
+   dynamic (new each epoch), independent of the layout, and re-created exactly on resume.
+
+A DataLoader yields its workers' micro-batches in round robin, so micro-batch i of a rank comes from
+worker i % W. The cursor is (epoch, micro-batches this rank has consumed in the epoch). On resume,
+DataLoader worker j plays the role of worker (j + consumed) % W; each stream skips whole chunks by
+their sample counts from the manifest (those shards are never opened) and reads only the chunk it
+stopped in, whose shuffle and masks are recomputed from their seeds.
+
+Shards are only read through `data_pipeline.shards` (`shard_urls`, `decode_sample`) and webdataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.shards import decode_sample, shard_urls
+from hypermixer import IGNORE_INDEX
+
+# Domain tags in the seeds, so that no two kinds of randomness ever share a generator state.
+SHARD_ORDER, CHUNK_ORDER, TRAIN_MASKS, VALIDATION_MASKS = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # position in the manifest's split (its identity in every seed)
+    url: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of one shard."""
+
+    shard: Shard
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Cursor:
+    """Where a rank's training stream stands: micro-batches consumed in `epoch`. Same on every rank."""
+
+    epoch: int = 0
+    batches: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world_size: int
+    num_workers: int  # DataLoader workers per rank; 0 reads in the training process (one stream)
+    micro_batch_size: int
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * self.workers
+
+    def samples_per_stream(self, total_samples: int) -> int:
+        return total_samples // self.streams
+
+    def batches_per_stream(self, total_samples: int) -> int:
+        return self.samples_per_stream(total_samples) // self.micro_batch_size
+
+    def batches_per_epoch(self, total_samples: int) -> int:
+        """Micro-batches each rank gets per epoch (the same on every rank)."""
+        return self.workers * self.batches_per_stream(total_samples)
+
+
+class Masking:
+    """BERT's dynamic masking: select `mask_prob` of the non-special tokens; of those, `mask_token_prob`
+    become [MASK], `random_token_prob` a random non-special token, the rest stay. Labels are the
+    original ids at selected positions and IGNORE_INDEX elsewhere (special tokens and padding never)."""
+
+    def __init__(self, special_ids: dict[str, int], vocab_size: int, mask_prob: float = 0.15,
+                 mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> None:
+        self.mask_id = int(special_ids["mask"])
+        self.pad_id = int(special_ids["pad"])
+        self.special = np.array(sorted(set(int(v) for v in special_ids.values())), dtype=np.int64)
+        self.random_pool = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.special)
+        self.mask_prob = mask_prob
+        self.mask_token_prob = mask_token_prob
+        self.random_token_prob = random_token_prob
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], data_config: Any) -> "Masking":
+        return cls(manifest["special_ids"], manifest["vocab_size"], data_config.mask_prob,
+                   data_config.mask_token_prob, data_config.random_token_prob)
+
+    def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        length = ids.shape[0]
+        selected = ~np.isin(ids, self.special) & (rng.random(length) < self.mask_prob)
+        action = rng.random(length)
+        to_mask = selected & (action < self.mask_token_prob)
+        to_random = selected & (action >= self.mask_token_prob) & (
+            action < self.mask_token_prob + self.random_token_prob)
+        inputs = ids.copy()
+        inputs[to_mask] = self.mask_id
+        inputs[to_random] = self.random_pool[rng.integers(0, len(self.random_pool), int(to_random.sum()))]
+        labels = np.where(selected, ids, IGNORE_INDEX)
+        return inputs, labels
+
+
+def shards_of(manifest: dict[str, Any], split: str) -> list[Shard]:
+    urls = shard_urls(manifest, split)
+    records = manifest["splits"][split]["shards"]
+    return [Shard(i, url, int(rec["samples"])) for i, (url, rec) in enumerate(zip(urls, records))]
+
+
+def cut(shards: list[Shard], lo: int, hi: int) -> list[Piece]:
+    """The pieces covering samples [lo, hi) of the shards' concatenation (in the order given)."""
+    pieces, offset = [], 0
+    for shard in shards:
+        start, stop = max(lo - offset, 0), min(hi - offset, shard.samples)
+        if start < stop:
+            pieces.append(Piece(shard, start, stop))
+        offset += shard.samples
+        if offset >= hi:
+            break
+    return pieces
+
+
+def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
+    if not shuffle:
+        return list(shards)
+    order = np.random.default_rng([seed, SHARD_ORDER, epoch]).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
+def stream_pieces(shards: list[Shard], layout: Layout, stream: int, seed: int, epoch: int,
+                  shuffle: bool) -> list[Piece]:
+    per_stream = layout.samples_per_stream(sum(s.samples for s in shards))
+    return cut(shard_order(shards, seed, epoch, shuffle), stream * per_stream, (stream + 1) * per_stream)
+
+
+def read_piece(piece: Piece, seq_len: int) -> Iterator[np.ndarray]:
+    """The piece's samples in shard order. Samples before `start` are read and dropped (a tar is sequential)."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList([piece.shard.url]), wds.tarfile_to_samples())
+    seen = 0
+    for sample in pipeline:
+        if seen >= piece.start:
+            yield decode_sample(sample, seq_len)
+        seen += 1
+        if seen == piece.stop:
+            return
+    raise ValueError(f"{piece.shard.url}: {seen} samples, but the manifest says {piece.shard.samples}")
+
+
+def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    inputs = torch.from_numpy(np.stack([r[0] for r in rows]))
+    labels = torch.from_numpy(np.stack([r[1] for r in rows]))
+    return {"input_ids": inputs, "attention_mask": (inputs != pad_id).long(), "labels": labels}
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a worker needs to produce its micro-batches of one epoch (picklable)."""
+
+    shards: tuple[Shard, ...]
+    layout: Layout
+    masking: Masking
+    seq_len: int
+    seed: int
+    epoch: int
+    start_batch: int  # micro-batches of this epoch the rank has already consumed
+    shuffle: bool
+    shuffle_shards: int
+
+
+class TrainStream(IterableDataset):
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        spec = self.spec
+        workers = spec.layout.workers
+        role = (worker + spec.start_batch) % workers  # keeps the round robin in step after a resume
+        done = (spec.start_batch - role + workers - 1) // workers if spec.start_batch > role else 0
+        stream = spec.layout.rank * workers + role
+        yield from stream_batches(spec, stream, done)
+
+
+def stream_batches(spec: StreamSpec, stream: int, done_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches of one stream in one epoch, from micro-batch `done_batches` on."""
+    mb = spec.layout.micro_batch_size
+    pieces = stream_pieces(list(spec.shards), spec.layout, stream, spec.seed, spec.epoch, spec.shuffle)
+    usable = spec.layout.batches_per_stream(sum(s.samples for s in spec.shards)) * mb
+    skip = done_batches * mb
+    position = 0  # samples of the stream before the current chunk
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    for chunk_index in range(0, len(pieces), spec.shuffle_shards):
+        chunk = pieces[chunk_index:chunk_index + spec.shuffle_shards]
+        size = sum(p.size for p in chunk)
+        if position + size <= skip:  # consumed before the checkpoint: skipped by count, never opened
+            position += size
+            continue
+        if position >= usable:
+            break
+        ids, origin = [], []
+        for piece in chunk:
+            for offset, sample in enumerate(read_piece(piece, spec.seq_len)):
+                ids.append(sample)
+                origin.append((piece.shard.index, piece.start + offset))
+        order = (np.random.default_rng([spec.seed, CHUNK_ORDER, spec.epoch, stream, chunk_index]).permutation(size)
+                 if spec.shuffle else np.arange(size))
+        for k in order[max(skip - position, 0):min(size, usable - position)]:
+            shard_index, sample_index = origin[k]
+            rng = np.random.default_rng([spec.seed, TRAIN_MASKS, spec.epoch, shard_index, sample_index])
+            rows.append(spec.masking(ids[k], rng))
+            if len(rows) == mb:
+                yield collate(rows, spec.masking.pad_id)
+                rows = []
+        position += size
+
+
+class TrainBatches:
+    """Endless micro-batches over epochs for one rank; `cursor` counts what the training loop took."""
+
+    def __init__(self, manifest: dict[str, Any], layout: Layout, masking: Masking, seed: int, shuffle: bool,
+                 shuffle_shards: int, cursor: Cursor | None = None, pin_memory: bool = False) -> None:
+        self.shards = tuple(shards_of(manifest, "train"))
+        self.layout = layout
+        self.masking = masking
+        self.seq_len = int(manifest["seq_len"])
+        self.seed, self.shuffle, self.shuffle_shards = seed, shuffle, shuffle_shards
+        self.cursor = Cursor(**(cursor.to_dict() if cursor else {}))
+        self.pin_memory = pin_memory
+        self.batches_per_epoch = layout.batches_per_epoch(sum(s.samples for s in self.shards))
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the train split has {sum(s.samples for s in self.shards)} sequences: fewer than one "
+                             f"micro-batch ({layout.micro_batch_size}) per stream ({layout.streams} streams)")
+        self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def _loader(self) -> DataLoader:
+        spec = StreamSpec(self.shards, self.layout, self.masking, self.seq_len, self.seed, self.cursor.epoch,
+                          self.cursor.batches, self.shuffle, self.shuffle_shards)
+        workers = self.layout.num_workers
+        return DataLoader(TrainStream(spec), batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                          prefetch_factor=4 if workers else None)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self._iterator is None:
+                self._iterator = iter(self._loader())
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self.cursor = Cursor(self.cursor.epoch + 1, 0)
+                continue
+            self.cursor.batches += 1
+            return batch
+
+    def close(self) -> None:
+        self._iterator = None  # shuts the DataLoader's workers down
+
+
+def validation_samples(manifest: dict[str, Any], split: str, world_size: int, max_samples: int | None) -> int:
+    """Validation sequences each rank evaluates (equal on every rank, so collectives stay in step)."""
+    total = sum(s.samples for s in shards_of(manifest, split))
+    return min(total, max_samples or total) // world_size
+
+
+def validation_batches(manifest: dict[str, Any], split: str, masking: Masking, seed: int, rank: int,
+                       world_size: int, micro_batch_size: int, max_samples: int | None = None
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+    """Rank `rank`'s share of the first `max_samples` validation sequences, in manifest order, with
+    masks fixed by (seed, shard, index): every evaluation (and every run with this seed) sees the same
+    inputs and targets, whatever the world size."""
+    per_rank = validation_samples(manifest, split, world_size, max_samples)
+    pieces = cut(shards_of(manifest, split), rank * per_rank, (rank + 1) * per_rank)
+    seq_len = int(manifest["seq_len"])
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    for piece in pieces:
+        for offset, sample in enumerate(read_piece(piece, seq_len)):
+            rng = np.random.default_rng([seed, VALIDATION_MASKS, piece.shard.index, piece.start + offset])
+            rows.append(masking(sample, rng))
+            if len(rows) == micro_batch_size:
+                yield collate(rows, masking.pad_id)
+                rows = []
+    if rows:
+        yield collate(rows, masking.pad_id)

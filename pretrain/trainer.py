@@ -1,0 +1,436 @@
+"""The training loop and the one training step, on a DeepSpeed engine (ZeRO 0-3, fp32/bf16/fp16).
+
+Per micro-batch: forward, one tiny all-reduce of two flags (this rank's loss is non-finite / this rank
+got a stop signal), then backward and `engine.step()` (DeepSpeed applies the optimizer at the
+accumulation boundary). A micro-batch whose loss is non-finite on any rank is dropped on every rank
+before backward, so it never reaches the gradients; the step is completed with the next micro-batch
+and the drop is counted and warned about; `train.max_nonfinite_in_a_row` drops in a row abort the run.
+A stop signal on any rank makes every rank finish the step, checkpoint together and return.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from hypermixer import ForMaskedLM, flops_per_token
+from pretrain import checkpoint as ckpt
+from pretrain.config import ConfigError, PretrainConfig, Resolved, config_diff, resolve
+from pretrain.data import Cursor, Layout, Masking, TrainBatches, validation_batches, validation_samples
+from pretrain.metrics import MetricsLog, default_peak_tflops, throughput
+
+RUN_STATUS_FILE = "run_status.json"
+# Fault injection for the integration tests: "kill:RANK:STEP" (SIGKILL itself after STEP) or
+# "signal:RANK:STEP:NAME" (send itself signal NAME after STEP). Never set in real runs.
+FAULT_ENV = "PRETRAIN_FAULT"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run diverged."""
+
+
+@dataclass
+class RunOutcome:
+    status: str  # "completed" | "stopped" (by SIGTERM/SIGUSR1, after a complete checkpoint)
+    step: int
+    total_steps: int
+    run_dir: str
+    checkpoint: str | None = None
+    signal: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.status == "stopped"
+
+
+# ---------------------------------------------------------------------------------------- pieces
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and LayerNorm parameters."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                exempt = isinstance(module, nn.LayerNorm) or name.endswith("bias")
+                (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if decay == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - (1.0 - min_ratio) * progress
+
+
+def make_scheduler(config: PretrainConfig, total_steps: int) -> Callable[[Any], LambdaLR]:
+    o = config.optim
+    factor = partial(lr_factor, warmup=o.warmup_steps, total=total_steps, decay=o.decay, min_ratio=o.min_lr_ratio)
+    return lambda optimizer: LambdaLR(optimizer, factor)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A distinct torch seed per rank for dropout (model init uses `seed` itself, the same on every rank)."""
+    return int(np.random.SeedSequence([seed, 0x5EED, rank]).generate_state(1)[0])
+
+
+def masked_lm_sums(forward: Callable[..., Any], batches: Iterable[dict[str, torch.Tensor]],
+                   device: torch.device) -> torch.Tensor:
+    """[sum of per-token loss, correct predictions, masked tokens] over batches (float64)."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = forward(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            n = out.num_masked
+            sums += torch.stack([out.loss.double() * n, out.accuracy.double() * n,
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+    return sums
+
+
+def write_run_status(run_dir: Path, **values: Any) -> None:
+    """run_status.json: what a launcher reads after the process ends ("running" after a crash)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{RUN_STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps({**values, "updated_at": time.time()}, indent=1) + "\n")
+    os.replace(tmp, run_dir / RUN_STATUS_FILE)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory since the last call (CUDA), else this process's resident memory."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _fault(rank: int, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    kind, fault_rank, fault_step, *rest = spec.split(":")
+    if int(fault_rank) != rank or int(fault_step) != step:
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "signal":
+        os.kill(os.getpid(), signal.Signals[f"SIG{rest[0]}" if not rest[0].startswith("SIG") else rest[0]])
+
+
+# ---------------------------------------------------------------------------------------- the step
+
+
+@dataclass
+class StepResult:
+    sums: torch.Tensor  # [loss * masked, correct, masked] over the step's micro-batches, this rank
+    dropped: int  # micro-batches dropped for a non-finite loss (on some rank)
+    stop: bool  # some rank got a stop signal
+    grad_norm: float | None
+
+
+@dataclass
+class NonFiniteGuard:
+    limit: int
+    in_a_row: int = 0
+    total: int = 0
+
+
+def train_step(engine: Any, batches: TrainBatches, device: torch.device, guard: NonFiniteGuard,
+               stop_requested: Callable[[], bool], grad_accum: int, norm_by_hand: bool,
+               rank: int) -> StepResult:
+    """The one training step: `grad_accum` finite micro-batches -> one optimizer update."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    dropped, stop, grad_norm = 0, False, None
+    done = 0
+    while done < grad_accum:
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        out = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        flags = torch.tensor([0.0 if torch.isfinite(out.loss).item() else 1.0, 1.0 if stop_requested() else 0.0],
+                             device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = bool(flags[0].item()), stop or bool(flags[1].item())
+        if nonfinite:
+            guard.in_a_row += 1
+            guard.total += 1
+            dropped += 1
+            del out
+            if rank == 0:
+                warnings.warn(f"non-finite loss on some rank: micro-batch dropped ({guard.in_a_row} in a row, "
+                              f"{guard.total} in total; the limit in a row is {guard.limit})", stacklevel=2)
+            if guard.in_a_row >= guard.limit:
+                raise NonFiniteLossError(f"{guard.in_a_row} non-finite losses in a row: the run diverged "
+                                         "(lower optim.lr, raise optim.warmup_steps, or check the data)")
+            continue
+        guard.in_a_row = 0
+        engine.backward(out.loss)
+        if norm_by_hand and engine.is_gradient_accumulation_boundary():
+            # Stage 0 in fp32 keeps no norm: measure the all-reduced gradients before the update.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        engine.step()
+        n = out.num_masked
+        sums += torch.stack([out.loss.detach().double() * n, out.accuracy.detach().double() * n,
+                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+        done += 1
+    if grad_norm is None:
+        value = engine.get_global_grad_norm()
+        grad_norm = float(value) if value is not None else None
+    return StepResult(sums, dropped, stop, grad_norm)
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Window:
+    """Training-step work since the last log line (eval and checkpoint time excluded)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    dropped: int = 0
+    sums: torch.Tensor | None = None
+    grad_norm: float | None = None
+    lr: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, result: StepResult, seconds: float, lr: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.dropped += result.dropped
+        self.sums = result.sums if self.sums is None else self.sums + result.sums
+        self.grad_norm = result.grad_norm
+        self.lr = lr
+
+
+def check_resume(resolved: Resolved, state: dict[str, Any], path: Path) -> list[str]:
+    """Refuse a resume whose model, data, batch, seed, precision, ZeRO stage or world size changed."""
+    old, new = state["fingerprint"], resolved.fingerprint()
+    changed = config_diff(old, new)
+    if changed:
+        details = []
+        for key in changed:
+            a, b = _dig(old, key), _dig(new, key)
+            details.append(f"{key}: {json.dumps(a)} in the checkpoint, {json.dumps(b)} now")
+        raise ConfigError([f"cannot resume from {path}: {d}" for d in details]
+                          + ["(model, data, batch, seed, precision, ZeRO stage and world size must match; "
+                             "start a new run in another output_dir to change them)"])
+    return [key for key in config_diff(state["config"], resolved.config.to_dict())]
+
+
+def _dig(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
+def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
+    root = config.checkpoint_dir
+    if resume == "auto":
+        return ckpt.latest_checkpoint(root)
+    if resume in (None, "", "none"):
+        existing = ckpt.latest_checkpoint(root)
+        if existing is not None:
+            raise ConfigError([f"{root} already holds checkpoints (newest: {existing.name}); pass --resume auto to "
+                               "continue that run, or set output_dir / checkpoint.dir to start a new one"])
+        return None
+    try:
+        return ckpt.resolve_checkpoint(resume)
+    except FileNotFoundError as err:
+        raise ConfigError([f"--resume: {err}"]) from None
+
+
+def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
+    """Train on every rank of an initialised or initialisable (env://) process group."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve(config, world_size)  # every config/data mistake surfaces here, before any collective
+    start = find_start(config, resume)
+    state: dict[str, Any] = {}
+    if start is not None:
+        state = ckpt.read_state(start)
+        changed = check_resume(resolved, state, start)
+    accelerator = get_accelerator()
+    if config.precision == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError([f"precision: fp16 is not supported on {accelerator.device_name()}; use bf16 or fp32"])
+    if config.precision == "bf16" and not accelerator.is_bf16_supported():
+        raise ConfigError([f"precision: bf16 is not supported on {accelerator.device_name()}; use fp16 or fp32"])
+
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accelerator.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+    device = torch.device(accelerator.device_name(local_rank))
+    run_dir = config.run_dir
+    if rank == 0:
+        write_run_status(run_dir, status="running", step=int(state.get("step", 0)), total_steps=resolved.total_steps,
+                         checkpoint=str(start) if start else None, signal=None)
+        if start is not None:
+            print(f"resuming from {start} (step {state['step']})"
+                  + (f"; changed settings: {', '.join(changed)}" if changed else ""), flush=True)
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = ForMaskedLM(resolved.model)
+    model.encoder.gradient_checkpointing = config.train.activation_checkpointing
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, config.optim.weight_decay), config=resolved.deepspeed,
+        lr_scheduler=make_scheduler(config, resolved.total_steps))
+    if config.train.compile:
+        engine.compile()
+    torch.manual_seed(rank_seed(config.seed, rank))
+    if start is not None:
+        state = ckpt.load(engine, start)
+
+    step = int(state.get("step", 0))
+    tokens = int(state.get("tokens", 0))
+    guard = NonFiniteGuard(config.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_dropped", 0)))
+    layout = Layout(rank, world_size, config.data.num_workers, config.batch.micro_batch_size)
+    masking = Masking.from_manifest(resolved.manifest, config.data)
+    batches = TrainBatches(resolved.manifest, layout, masking, config.seed, config.data.shuffle,
+                           config.data.shuffle_shards, Cursor(**state.get("cursor", {})),
+                           pin_memory=device.type == "cuda")
+    eval_micro_batch = config.eval.micro_batch_size or config.batch.micro_batch_size
+    eval_per_rank = validation_samples(resolved.validation_manifest, config.data.validation_split, world_size,
+                                       config.eval.max_samples)
+    flops = flops_per_token(resolved.model, resolved.seq_len, mlm_fraction=config.data.mask_prob)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = config.metrics.peak_tflops or default_peak_tflops(device_name, config.precision)
+    norm_by_hand = resolved.zero_stage == 0 and config.precision == "fp32"
+    wandb_run_id = state.get("wandb_run_id") or secrets.token_hex(4)
+    last: dict[str, Any] = {"train": state.get("last_train"), "eval": state.get("last_eval")}
+    log = None
+    if rank == 0:
+        log = MetricsLog(run_dir, config.run_name, config.logging.wandb,
+                         {**config.to_dict(), "resolved_model": resolved.model.to_dict(),
+                          "world_size": world_size, "grad_accum": resolved.grad_accum,
+                          "total_steps": resolved.total_steps, "manifest_sha256": resolved.manifest_sha256},
+                         wandb_run_id, step if start is not None else None, resolved.total_steps)
+        if eval_per_rank == 0:
+            warnings.warn(f"the validation split {config.data.validation_split!r} has fewer sequences than ranks: "
+                          "no evaluation", stacklevel=1)
+        print(f"run {config.run_name}: {resolved.model.mixer}, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, {world_size} rank(s) on {device.type}, ZeRO-{resolved.zero_stage}, {config.precision}, "
+              f"global batch {config.batch.global_batch_size} = {config.batch.micro_batch_size} x {world_size} ranks "
+              f"x {resolved.grad_accum} accumulation, {resolved.total_steps} steps, "
+              f"{batches.batches_per_epoch * world_size * config.batch.micro_batch_size:,} sequences per epoch",
+              flush=True)
+
+    def evaluate() -> dict[str, Any]:
+        began = time.perf_counter()
+        engine.eval()
+        sums = masked_lm_sums(engine, validation_batches(
+            resolved.validation_manifest, config.data.validation_split, masking, config.seed, rank, world_size,
+            eval_micro_batch, config.eval.max_samples), device)
+        engine.train()
+        dist.all_reduce(sums)
+        loss_sum, correct, masked = sums.tolist()
+        return {"kind": "eval", "step": step, "loss": loss_sum / max(masked, 1), "accuracy": correct / max(masked, 1),
+                "masked_tokens": int(masked), "seconds": time.perf_counter() - began}
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "step": step, "tokens": tokens, "cursor": batches.cursor.to_dict(), "world_size": world_size,
+            "total_steps": resolved.total_steps, "fingerprint": resolved.fingerprint(), "config": config.to_dict(),
+            "model": resolved.model.to_dict(), "zero_stage": resolved.zero_stage,
+            "data": {"path": str(Path(resolved.manifest["_root"])), "manifest_sha256": resolved.manifest_sha256,
+                     "tokenizer": resolved.manifest["tokenizer"],
+                     "validation_path": str(Path(resolved.validation_manifest["_root"])),
+                     "validation_split": config.data.validation_split},
+            "nonfinite_dropped": guard.total, "wandb_run_id": wandb_run_id,
+            "last_train": last["train"], "last_eval": last["eval"],
+        }
+
+    outcome = RunOutcome("completed", step, resolved.total_steps, str(run_dir),
+                         checkpoint=str(start) if start else None)
+    window = Window()
+    with ckpt.StopSignals() as signals:
+        try:
+            while step < resolved.total_steps:
+                log_now = (step + 1) % config.logging.every_steps == 0 or step + 1 == resolved.total_steps
+                lr = engine.get_lr()[0]
+                began = time.perf_counter()
+                result = train_step(engine, batches, device, guard, lambda: signals.received is not None,
+                                    resolved.grad_accum, norm_by_hand and log_now, rank)
+                step += 1
+                tokens += resolved.tokens_per_step
+                window.add(result, time.perf_counter() - began, lr)
+                _fault(rank, step)
+                if log_now:
+                    sums = window.sums.clone()
+                    dist.all_reduce(sums)
+                    loss_sum, correct, masked = sums.tolist()
+                    speed = throughput(window.steps * resolved.tokens_per_step,
+                                       window.steps * config.batch.global_batch_size, window.seconds,
+                                       world_size, flops, peak)
+                    last["train"] = {
+                        "kind": "train", "step": step, "loss": loss_sum / max(masked, 1),
+                        "accuracy": correct / max(masked, 1), "lr": window.lr, "grad_norm": window.grad_norm,
+                        **speed, "memory_gib": memory_gib(device), "tokens": tokens,
+                        "epoch": batches.cursor.epoch, "nonfinite_skipped": guard.total,
+                        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+                        "eta_s": (resolved.total_steps - step) * window.seconds / window.steps,
+                    }
+                    if log is not None:
+                        log.log(last["train"])
+                    window = Window()
+                every = config.eval.every_steps
+                if eval_per_rank and ((every and step % every == 0) or step == resolved.total_steps):
+                    last["eval"] = evaluate()
+                    if log is not None:
+                        log.log(last["eval"])
+                every = config.checkpoint.every_steps
+                if (every and step % every == 0) or step == resolved.total_steps or result.stop:
+                    outcome.checkpoint = str(ckpt.save(engine, config.checkpoint_dir, step, checkpoint_state(),
+                                                       config.checkpoint.keep_last))
+                if result.stop and step < resolved.total_steps:
+                    outcome.status, outcome.signal = "stopped", signals.name or "a signal on another rank"
+                    break
+        except NonFiniteLossError:
+            if rank == 0:
+                write_run_status(run_dir, status="diverged", step=step, total_steps=resolved.total_steps,
+                                 checkpoint=outcome.checkpoint, signal=None)
+            raise
+        finally:
+            batches.close()
+            if log is not None:
+                log.summary({f"final/{k}": v for k, v in (last["eval"] or {}).items() if k not in ("kind",)})
+                log.close()
+    outcome.step = step
+    if rank == 0:
+        write_run_status(run_dir, status=outcome.status, step=step, total_steps=resolved.total_steps,
+                         checkpoint=outcome.checkpoint, signal=outcome.signal)
+        if outcome.stopped:
+            print(f"stopped by {outcome.signal} at step {step}; checkpoint at {outcome.checkpoint}; "
+                  "resume with --resume auto", flush=True)
+        else:
+            print(f"completed {step} steps; checkpoint at {outcome.checkpoint}", flush=True)
+    dist.barrier()
+    return outcome
