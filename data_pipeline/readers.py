@@ -341,6 +341,8 @@ def read_jsonl(unit, field_name: str, stats: ReadStats, on_error: str) -> Iterat
             continue                    # blank lines are not records
         stats.docs_read += 1
         text = _decode(line, stats)
+        if i == 0 and text.startswith("\ufeff"):
+            text = text[1:]             # a UTF-8 byte-order mark on the first line
         try:
             rec = loads(text)
         except ValueError as e:

@@ -295,6 +295,11 @@ def test_corrupt_compressed_files(tmp_path):
     assert docs == [f"doc {i}" for i in range(len(docs))]       # kept what came before the damage
 
 
+def test_jsonl_with_byte_order_mark(tmp_path):
+    _, docs, _ = _bad(tmp_path, "bom.jsonl", b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert docs == ["a", "b"]
+
+
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     _, docs, stats = _bad(tmp_path, "enc.txt", b"caf\xe9 ok\nfine\n\xff\xfe bad\n")
     assert docs == ["caf\ufffd ok", "fine", "\ufffd\ufffd bad"] and stats.encoding_errors_replaced == 2

@@ -248,3 +248,12 @@ def test_global_dedup_across_units_and_files(tmp_path, tok_file):
     assert run("run-unit", "--out", str(out), "--all").returncode == 0
     assert run("finalize", "--out", str(out)).returncode == 0
     assert _files(out) == _files(tmp_path / "g1")
+
+
+def test_error_in_a_worker_process_reaches_the_caller(tmp_path, tok_file):
+    write_lines(tmp_path / "a.txt", synthetic_docs(200))
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok"}\n' * 5 + b'{"text": "ok"\n')
+    cfg = _cfg([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], tmp_path / "out", tok_file)
+    with pytest.raises(DataPipelineError, match=r"b\.jsonl:6: not valid JSON"):
+        build(cfg, workers=2, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
