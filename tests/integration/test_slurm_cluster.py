@@ -95,6 +95,21 @@ class InMemoryCounter(RequeueableJob):
 
 # ---- tests -----------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module", autouse=True)
+def time_limited_job(slurm_cluster, tmp_path_factory):
+    """A job that outlives its 2-minute limit, submitted before the first test so that its wait overlaps
+    the others: SLURM itself sends `--signal=USR2@90` (about 20-30 s into each run, as SLURM checks
+    limits every 30 s and may signal early), so it is requeued as timed out until its 35 s of work are
+    done."""
+    folder = tmp_path_factory.mktemp("time_limit")
+    ex = sub.make_executor(ClusterOptions(job_folder=str(folder / "%j"), time_min=2, signal_lead_s=90,
+                                          max_requeues=6), "test")
+    job = ex.submit(GracefulCounter(folder, steps=350))
+    yield job
+    if not job.done():  # e.g. its test was deselected
+        job.cancel(check=False)
+
+
 def test_single_task_job_returns_its_result(slurm_cluster, tmp_path):
     job = executor(tmp_path).submit(square, 7)
     (result,) = sub.wait(job, timeout_s=WAIT_S)
@@ -179,3 +194,10 @@ def test_signalled_jobs_are_requeued_and_resume(slurm_cluster, tmp_path):
     log = graceful.task(0).stdout()  # submitit logs INFO to stdout
     assert "this job is preempted" in log and "Requeued job" in log  # a preemption: no timeout counted
     assert "asking the stage to checkpoint and stop" in graceful.task(1).stderr()
+
+
+def test_time_limit_signal_from_slurm_requeues_until_done(time_limited_job):
+    (result,) = sub.wait(time_limited_job, timeout_s=240)
+    assert result["done"] == 350 and result["attempt"] >= 2 and result["resumed_from"] > 0
+    log = time_limited_job.stdout()
+    assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log
