@@ -5,7 +5,8 @@ or a preemption (details and reasons in docs/slurm.md):
 
 1. SLURM sends `--signal=USR2@<lead>` to every task before the limit (submitit writes that line).
 2. Our USR2 handler forwards it, on every rank, to the stage's own SIGTERM handler; the training
-   loop then checkpoints at its next step boundary and exits (raises SystemExit).
+   loop then checkpoints at its next step boundary and stops: it raises SystemExit, or returns a
+   result that the launcher's `finished(result)` calls unfinished (pretrain's RunOutcome.stopped).
 3. Once the stage has stopped, rank 0 hands over to submitit's handler, which calls `checkpoint()`
    (resubmit this object), pickles it and runs `scontrol requeue`; the requeued job resumes.
    A stage without a SIGTERM handler gets submitit's classic behaviour: step 3 at once.
@@ -99,8 +100,8 @@ class RequeueableJob(submitit.helpers.Checkpointable):
     """Base class of stage jobs. Subclasses implement `run()`, which runs on every task.
 
     - the torch distributed env is exported first (`export_distributed_env = False` to skip);
-    - `run()` stopping with SystemExit after the pre-limit signal means "checkpointed, requeue me";
-      returning means done, unless `finished(result)` says otherwise;
+    - after the pre-limit signal, `run()` raising SystemExit, or returning a result for which
+      `finished(result)` is False, means "checkpointed, requeue me"; otherwise returning means done;
     - `attempt` counts the runs of this job (1, then 2 after the first requeue, ...).
     """
 

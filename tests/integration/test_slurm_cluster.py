@@ -57,10 +57,14 @@ def fail_loudly() -> None:
 
 class GracefulCounter(RequeueableJob):
     """Behaves like the training loop: on SIGTERM it saves its step at the next step boundary and
-    exits; on start it resumes from what it saved."""
+    then exits (SystemExit) or returns an unfinished result (as pretrain's run_from_argv does);
+    on start it resumes from what it saved."""
 
-    def __init__(self, folder: Path, steps: int) -> None:
-        self.folder, self.steps = folder, steps
+    def __init__(self, folder: Path, steps: int, stop_by: str = "exit") -> None:
+        self.folder, self.steps, self.stop_by = folder, steps, stop_by
+
+    def finished(self, result: dict) -> bool:
+        return not result.get("stopped")
 
     def run(self) -> dict:
         rank = int(os.environ["RANK"])
@@ -71,7 +75,9 @@ class GracefulCounter(RequeueableJob):
         while done < self.steps:
             if stop:
                 state.write_text(str(done))  # "checkpoint"
-                sys.exit(0)
+                if self.stop_by == "exit":
+                    sys.exit(0)
+                return {"stopped": True}
             time.sleep(0.1)
             done += 1
             progress.write_text(str(done))
@@ -98,13 +104,13 @@ class InMemoryCounter(RequeueableJob):
 @pytest.fixture(scope="module", autouse=True)
 def time_limited_job(slurm_cluster, tmp_path_factory):
     """A job that outlives its 2-minute limit, submitted before the first test so that its wait overlaps
-    the others: SLURM itself sends `--signal=USR2@90` (about 20-30 s into each run, as SLURM checks
-    limits every 30 s and may signal early), so it is requeued as timed out until its 35 s of work are
-    done."""
+    the others: SLURM itself sends `--signal=USR2@90` (5-30 s into each run here: SLURM checks limits
+    every 30 s and may signal early), so it is requeued as timed out until its 35 s of work are done.
+    Its stage returns an unfinished result when stopped, where the 2-task test's stage exits."""
     folder = tmp_path_factory.mktemp("time_limit")
     ex = sub.make_executor(ClusterOptions(job_folder=str(folder / "%j"), time_min=2, signal_lead_s=90,
                                           max_requeues=6), "test")
-    job = ex.submit(GracefulCounter(folder, steps=350))
+    job = ex.submit(GracefulCounter(folder, steps=350, stop_by="return"))
     yield job
     if not job.done():  # e.g. its test was deselected
         job.cancel(check=False)
