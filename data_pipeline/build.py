@@ -170,6 +170,11 @@ def plan_units(cfg: BuildConfig, progress: bool = False) -> list[Unit]:
                                 "(files added, removed or resized); use a new --out folder")
     cfg.save(cfg_file)
     tok_file = out / TOKENIZER_NAME
+    if old_plan is not None and cfg.tokenizer:
+        from .tokenizer import resolve_tokenizer_file
+        if sha256_file(resolve_tokenizer_file(cfg.tokenizer)) != old_plan["tokenizer_sha256"]:
+            raise DataPipelineError(f"{cfg.tokenizer}: tokenizer changed since {out} was planned; "
+                                    "use a new --out folder")
     if old_plan is not None and tok_file.is_file() and sha256_file(tok_file) == old_plan["tokenizer_sha256"]:
         pass  # resuming: keep the tokenizer the finished units were made with
     elif cfg.tokenizer:

@@ -62,12 +62,29 @@ def train_tokenizer(texts: Iterable[str], kind: str = "wordpiece", vocab_size: i
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     if tok.get_vocab_size() <= len(special_list):
         raise DataPipelineError("tokenizer training saw no usable text (are all documents filtered out?)")
+    if kind == "wordpiece":
+        tok = _canonical_wordpiece(tok, special_list)
     cls_id, sep_id = tok.token_to_id(specials["cls"]), tok.token_to_id(specials["sep"])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{specials['cls']} $A {specials['sep']}",
         pair=f"{specials['cls']} $A {specials['sep']} $B:1 {specials['sep']}:1",
         special_tokens=[(specials["cls"], cls_id), (specials["sep"], sep_id)])
     return tok
+
+
+def _canonical_wordpiece(tok, special_list: list[str]):
+    """Renumber a trained WordPiece vocabulary deterministically (specials first, then the
+    rest sorted).  The trainer breaks frequency ties in hash-map order, so two trainings on
+    the same text give the same tokens under shuffled ids; WordPiece encoding depends only on
+    the set of tokens, so sorted ids make the same training give the same tokenizer.json."""
+    from tokenizers import Tokenizer
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    rest = sorted(t for t in vocab if t not in special_list)
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(special_list + rest)}
+    for added in spec.get("added_tokens", []):
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def resolve_tokenizer_file(spec: str) -> Path:
