@@ -167,6 +167,15 @@ def test_rerun_with_other_settings_is_refused(tmp_path, corpus, tok_file):
     before = _files(tmp_path / "out")
     build(cfg, progress=False)                          # same settings: everything skipped, same files
     assert _files(tmp_path / "out") == before
+    # same settings but the tokenizer file behind --tokenizer changed: refused too
+    import shutil
+    tok2 = tmp_path / "tok2.json"
+    shutil.copyfile(tok_file, tok2)
+    build(_cfg(inputs, tmp_path / "out2", tok2), progress=False)
+    save_tokenizer(train_tokenizer(synthetic_docs(300, seed=99), vocab_size=100, min_frequency=1), tmp_path / "t")
+    shutil.copyfile(tmp_path / "t" / "tokenizer.json", tok2)
+    with pytest.raises(DataPipelineError, match="tokenizer changed"):
+        build(_cfg(inputs, tmp_path / "out2", tok2), progress=False)
 
 
 def test_cli_plan_run_unit_finalize_inspect(tmp_path, corpus, tok_file):
