@@ -14,9 +14,11 @@ import csv
 import math
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from finetune.errors import FinetuneError, where
@@ -195,13 +197,27 @@ def _hf_label(task: Task, value, place: str) -> int | float:
 
 @dataclass
 class Encoded:
-    input_ids: list[list[int]]
-    type_ids: list[list[int]]
+    """Token ids of every example, flat with offsets: MNLI's 393k pairs as Python lists of ints would
+    take ~1 GB, as arrays ~40 MB."""
+
+    tokens: np.ndarray  # int32, all examples' token ids back to back
+    types: np.ndarray  # int8, their segment ids
+    offsets: np.ndarray  # int64, example i is tokens[offsets[i]:offsets[i + 1]]
     labels: torch.Tensor | None  # (N,) int64 label ids, or float32 scores
     index: list[str]
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.offsets) - 1
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def type_ids(self, i: int) -> np.ndarray:
+        return self.types[self.offsets[i]:self.offsets[i + 1]]
 
 
 def load_tokenizer(release: str | Path, max_len: int):
@@ -223,13 +239,22 @@ def load_tokenizer(release: str | Path, max_len: int):
     return tokenizer
 
 
-def encode(tokenizer, examples: Examples, regression: bool) -> Encoded:
-    inputs = examples.text_a if examples.text_b is None else list(zip(examples.text_a, examples.text_b))
-    encodings = tokenizer.encode_batch(inputs)
+def encode(tokenizer, examples: Examples, regression: bool, chunk: int = 8192) -> Encoded:
+    """Tokenise in chunks (the tokenizer's per-example objects are large), keeping flat arrays."""
+    tokens, types, lengths = [], [], []
+    for start in range(0, len(examples), chunk):
+        a = examples.text_a[start:start + chunk]
+        inputs = a if examples.text_b is None else list(zip(a, examples.text_b[start:start + chunk]))
+        for e in tokenizer.encode_batch(inputs):
+            tokens.append(np.asarray(e.ids, dtype=np.int32))
+            types.append(np.asarray(e.type_ids, dtype=np.int8))
+            lengths.append(len(e.ids))
     labels = None
     if examples.labels is not None:
         labels = torch.tensor(examples.labels, dtype=torch.float32 if regression else torch.long)
-    return Encoded([e.ids for e in encodings], [e.type_ids for e in encodings], labels, list(examples.index))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Encoded(np.concatenate(tokens), np.concatenate(types), offsets, labels, list(examples.index))
 
 
 def batches(
@@ -242,22 +267,21 @@ def batches(
     """(rows, batch) pairs over `order` (default: longest first, which keeps padding small at
     evaluation). Each batch is padded to its longest row, or to `pad_to` when given (FNet)."""
     if order is None:
-        order = torch.tensor(sorted(range(len(data)), key=lambda i: -len(data.input_ids[i])), dtype=torch.long)
+        order = torch.from_numpy(np.argsort(-data.lengths, kind="stable"))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         yield rows, collate(data, rows.tolist(), pad_id, pad_to)
 
 
 def collate(data: Encoded, rows: list[int], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    length = pad_to or max(len(data.input_ids[i]) for i in rows)
+    lengths = data.lengths[rows]
+    length = pad_to or int(lengths.max())
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     type_ids = torch.zeros((len(rows), length), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
     for r, i in enumerate(rows):
-        n = len(data.input_ids[i])
-        input_ids[r, :n] = torch.tensor(data.input_ids[i])
-        type_ids[r, :n] = torch.tensor(data.type_ids[i])
-        mask[r, :n] = 1
+        input_ids[r, :lengths[r]] = torch.from_numpy(data.ids(i))
+        type_ids[r, :lengths[r]] = torch.from_numpy(data.type_ids(i))
+    mask = (torch.arange(length) < torch.from_numpy(lengths)[:, None]).long()
     batch = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": type_ids}
     if data.labels is not None:
         batch["labels"] = data.labels[rows]

@@ -324,11 +324,11 @@ def test_pairs_get_segments_and_truncation(releases, glue):
     runner = load(releases["hypermixer"], 2, max_seq_len=12)
     data = runner.encode(read_split(TASKS["RTE"], TASKS["RTE"].train, glue_dir=glue))
     cls, sep = runner.tokenizer.token_to_id("[CLS]"), runner.tokenizer.token_to_id("[SEP]")
-    ids, types = data.input_ids[0], data.type_ids[0]
+    ids, types = data.ids(0).tolist(), data.type_ids(0).tolist()
     assert len(ids) <= 12 and ids[0] == cls and ids[-1] == sep and ids.count(sep) == 2
     first_sep = ids.index(sep)
     assert types == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
-    assert max(len(x) for x in data.input_ids) == 12  # the longer pairs were truncated
+    assert data.lengths.max() == 12  # the longer pairs were truncated
     with pytest.raises(FinetuneError, match="exceeds the release's max_seq_len 32"):
         load(releases["hypermixer"], 2, max_seq_len=64)
 
