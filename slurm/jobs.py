@@ -102,6 +102,7 @@ class RequeueableJob(submitit.helpers.Checkpointable):
     - the torch distributed env is exported first (`export_distributed_env = False` to skip);
     - after the pre-limit signal, `run()` raising SystemExit, or returning a result for which
       `finished(result)` is False, means "checkpointed, requeue me"; otherwise returning means done;
+    - an unfinished result is never written as the job's result (a requeued job would look done);
     - `attempt` counts the runs of this job (1, then 2 after the first requeue, ...).
     """
 
@@ -115,13 +116,18 @@ class RequeueableJob(submitit.helpers.Checkpointable):
         with _StopSignal() as stop:
             try:
                 result = self.run()
-                stopped = stop.received is not None and not self.finished(result)
+                unfinished = not self.finished(result)
             except SystemExit:
                 if stop.received is None or stop.handed_over:
                     raise
-                stopped = True
-        if stopped:
-            stop.requeue()
+                unfinished = True
+        if unfinished and stop.received is not None:
+            stop.requeue()  # does not return
+        if unfinished:
+            # Stopped by SIGTERM/SIGUSR1 alone: scancel, or a preemption that SLURM may requeue by
+            # itself. Writing this partial result would make a requeued job look done, so write none.
+            _log("the stage stopped before finishing, without the pre-limit signal: no result written")
+            raise SystemExit(1)
         return result
 
     def run(self) -> Any:

@@ -173,12 +173,15 @@ def _send_pre_limit_signal(job: submitit.Job) -> None:
 
 
 def test_signalled_jobs_are_requeued_and_resume(slurm_cluster, tmp_path):
-    # Both paths in one test so their requeue waits (~10 s, cred_expire) overlap.
+    # All paths in one test so their requeue waits (~10 s, cred_expire) overlap.
     graceful_dir, classic_dir = tmp_path / "graceful", tmp_path / "classic"
     graceful_dir.mkdir()
     classic_dir.mkdir()
     graceful = executor(graceful_dir, tasks_per_node=2).submit(GracefulCounter(graceful_dir, steps=40))
     classic = executor(classic_dir).submit(InMemoryCounter(classic_dir, steps=40))
+    term_dir = tmp_path / "term"
+    term_dir.mkdir()
+    term = executor(term_dir).submit(GracefulCounter(term_dir, steps=40, stop_by="return"))
 
     def progressed(path: Path) -> bool:
         return path.exists() and int(path.read_text() or 0) >= 5
@@ -188,6 +191,10 @@ def test_signalled_jobs_are_requeued_and_resume(slurm_cluster, tmp_path):
     _send_pre_limit_signal(graceful)
     wait_until(lambda: progressed(classic_dir / "progress"), WAIT_S, "the 1-task job to start")
     _send_pre_limit_signal(classic)
+    # SIGTERM alone (scancel, or a preemption SLURM may requeue itself): stop, but neither requeue
+    # nor leave the partial result behind
+    wait_until(lambda: progressed(term_dir / "progress_0"), WAIT_S, "the SIGTERM job to start")
+    subprocess.run(["scancel", "--signal=TERM", term.job_id], check=True, timeout=10)
 
     results = sub.wait(graceful, timeout_s=WAIT_S)
     assert [r["rank"] for r in results] == [0, 1]
@@ -197,6 +204,10 @@ def test_signalled_jobs_are_requeued_and_resume(slurm_cluster, tmp_path):
     (c,) = sub.wait(classic, timeout_s=WAIT_S)
     assert c["done"] == 40 and c["attempt"] == 2
     assert c["resumed_from"][0] == 0 and 0 < c["resumed_from"][1] < 40
+    term._results_timeout_s = 1  # submitit waits 15 s for a result file that will never come
+    with pytest.raises(sub.JobFailed, match="without the pre-limit signal: no result written"):
+        sub.wait(term, timeout_s=WAIT_S)
+    assert not term.paths.result_pickle.exists() and "Requeued" not in (term.stdout() or "")
     log = graceful.task(0).stdout()  # submitit logs INFO to stdout
     assert "this job is preempted" in log and "Requeued job" in log  # a preemption: no timeout counted
     assert "asking the stage to checkpoint and stop" in graceful.task(1).stderr()
