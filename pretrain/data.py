@@ -269,8 +269,10 @@ class TrainBatches:
         spec = StreamSpec(self.shards, self.layout, self.masking, self.seq_len, self.seed, self.cursor.epoch,
                           self.cursor.batches, self.shuffle, self.shuffle_shards)
         workers = self.layout.num_workers
+        # Its own generator: a DataLoader draws a base seed when it starts iterating, and drawing it from
+        # the global RNG would shift the dropout masks of a resumed run against the uninterrupted one.
         return DataLoader(TrainStream(spec), batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
 
     def __iter__(self) -> "TrainBatches":
         return self

@@ -181,8 +181,9 @@ def train_step(engine: Any, batches: TrainBatches, device: torch.device, guard: 
             dropped += 1
             del out
             if rank == 0:
-                warnings.warn(f"non-finite loss on some rank: micro-batch dropped ({guard.in_a_row} in a row, "
-                              f"{guard.total} in total; the limit in a row is {guard.limit})", stacklevel=2)
+                print(f"warning: non-finite loss on some rank: micro-batch dropped before backward ({guard.in_a_row} "
+                      f"in a row, {guard.total} in total; the run aborts at {guard.limit} in a row)",
+                      file=sys.stderr, flush=True)
             if guard.in_a_row >= guard.limit:
                 raise NonFiniteLossError(f"{guard.in_a_row} non-finite losses in a row: the run diverged "
                                          "(lower optim.lr, raise optim.warmup_steps, or check the data)")
@@ -300,6 +301,7 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = ForMaskedLM(resolved.model)
     model.encoder.gradient_checkpointing = config.train.activation_checkpointing
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.optim.weight_decay), config=resolved.deepspeed,
         lr_scheduler=make_scheduler(config, resolved.total_steps))
@@ -336,8 +338,8 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
         if eval_per_rank == 0:
             warnings.warn(f"the validation split {config.data.validation_split!r} has fewer sequences than ranks: "
                           "no evaluation", stacklevel=1)
-        print(f"run {config.run_name}: {resolved.model.mixer}, {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, {world_size} rank(s) on {device.type}, ZeRO-{resolved.zero_stage}, {config.precision}, "
+        print(f"run {config.run_name}: {resolved.model.mixer}, {num_parameters:,} parameters, {world_size} rank(s) "
+              f"on {device.type}, ZeRO-{resolved.zero_stage}, {config.precision}, "
               f"global batch {config.batch.global_batch_size} = {config.batch.micro_batch_size} x {world_size} ranks "
               f"x {resolved.grad_accum} accumulation, {resolved.total_steps} steps, "
               f"{batches.batches_per_epoch * world_size * config.batch.micro_batch_size:,} sequences per epoch",
@@ -357,7 +359,8 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
 
     def checkpoint_state() -> dict[str, Any]:
         return {
-            "step": step, "tokens": tokens, "cursor": batches.cursor.to_dict(), "world_size": world_size,
+            "run_name": config.run_name, "step": step, "tokens": tokens, "cursor": batches.cursor.to_dict(),
+            "world_size": world_size,
             "total_steps": resolved.total_steps, "fingerprint": resolved.fingerprint(), "config": config.to_dict(),
             "model": resolved.model.to_dict(), "zero_stage": resolved.zero_stage,
             "data": {"path": str(Path(resolved.manifest["_root"])), "manifest_sha256": resolved.manifest_sha256,
