@@ -203,9 +203,11 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if problem:
             problems.append(problem)
     config = from_dict(raw, problems)
-    if config is not None:
-        config.source = str(path)
-        problems += validate(config)
+    config.source = str(path)
+    # Keys with a structural problem (unknown, wrong type) fell back to defaults: report them once.
+    flagged = {problem.split(":")[0] for problem in problems}
+    problems += [problem for problem in validate(config)
+                 if not any(key.startswith(problem.split(":")[0]) for key in flagged)]
     if problems:
         raise ConfigError(problems)
     return config
@@ -235,11 +237,10 @@ def apply_override(raw: dict[str, Any], item: str) -> str | None:
     return None
 
 
-def from_dict(raw: dict[str, Any], problems: list[str]) -> PretrainConfig | None:
-    """Build the dataclasses from a dict, recording unknown keys and wrong types in `problems`."""
-    before = len(problems)
-    config = _build(PretrainConfig, raw, "", problems)
-    return config if len(problems) == before else None
+def from_dict(raw: dict[str, Any], problems: list[str]) -> PretrainConfig:
+    """Build the dataclasses from a dict, recording unknown keys and wrong types in `problems`
+    (those keys keep their defaults, so the rest can still be checked)."""
+    return _build(PretrainConfig, raw, "", problems)
 
 
 def _build(cls: type, values: Any, where: str, problems: list[str]) -> Any:

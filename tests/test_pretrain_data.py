@@ -1,0 +1,159 @@
+"""pretrain.data: the per-rank/per-worker stream (disjoint, balanced, exact resume) and the masking."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.build import build
+from data_pipeline.config import BuildConfig
+from data_pipeline.shards import read_manifest
+from hypermixer import IGNORE_INDEX
+from pretrain.data import (Cursor, Layout, Masking, TrainBatches, shards_of, stream_pieces, validation_batches,
+                           validation_samples)
+
+NOUNS = "cat dog bird fish horse cow sheep mouse lion tiger bear wolf fox deer".split()
+VERBS = "sees chases likes follows finds watches hears feeds".split()
+ADJECTIVES = "big small red old young quick lazy happy".split()
+
+
+def corpus(lines: int, seed: int = 0) -> str:
+    """Template sentences: a small language with structure a masked LM can learn."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = []
+        for _ in range(rng.randint(1, 4)):
+            words += ["the", rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(VERBS), "the", rng.choice(NOUNS), "."]
+        out.append(" ".join(words))
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    (root / "corpus.txt").write_text(corpus(1500))
+    path = build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=100,
+                             seq_len=16, shard_mb=0.02, validation_fraction=0.1), workers=1, progress=False)
+    return read_manifest(path)
+
+
+@pytest.fixture(scope="module")
+def masking(manifest):
+    return Masking(manifest["special_ids"], manifest["vocab_size"])
+
+
+def test_fixture_has_uneven_shards(manifest):
+    counts = [s.samples for s in shards_of(manifest, "train")]
+    assert len(counts) >= 5 and len(set(counts)) > 1  # a last, shorter shard: balance is not free
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2), (3, 1), (4, 3)])
+def test_streams_are_disjoint_balanced_and_cover_the_epoch(manifest, world_size, workers):
+    shards = shards_of(manifest, "train")
+    total = sum(s.samples for s in shards)
+    layout = Layout(0, world_size, workers, micro_batch_size=4)
+    for epoch in (0, 1):
+        seen = Counter()
+        for stream in range(layout.streams):
+            pieces = stream_pieces(shards, layout, stream, seed=3, epoch=epoch, shuffle=True)
+            assert sum(p.size for p in pieces) == total // layout.streams  # every stream the same size
+            seen.update((p.shard.index, i) for p in pieces for i in range(p.start, p.stop))
+        assert max(seen.values()) == 1  # disjoint
+        assert len(seen) == total - total % layout.streams  # only the remainder is left out
+
+
+def test_more_streams_than_shards_still_gives_every_rank_data(manifest, masking):
+    shards = shards_of(manifest, "train")
+    world_size = len(shards) + 3  # a rank per shard and more: per-node shard splitting would starve some
+    counts = []
+    for rank in range(world_size):
+        layout = Layout(rank, world_size, 0, micro_batch_size=2)
+        batches = TrainBatches(manifest, layout, masking, seed=0, shuffle=True, shuffle_shards=1)
+        counts.append(sum(1 for _ in range(batches.batches_per_epoch) if next(batches) is not None))
+        assert batches.cursor == Cursor(0, batches.batches_per_epoch)
+        next(batches)
+        assert batches.cursor == Cursor(1, 1)  # the next epoch begins where the last one ended, on every rank
+        batches.close()
+    assert len(set(counts)) == 1 and counts[0] > 0
+
+
+def test_too_few_samples_is_an_error_not_a_hang(manifest, masking):
+    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+        TrainBatches(manifest, Layout(0, 2, 2, micro_batch_size=10_000), masking, 0, True, 1)
+
+
+def take(batches: TrainBatches, n: int) -> list[dict[str, torch.Tensor]]:
+    out = [next(batches) for _ in range(n)]
+    batches.close()
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_any_cursor_continues_the_same_stream(manifest, masking, workers):
+    layout = Layout(1, 2, workers, micro_batch_size=4)
+    reference = TrainBatches(manifest, layout, masking, seed=5, shuffle=True, shuffle_shards=2)
+    per_epoch = reference.batches_per_epoch
+    expected = take(reference, 2 * per_epoch + 3)
+    for consumed in (1, 2, per_epoch, per_epoch + 5):  # both worker roles, the epoch's end, the next epoch
+        cursor = Cursor(*divmod(consumed, per_epoch))
+        resumed = take(TrainBatches(manifest, layout, masking, 5, True, 2, cursor), 6)
+        for got, want in zip(resumed, expected[consumed:consumed + 6]):
+            assert all(torch.equal(got[k], want[k]) for k in want), f"resume at {consumed} differs"
+
+
+def test_epochs_differ_in_order_and_masks(manifest, masking):
+    batches = TrainBatches(manifest, Layout(0, 1, 0, 8), masking, seed=1, shuffle=True, shuffle_shards=2)
+    first = take(batches, batches.batches_per_epoch + 1)
+    again = TrainBatches(manifest, Layout(0, 1, 0, 8), masking, seed=1, shuffle=True, shuffle_shards=2,
+                         cursor=Cursor(1, 0))
+    second_epoch = next(again)
+    again.close()
+    assert torch.equal(second_epoch["input_ids"], first[-1]["input_ids"])
+    assert not torch.equal(first[0]["input_ids"], second_epoch["input_ids"])
+    other_seed = take(TrainBatches(manifest, Layout(0, 1, 0, 8), masking, 2, True, 2), 1)[0]
+    assert not torch.equal(first[0]["input_ids"], other_seed["input_ids"])
+
+
+def test_masking_rates_and_what_is_never_masked(manifest, masking):
+    rng = np.random.default_rng(0)
+    specials = set(manifest["special_ids"].values())
+    ids = rng.integers(0, manifest["vocab_size"], size=200_000)
+    ids[::7] = manifest["special_ids"]["pad"]
+    ids[3::11] = manifest["special_ids"]["sep"]
+    inputs, labels = masking(ids, rng)
+    selected = labels != IGNORE_INDEX
+    eligible = ~np.isin(ids, list(specials))
+    assert not selected[~eligible].any()  # padding and special tokens are never targets
+    assert np.array_equal(labels[selected], ids[selected])
+    assert np.array_equal(inputs[~selected], ids[~selected])
+    assert selected.sum() / eligible.sum() == pytest.approx(0.15, abs=0.005)
+    as_mask = inputs[selected] == manifest["special_ids"]["mask"]
+    unchanged = inputs[selected] == ids[selected]
+    assert as_mask.mean() == pytest.approx(0.8, abs=0.01)
+    assert (~as_mask & ~unchanged).mean() == pytest.approx(0.1, abs=0.01)  # random replacements (a few hit the same id)
+    assert not np.isin(inputs[selected & (inputs != manifest["special_ids"]["mask"])], list(specials)).any()
+
+
+def test_batches_carry_attention_mask_and_labels(manifest, masking):
+    batch = take(TrainBatches(manifest, Layout(0, 1, 0, 8), masking, 0, False, 1), 1)[0]
+    assert batch["input_ids"].shape == (8, manifest["seq_len"]) and batch["input_ids"].dtype == torch.int64
+    assert torch.equal(batch["attention_mask"], (batch["input_ids"] != manifest["special_ids"]["pad"]).long())
+    assert (batch["labels"] != IGNORE_INDEX).any()
+
+
+def test_validation_is_fixed_and_split_evenly_over_ranks(manifest, masking):
+    def rows(rank, world, max_samples=None):
+        return torch.cat([b["input_ids"] for b in validation_batches(manifest, "validation", masking, 0, rank, world,
+                                                                     5, max_samples)])
+
+    whole = rows(0, 1)
+    assert torch.equal(whole, rows(0, 1))  # the same sequences and masks at every evaluation
+    halves = [rows(r, 2) for r in range(2)]
+    assert len(halves[0]) == len(halves[1]) == validation_samples(manifest, "validation", 2, None)
+    assert torch.equal(torch.cat(halves), whole[:2 * len(halves[0])])  # masks do not depend on the world size
+    assert len(rows(0, 1, max_samples=7)) == 7

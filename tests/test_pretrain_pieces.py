@@ -1,0 +1,133 @@
+"""pretrain's small parts: lr schedule, weight-decay groups, checkpoint folders, signals, metrics and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token
+from pretrain import checkpoint as ckpt
+from pretrain.metrics import MetricsLog, default_peak_tflops, progress_line, read_metrics, throughput
+from pretrain.trainer import lr_factor, param_groups, rank_seed
+
+
+def test_lr_schedule_warms_up_then_decays():
+    linear = [lr_factor(s, warmup=4, total=12, decay="linear", min_ratio=0.1) for s in range(12)]
+    assert linear[:4] == [0.25, 0.5, 0.75, 1.0]  # the first step already trains
+    assert linear[4] == 1.0 and linear[-1] == pytest.approx(1.0 - 0.9 * 7 / 8)
+    assert all(a >= b for a, b in zip(linear[3:], linear[4:]))
+    assert lr_factor(12, 4, 12, "linear", 0.1) == pytest.approx(0.1)
+    cosine = [lr_factor(s, 0, 10, "cosine", 0.0) for s in (0, 5, 10)]
+    assert cosine == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor(100, 0, 10, "constant", 0.0) == 1.0
+
+
+@pytest.mark.parametrize("mixer", ["hypermixer", "transformer"])
+def test_weight_decay_skips_biases_and_norms_only(mixer):
+    model = ForMaskedLM(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                                      max_seq_len=8, mixer=mixer))
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert exempt | decayed == set(names.values()) and not exempt & decayed
+    assert all(n.endswith("bias") or "norm" in n for n in exempt)
+    assert "encoder.embeddings.token.weight" in decayed and "output_bias" in exempt
+    if mixer == "hypermixer":
+        assert any("fc1_bias" in n for n in exempt) and any("fc1_weight" in n for n in decayed)
+
+
+def test_rank_seeds_differ_per_rank():
+    assert len({rank_seed(0, r) for r in range(64)}) == 64 and rank_seed(0, 1) != rank_seed(1, 1)
+
+
+def make_checkpoint(root, step, complete=True):
+    path = root / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    if complete:
+        (path / ckpt.STATE_FILE).write_text(json.dumps({"format_version": ckpt.STATE_FORMAT_VERSION, "step": step}))
+    return path
+
+
+def test_latest_is_the_newest_complete_checkpoint(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    make_checkpoint(tmp_path, 4)
+    newest = make_checkpoint(tmp_path, 8)
+    make_checkpoint(tmp_path, 12, complete=False)  # killed while saving
+    assert ckpt.latest_checkpoint(tmp_path) == newest  # no pointer: a scan
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.tag_for(12))  # a pointer to an incomplete one is not trusted
+    assert ckpt.latest_checkpoint(tmp_path) == newest
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.tag_for(4))
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.tag_for(4)
+    assert ckpt.resolve_checkpoint(tmp_path / ckpt.tag_for(8)) == newest
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path / ckpt.tag_for(12))
+    assert ckpt.read_state(newest)["step"] == 8
+
+
+def test_prune_keeps_the_last_k_and_drops_interrupted_saves(tmp_path):
+    for step in (2, 4, 6, 8):
+        make_checkpoint(tmp_path, step)
+    make_checkpoint(tmp_path, 5, complete=False)
+    (tmp_path / "zero_to_fp32.py").write_text("")
+    ckpt.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.tag_for(6), ckpt.tag_for(8), "zero_to_fp32.py"]
+
+
+def test_stop_signals_set_a_flag_and_restore_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with ckpt.StopSignals() as signals:
+        assert signals.received is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.received == signal.SIGUSR1 and signals.name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_throughput_and_mfu_arithmetic():
+    config = EncoderConfig.preset("base", vocab_size=30522)
+    fpt = flops_per_token(config, 128, mlm_fraction=0.15)
+    speed = throughput(tokens=2 * 1_000_000, samples=2 * 1_000_000 // 128, seconds=2.0, world_size=8,
+                       flops_per_token=fpt, peak_tflops=989.0)
+    assert speed["tokens_per_s"] == 1_000_000 and speed["samples_per_s"] == pytest.approx(1_000_000 / 128, rel=1e-3)
+    assert speed["tflops_per_device"] == pytest.approx(1_000_000 * fpt / 8 / 1e12)
+    assert speed["mfu"] == pytest.approx(speed["tflops_per_device"] / 989.0)
+    assert throughput(100, 1, 1.0, 1, fpt, None)["mfu"] is None  # no peak, no MFU (CPU)
+    assert default_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert default_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert default_peak_tflops(None, "bf16") is None
+
+
+def test_metrics_log_cuts_history_back_to_the_resumed_step(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in range(1, 7))
+                    + '{"kind": "train", "st')  # a torn line from a killed writer
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    log = MetricsLog(tmp_path, "run", SimpleNamespace(mode="disabled"), {}, "abc", resumed_step=4, total_steps=10)
+    record = {"kind": "train", "step": 5, "loss": 2.0, "accuracy": 0.5, "lr": 1e-3, "grad_norm": 1.0,
+              "tokens_per_s": 1000.0, "samples_per_s": 10.0, "tflops_per_device": 0.1, "mfu": None,
+              "memory_gib": 1.0, "eta_s": 30.0}
+    log.log(record)
+    log.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 2.0)]
+    assert "step  5/10 | loss 2.0000 | acc 0.5000" in capsys.readouterr().out
+    fresh = MetricsLog(tmp_path, "run", SimpleNamespace(mode="disabled"), {}, "abc", resumed_step=None, total_steps=10)
+    fresh.close()
+    assert read_metrics(tmp_path) == []  # a fresh start does not inherit an old history
+
+
+def test_progress_line_shows_mfu_only_when_known():
+    record = {"kind": "train", "step": 3, "loss": 1.0, "accuracy": 0.1, "lr": 1e-4, "grad_norm": None,
+              "tokens_per_s": 5e4, "samples_per_s": 10.0, "tflops_per_device": 300.0, "mfu": 0.3,
+              "memory_gib": 2.0, "eta_s": 61.0}
+    line = progress_line(record, 100)
+    assert "MFU 30.0%" in line and "gnorm" not in line and "eta 01:01" in line
+    assert "MFU" not in progress_line({**record, "mfu": None}, 100)
+    assert math.isfinite(float(line.split("loss ")[1].split()[0]))
