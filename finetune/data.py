@@ -167,7 +167,7 @@ def _load_hf(task: Task, split: str, source: str):
 
     path = Path(source)
     if path.is_dir():
-        folder = next((p for p in (path / task.hf_config, path) if (p / "dataset_dict.json").is_file()), None)
+        folder = hf_folder(task, path)
         if folder is None:
             raise FinetuneError(f"{path}: not a `datasets` folder (expected {path / task.hf_config}/dataset_dict.json, "
                                 "written by DatasetDict.save_to_disk)")
@@ -180,6 +180,11 @@ def _load_hf(task: Task, split: str, source: str):
     except Exception as err:  # the hub's errors are many and unrelated; keep one clear line
         raise FinetuneError(f"datasets.load_dataset({source!r}, {task.hf_config!r}, split={split!r}) failed: "
                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def hf_folder(task: Task, path: Path) -> Path | None:
+    """The task's DatasetDict in a local copy: <path>/<config> (e.g. glue/cola), or <path> itself."""
+    return next((p for p in (path / task.hf_config, path) if (p / "dataset_dict.json").is_file()), None)
 
 
 def _hf_label(task: Task, value, place: str) -> int | float:

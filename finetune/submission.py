@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from finetune.data import STSB_RANGE, find_file, read_split
+from finetune.data import STSB_RANGE, find_file, hf_folder, read_split
 from finetune.errors import FinetuneError
 from finetune.model import Runner, load
 from finetune.tasks import TASKS, EvalSet, Task, get_task
@@ -64,14 +64,10 @@ def predict_tests(runner: Runner, task: Task, out_dir: str | Path, glue_dir: str
 def _has_split(task: Task, ev: EvalSet, glue_dir: str | None, hf_dataset: str | None) -> bool:
     if glue_dir is not None:
         return find_file(ev.test, glue_dir) is not None
-    folder = Path(hf_dataset)
-    if not folder.is_dir():
+    if not Path(hf_dataset).is_dir():
         return True  # the hub's glue has every test split
-    for candidate in (folder / task.hf_config, folder):
-        index = candidate / "dataset_dict.json"
-        if index.is_file():
-            return ev.test.hf_split in json.loads(index.read_text()).get("splits", [])
-    return False
+    folder = hf_folder(task, Path(hf_dataset))
+    return folder is not None and ev.test.hf_split in json.loads((folder / "dataset_dict.json").read_text())["splits"]
 
 
 def check_file(path: Path) -> list[str]:
