@@ -8,7 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from slurm import submit as sub
-from slurm.jobs import STAGES, Stage
+from slurm.jobs import STAGES, Stage, StageError
 from slurm.options import FIELDS, ClusterOptions, OptionsError, load_json, merge
 
 EXIT_NO_LAUNCHER = 3
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in STAGES.values():
         p = stages.add_parser(stage.name, help=stage.summary, description=f"{stage.summary}. "
-                              f"Stage arguments go after `--`; without SLURM: {stage.direct}")
+                              f"Stage arguments go after `--` (list them with: python -m slurm {stage.name} -- --help); "
+                              f"without SLURM: {stage.direct}")
         p.add_argument("--config", metavar="FILE", help="JSON file of cluster options: {\"partition\": \"gpu\", ...} (names as below, with _)")
         p.add_argument("--dry-run", action="store_true",
                        help="print the submitit parameters and the sbatch script; submit nothing")
@@ -76,6 +77,11 @@ def resolve_options(stage: Stage, args: argparse.Namespace) -> ClusterOptions:
     return merge(opts, flags, "command line")
 
 
+def _print_step(ss: sub.SubmittedStep, results: list[list[Any]]) -> None:
+    line = ss.step.summary(results) if ss.step.summary else f"{len(results)} job(s) finished"
+    print(f"{ss.name} (job {ss.job_id}) finished: {line}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage_args: list[str] = []
@@ -84,47 +90,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, stage_args = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
     stage = STAGES[args.stage]
+    prog = f"python -m slurm {stage.name}"
     try:
         opts = resolve_options(stage, args)
     except OptionsError as e:
-        print(f"python -m slurm {stage.name}: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    no_launcher = (f"python -m slurm {stage.name}: the SLURM launcher for stage '{stage.name}' is not written "
-                   f"yet (slurm/jobs.py registers it without one); nothing was submitted. "
-                   f"Run the stage directly instead: {stage.direct}")
+    if stage.build is None:
+        print(f"{prog}: the SLURM launcher for stage '{stage.name}' is not written yet (slurm/jobs.py registers it "
+              f"without one); nothing was submitted. Run the stage directly instead: {stage.direct}", file=sys.stderr)
+        return EXIT_NO_LAUNCHER
+    try:
+        steps = stage.steps(stage_args, opts, dry_run=args.dry_run)
+    except (StageError, OptionsError) as e:
+        print(f"{prog}: {e}\n(nothing was submitted)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # the stage's own argument parser: it printed its message (or --help)
+        return e.code if isinstance(e.code, int) else 2
 
     if args.dry_run:
-        functions = stage.build(stage_args, opts) if stage.build else [None]
-        print(sub.format_render(sub.render(opts, stage.name, array_size=len(functions))))
-        if stage.build is None:
-            print(no_launcher, file=sys.stderr)
-            return EXIT_NO_LAUNCHER
+        print(sub.render_steps(opts, stage.name, steps))
         return 0
-    if stage.build is None:
-        print(no_launcher, file=sys.stderr)
-        return EXIT_NO_LAUNCHER
-
-    functions = stage.build(stage_args, opts)
     try:
-        executor = sub.make_executor(opts, stage.name)
-    except RuntimeError as e:  # submitit: 'Could not detect "srun"'
-        print(f"python -m slurm {stage.name}: {e} (local test cluster: slurm/local_cluster.sh start)",
-              file=sys.stderr)
+        submission = sub.submit_steps(opts, stage.name, steps)
+    except RuntimeError as e:  # submitit: 'Could not detect "srun"', or sbatch refusing the job
+        print(f"{prog}: {e} (local test cluster: slurm/local_cluster.sh start)", file=sys.stderr)
         return 2
-    jobs = sub.submit(executor, functions)
-    for job in jobs:
-        print(f"submitted {stage.name}: {sub.describe(job)}", flush=True)
+    print(f"submitted {stage.name}: {submission.describe()}", flush=True)
     if not args.wait:
         return 0
-    status = 0
-    for job in jobs:
-        try:
-            sub.wait(job, timeout_s=args.wait_timeout_s)
-            print(f"job {job.job_id} finished", flush=True)
-        except (sub.JobFailed, TimeoutError) as e:
-            print(str(e), file=sys.stderr, flush=True)
-            status = 1
-    return status
+    try:
+        submission.wait(timeout_s=args.wait_timeout_s, on_step=_print_step)
+    except (sub.JobFailed, TimeoutError) as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return 1
+    print(f"{stage.name}: all jobs finished", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -144,17 +144,81 @@ class RequeueableJob(submitit.helpers.Checkpointable):
 
 # ---- stages -------------------------------------------------------------------------------------
 
-# build(stage_args, options) -> the callables to submit: one is a job, several an array.
-Builder = Callable[[list[str], ClusterOptions], list[Callable[[], Any]]]
+
+class StageError(ValueError):
+    """A mistake in the stage arguments (or what they point at); its message is one line for the user.
+    Nothing has been submitted when a builder raises it."""
+
+
+def use_task_cpus() -> None:
+    """In a one-process job (a preprocessing unit, a fine-tuning run): let the thread pools use the CPUs
+    SLURM gave the task (`--cpus-per-task`), unless the environment already says otherwise."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if not cpus:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", cpus)
+    os.environ.setdefault("RAYON_NUM_THREADS", cpus)  # the tokenizers' thread pool
+    if cpus == "1":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "torch" in sys.modules:  # already imported: OMP_NUM_THREADS came too late for it
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@dataclass
+class Step:
+    """One submission of a stage: one callable is a job, several are one array job.
+
+    `after` names earlier steps this one waits for (`--dependency=<condition>:<their job ids>`; for an
+    array, its job id stands for all its tasks). With `afterok` a failed dependency cancels this job
+    (`--kill-on-invalid-dep=yes`); `afterany` runs it whatever happened (e.g. aggregate what finished).
+    `options` are cluster-option overrides for this step (a merge job needs one task and no GPU).
+    `summary(results)` turns the step's results (one list of task results per job) into a line for the
+    user once the step has finished (`--wait`)."""
+
+    name: str
+    functions: list[Callable[[], Any]]
+    after: tuple[str, ...] = ()
+    condition: str = "afterok"
+    options: dict[str, Any] = field(default_factory=dict)
+    summary: Callable[[list[list[Any]]], str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.functions:
+            raise ValueError(f"step {self.name!r} has nothing to run")
+        if self.condition not in ("afterok", "afterany"):
+            raise ValueError(f"step {self.name!r}: condition must be afterok or afterany, got {self.condition!r}")
+        self.after = tuple(self.after)
+
+
+# build(stage_args, options, dry_run) -> the steps to submit, in an order where every step comes after
+# the steps it waits for; or, for a one-step stage, just its callables (one is a job, several an array).
+# A builder validates the stage arguments (StageError) and has no side effects when dry_run is True.
+Builder = Callable[[list[str], ClusterOptions, bool], "list[Step] | list[Callable[[], Any]]"]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     summary: str
-    direct: str  # how to run the stage without SLURM (shown while no launcher exists)
+    direct: str  # how to run the stage without SLURM
     build: Builder | None = None  # None: the SLURM launcher is not written yet
     defaults: dict[str, Any] = field(default_factory=dict)  # cluster option defaults for this stage
+
+    def steps(self, stage_args: list[str], options: ClusterOptions, dry_run: bool = False) -> list[Step]:
+        if self.build is None:
+            raise StageError(f"the SLURM launcher for stage '{self.name}' is not written yet")
+        built = list(self.build(list(stage_args), options, dry_run))
+        if built and all(isinstance(s, Step) for s in built):
+            steps = built
+        else:
+            steps = [Step(self.name, built)]
+        seen: set[str] = set()
+        for s in steps:
+            unknown = [a for a in s.after if a not in seen]
+            if unknown:
+                raise ValueError(f"stage {self.name}: step {s.name!r} waits for {unknown}, which do not come before it")
+            seen.add(s.name)
+        return steps
 
 
 STAGES: dict[str, Stage] = {}
@@ -165,6 +229,20 @@ def register(stage: Stage) -> Stage:
     return stage
 
 
-register(Stage("preprocess", "tokenize raw text into webdataset shards", "python -m data_pipeline ..."))
-register(Stage("pretrain", "pretrain a HyperMixer encoder with DeepSpeed", "python -m pretrain.main ..."))
-register(Stage("finetune", "fine-tune a release on GLUE", "python -m finetune ..."))
+def _lazy(module: str) -> Builder:
+    """A builder imported on first use: `python -m slurm --help` must not import torch or deepspeed."""
+    def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> Any:
+        import importlib
+
+        return importlib.import_module(module).build(stage_args, options, dry_run)
+    build.__qualname__ = f"{module}.build"
+    return build
+
+
+register(Stage("preprocess", "tokenize raw text into webdataset shards: a planning job, an array of work "
+               "units, a merge job", "python -m data_pipeline build ...", build=_lazy("slurm.launchers.preprocess")))
+register(Stage("pretrain", "pretrain a HyperMixer encoder with DeepSpeed: nodes x tasks-per-node ranks, "
+               "requeued and resumed on preemption", "deepspeed pretrain/main.py ... (or python -m pretrain.main)",
+               build=_lazy("slurm.launchers.pretrain"), defaults={"signal_lead_s": 300}))
+register(Stage("finetune", "fine-tune a release on GLUE: a sweep as an array job, then an aggregation job",
+               "python -m finetune sweep ...", build=_lazy("slurm.launchers.finetune")))

@@ -98,6 +98,12 @@ def slurm_cluster():
             _summary.append(f"stopped in {time.monotonic() - t1:.1f}s (rc={stop.returncode})")
 
 
+@pytest.fixture(scope="session")
+def slurm_report():
+    """`slurm_report("line")` adds a measured figure to the "local SLURM cluster" section of the summary."""
+    return _summary.append
+
+
 def pytest_terminal_summary(terminalreporter):
     if _summary:
         terminalreporter.write_sep("-", "local SLURM cluster")

@@ -76,7 +76,7 @@ def test_bad_values_are_rejected():
 def test_flags_override_config_and_collections_add_up(tmp_path, monkeypatch, capsys):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"time_min": 30, "sbatch_args": {"mail-type": "END"}, "setup": ["A=1"]}))
-    monkeypatch.setitem(STAGES, "demo", Stage("demo", "test stage", "-", build=lambda args, opts: [print] * 5))
+    monkeypatch.setitem(STAGES, "demo", Stage("demo", "test stage", "-", build=lambda args, opts, dry_run: [print] * 5))
     rc = main(["demo", "--config", str(config), "--time-min", "45", "--sbatch-arg", "requeue",
                "--setup", "B=2", "--array-parallelism", "2", "--job-folder", str(tmp_path / "%j"), "--dry-run"])
     lines = capsys.readouterr().out.splitlines()

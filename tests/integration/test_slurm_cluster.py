@@ -157,7 +157,7 @@ def test_failing_job_shows_its_stderr(slurm_cluster, tmp_path):
 
 def test_cli_submits_prints_job_and_logs_and_reports_failure(slurm_cluster, tmp_path, monkeypatch, capsys):
     # A stage registered by the test (the real ones have no launcher yet) through the real CLI path.
-    monkeypatch.setitem(STAGES, "demo", Stage("demo", "test stage", "-", build=lambda args, opts: [fail_loudly]))
+    monkeypatch.setitem(STAGES, "demo", Stage("demo", "test stage", "-", build=lambda args, opts, dry_run: [fail_loudly]))
     rc = main(["demo", "--job-folder", str(tmp_path / "%j"), "--time-min", "15", "--wait",
                "--wait-timeout-s", str(WAIT_S), "--", "--anything"])
     out, err = capsys.readouterr()
