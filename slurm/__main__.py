@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (sub.JobFailed, TimeoutError) as e:
         print(str(e), file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: stopped waiting; the jobs keep running (cancel them with: scancel "
+              f"{' '.join(submission.job_ids)})", file=sys.stderr, flush=True)
+        return 130
     print(f"{stage.name}: all jobs finished", flush=True)
     return 0
 

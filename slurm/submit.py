@@ -115,10 +115,21 @@ def failure_report(job: submitit.Job, lines: int = 40) -> str:
     """The end of each failing task's stderr, which holds the traceback the job raised."""
     tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
     failed = [t for t in tasks if _task_failed(t)] or tasks
-    parts = [f"job {job.job_id} failed (state {job.state})"]
+    tails = {t.task_id: _tail(t.paths.stderr, lines) for t in failed}
+    headline = next((h for h in map(_headline, tails.values()) if h), None)
+    parts = [f"job {job.job_id} failed (state {job.state})" + (f": {headline}" if headline else "")]
     for t in failed:
-        parts += [f"--- task {t.task_id}: last {lines} lines of {t.paths.stderr}", _tail(t.paths.stderr, lines)]
+        parts += [f"--- task {t.task_id}: last {lines} lines of {t.paths.stderr}", tails[t.task_id]]
     return "\n".join(parts)
+
+
+def _headline(stderr_tail: str) -> str | None:
+    """The error itself: the last unindented line that is not srun's or submitit's own
+    (for a Python failure, the exception line under the traceback)."""
+    for line in reversed(stderr_tail.splitlines()):
+        if line.strip() and not line[0].isspace() and not line.startswith(("srun:", "submitit ", "(no file")):
+            return line.strip()[:300]
+    return None
 
 
 def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 0.5) -> list[Any]:

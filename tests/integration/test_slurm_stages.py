@@ -177,7 +177,9 @@ def test_preprocess_failure_shows_the_failing_task_s_error(shards, tmp_path, cap
     units_job = printed.split("units: array job ")[1].split(",")[0]
     assert f"preprocess units: 1 of 2 array tasks failed ({units_job}_1)" in err
     assert f"{units_job}_1_0_log.err" in err  # where the whole log is
-    assert "b_bad.jsonl:3: not valid JSON" in err  # the task's own error, from its stderr
+    # the error itself first, then the task's stderr with the traceback
+    assert f"job {units_job}_1 failed (state FAILED): data_pipeline.errors.DataPipelineError: {bad}:3: not valid JSON" in err
+    assert "Traceback (most recent call last)" in err
     assert "preprocess merge (job" in err and "not run, because units failed" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
 
