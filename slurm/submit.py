@@ -117,7 +117,10 @@ def failure_report(job: submitit.Job, lines: int = 40) -> str:
     failed = [t for t in tasks if _task_failed(t)] or tasks
     tails = {t.task_id: _tail(t.paths.stderr, lines) for t in failed}
     headline = next((h for h in map(_headline, tails.values()) if h), None)
-    parts = [f"job {job.job_id} failed (state {job.state})" + (f": {headline}" if headline else "")]
+    # sacct lags: a task whose result says "error" can still read RUNNING for a few seconds
+    state = job.state
+    shown = "" if state in ("RUNNING", "PENDING", "UNKNOWN", "COMPLETING") else f" (state {state})"
+    parts = [f"job {job.job_id} failed{shown}" + (f": {headline}" if headline else "")]
     for t in failed:
         parts += [f"--- task {t.task_id}: last {lines} lines of {t.paths.stderr}", tails[t.task_id]]
     return "\n".join(parts)
