@@ -80,6 +80,7 @@ stop_daemons() {  # stop NAME... : SIGTERM all, wait up to 20 s, then SIGKILL wh
     sleep 0.25
   done
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && { log "SIGKILL $p"; kill -9 "$p" 2>/dev/null || true; }; done
+  return 0  # the last `kill -0` of a dead pid must not fail the stop under set -e
 }
 
 cmd_stop() {
