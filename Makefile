@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bench.models --quick
+	$(PY) -m demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

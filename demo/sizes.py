@@ -1,0 +1,59 @@
+"""The demo's two sizes: `default` (the README's first command, a few minutes per stage on 2 cores)
+and `ci` (the same stages on toy sizes, for the end-to-end test). Every setting a stage uses lives
+here, and a stage's settings are recorded next to its output, so a re-run can tell whether the
+output on disk is the one this size asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+CORPUS = DATA_DIR / "corpus" / "wikitext-2-valid.txt"
+GLUE_DIR = DATA_DIR / "glue"
+TASK = "SST-2"
+MIXERS = ("hypermixer", "transformer")
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    # data_pipeline build: tokenizer and shards
+    build_args: tuple[str, ...]
+    # pretrain: --set overrides on top of the shipped `tiny` config (mixer, data and output are added)
+    pretrain_sets: tuple[str, ...]
+    # finetune sweep arguments (one learning rate, one seed: a demo, not a study)
+    finetune_args: tuple[str, ...]
+    inits: tuple[str, ...] = field(default=("pretrained", "scratch"))
+
+
+SIZES = {
+    "default": Size(
+        name="default",
+        # 5% of the paragraphs held out: ~100 validation sequences for the pretraining curve
+        build_args=("--vocab-size", "8192", "--seq-len", "128", "--validation-fraction", "0.05"),
+        # tiny preset (d=128, 4 layers): ~6 epochs over the 2,000 train sequences, ~5 min on 2 cores
+        pretrain_sets=(
+            "optim.total_steps=400", "optim.warmup_steps=40", "optim.lr=1e-3",
+            "batch.global_batch_size=32", "batch.micro_batch_size=16",
+            "data.num_workers=1", "eval.every_steps=50", "eval.max_samples=512",
+            "checkpoint.every_steps=100", "checkpoint.keep_last=1", "logging.every_steps=10",
+        ),
+        # small models want large learning rates; pretrained and scratch get the same recipe
+        finetune_args=("--lrs", "1e-3", "--seeds", "0", "--batch-sizes", "32", "--epochs", "3"),
+    ),
+    "ci": Size(
+        name="ci",
+        build_args=("--vocab-size", "1024", "--seq-len", "64", "--validation-fraction", "0.05"),
+        pretrain_sets=(
+            "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+            "optim.total_steps=20", "optim.warmup_steps=2", "optim.lr=3e-3",
+            "batch.global_batch_size=16", "batch.micro_batch_size=8",
+            "data.num_workers=1", "eval.every_steps=10", "eval.max_samples=64",
+            "checkpoint.every_steps=10", "checkpoint.keep_last=1", "logging.every_steps=5",
+            "logging.wandb.mode=disabled",
+        ),
+        finetune_args=("--lrs", "3e-3", "--seeds", "0", "--batch-sizes", "32", "--epochs", "1",
+                       "--max-train-examples", "256", "--no-save-model"),
+    ),
+}
