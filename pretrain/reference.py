@@ -1,0 +1,221 @@
+"""docs/config.md, generated from the code so that it cannot drift: every field of the pretraining
+config dataclasses (pretrain/config.py) and of EncoderConfig (the `model` section), its type, its
+default, its value in each shipped config (pretrain/configs/*.json, read by the config's own parser),
+and the comment next to the field in the source as its meaning.
+
+    python -m pretrain.reference            # print it
+    python -m pretrain.reference --write    # regenerate docs/config.md
+    python -m pretrain.reference --check    # exit 1 when docs/config.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import io
+import json
+import os
+import sys
+import tokenize
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from hypermixer import PRESETS, EncoderConfig
+from hypermixer import config as model_config
+from pretrain import config as cfg
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+REGENERATE = "python -m pretrain.reference --write"
+DATA_FILLED = ("vocab_size", "max_seq_len", "pad_token_id")  # encoder_config takes them from the data
+CHOICES = {"precision": cfg.PRECISIONS, "optim.decay": cfg.DECAYS, "optim.implementation": cfg.OPTIMIZER_IMPLS,
+           "logging.wandb.mode": cfg.WANDB_MODES, "model.mixer": model_config.MIXERS,
+           "model.position_embedding": model_config.EMBEDDING_POSITIONS,
+           "model.hypermixer_position": model_config.HYPERMIXER_POSITIONS, "model.pooling": model_config.POOLINGS}
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """field name -> its comment: the one on its line, else the comment lines just above it."""
+    source = inspect.getsource(cls)
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, row = [], node.lineno - 1
+            while row >= 1 and lines[row - 1].strip().startswith("#"):
+                above.insert(0, comments[row])
+                row -= 1
+            out[node.target.id] = comments.get(node.lineno) or " ".join(above)
+    return out
+
+
+def type_text(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(type_text(a) for a in args)
+    if kind is type(None):
+        return "null"
+    if origin is list:
+        return f"list[{type_text(args[0])}]"
+    if origin is dict:
+        return "object"
+    return getattr(kind, "__name__", str(kind))
+
+
+def cell(text: str) -> str:
+    """Comment text safe in a markdown table cell (pipes split cells, <x> reads as an HTML tag)."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def value_text(value: Any) -> str:
+    return f"`{json.dumps(value)}`"
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def shipped() -> dict[str, cfg.PretrainConfig]:
+    """The shipped configs as the config's own parser reads them (no validation: data.path is unset)."""
+    out = {}
+    order = list(PRESETS)  # tiny, small, base: smallest first
+    for name in sorted(cfg.shipped_configs(), key=lambda n: (order.index(n) if n in order else len(order), n)):
+        problems: list[str] = []
+        out[name] = cfg.from_dict(json.loads(cfg.config_path(name).read_text()), problems)
+        if problems:
+            raise SystemExit(f"pretrain.reference: shipped config {name}: {'; '.join(problems)}")
+    return out
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def section_rows(cls: type, prefix: str, configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
+    hints, notes = typing.get_type_hints(cls), field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        key = f"{prefix}{f.name}"
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind) or key in ("model", "deepspeed"):
+            continue  # their own tables
+        meaning = cell(notes.get(f.name, ""))
+        if key in CHOICES:
+            if {part.strip() for part in notes.get(f.name, "").split("|")} == set(CHOICES[key]):
+                meaning = ""  # the comment only lists the choices
+            meaning = f"one of {', '.join(f'`{c}`' for c in CHOICES[key])}" + (f"; {meaning}" if meaning else "")
+        rows.append([f"`{key}`", type_text(kind), value_text(default_of(f)),
+                     *[value_text(_get(c, key)) for c in configs.values()], meaning])
+    return rows
+
+
+def model_rows(configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
+    """`model`: a preset plus EncoderConfig fields; vocab_size, max_seq_len, pad_token_id come from the data."""
+    hints, notes = typing.get_type_hints(EncoderConfig), field_comments(EncoderConfig)
+    rows = [["`model.preset`", "str \\| null", value_text(cfg.PretrainConfig().model.get("preset")),
+             *[value_text(c.model.get("preset")) for c in configs.values()],
+             f"one of {', '.join(f'`{p}`' for p in PRESETS)}: the preset's fields, then the keys below on top"]]
+    for f in dataclasses.fields(EncoderConfig):
+        values = []
+        for c in configs.values():
+            effective = {**PRESETS.get(c.model.get("preset"), {}), **c.model}
+            if f.name in DATA_FILLED and f.name not in c.model:
+                values.append("from the data")
+            else:
+                values.append(value_text(effective.get(f.name, default_of(f))))
+        meaning = cell(notes.get(f.name, ""))
+        if f"model.{f.name}" in CHOICES:
+            meaning = ", ".join(f"`{c}`" for c in CHOICES[f"model.{f.name}"]) + (f"; {meaning}" if meaning else "")
+        if f.name in DATA_FILLED:
+            meaning = "unset: the data's (manifest)" + (f"; {meaning}" if meaning else "")
+        rows.append([f"`model.{f.name}`", type_text(hints[f.name]), value_text(default_of(f)), *values, meaning])
+    return rows
+
+
+def deepspeed_rows(configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
+    return [["`deepspeed`", "object", value_text(cfg.PretrainConfig().deepspeed),
+             *[value_text(c.deepspeed) for c in configs.values()],
+             "passed to DeepSpeed as is (ZeRO stage and options, offload, communication, ...), "
+             "except the keys below"]]
+
+
+def table(rows: list[list[str]], names: list[str]) -> str:
+    head = ["key", "type", "default", *names, "meaning"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def generate() -> str:
+    configs = shipped()
+    names = list(configs)
+    sections = [("top level", cfg.PretrainConfig, "")]
+    for f in dataclasses.fields(cfg.PretrainConfig):
+        kind = typing.get_type_hints(cfg.PretrainConfig)[f.name]
+        if dataclasses.is_dataclass(kind):
+            sections.append((f"`{f.name}`", kind, f"{f.name}."))
+            nested = typing.get_type_hints(kind)
+            sections += [(f"`{f.name}.{g.name}`", nested[g.name], f"{f.name}.{g.name}.")
+                         for g in dataclasses.fields(kind) if dataclasses.is_dataclass(nested[g.name])]
+    parts = [
+        "# Pretraining config reference",
+        "",
+        f"<!-- Generated by `{REGENERATE}` from pretrain/config.py, hypermixer/config.py and "
+        "pretrain/configs/*.json. Do not edit by hand: tests/test_config_reference.py fails when it is out of "
+        "date. -->",
+        "",
+        "Every key of a pretraining config (`deepspeed pretrain/main.py --config NAME_OR_PATH --set key=value`), "
+        f"its default, and its value in each shipped config ({', '.join(f'`{n}`' for n in names)}). Values are "
+        "JSON. How configs are loaded and checked: [pretrain.md](pretrain.md#config-reference).",
+    ]
+    for title, cls, prefix in sections:
+        parts += ["", f"## {title}", "", table(section_rows(cls, prefix, configs), names)]
+    parts += ["", "## `model`", "", table(model_rows(configs), names)]
+    parts += ["", "## `deepspeed`", "", table(deepspeed_rows(configs), names), "",
+              "Refused under `deepspeed`, because this config derives them:", "",
+              "| DeepSpeed key | set instead |", "|---|---|"]
+    parts += [f"| `{key}` | {instead} |" for key, instead in cfg.DERIVED_DEEPSPEED_KEYS.items()]
+    parts += [f"| `{key}.enabled` | `precision` (the section's other options pass through) |"
+              for key in cfg.PRECISION_KEYS]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.reference", description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help=f"regenerate {DOC}")
+    mode.add_argument("--check", action="store_true", help=f"exit 1 when {DOC} is out of date")
+    args = parser.parse_args(argv)
+    text = generate()
+    if args.write:
+        tmp = DOC.with_name(f".{DOC.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, DOC)
+        print(f"wrote {DOC}")
+    elif args.check:
+        if not DOC.is_file() or DOC.read_text() != text:
+            print(f"{DOC} is out of date; regenerate it with: {REGENERATE}", file=sys.stderr)
+            return 1
+        print(f"{DOC} is up to date")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

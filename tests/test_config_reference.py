@@ -1,0 +1,34 @@
+"""docs/config.md is generated from the config code (python -m pretrain.reference); it must match."""
+
+import dataclasses
+
+from hypermixer import EncoderConfig
+from pretrain import config as cfg
+from pretrain.reference import DOC, REGENERATE, field_comments, generate
+
+
+def test_docs_config_md_is_up_to_date():
+    expected = generate()
+    current = DOC.read_text() if DOC.is_file() else ""
+    assert current == expected, f"{DOC} is out of date with the config code; regenerate it with: {REGENERATE}"
+
+
+def test_every_config_key_is_documented():
+    text = generate()
+    for section in (cfg.DataConfig, cfg.OptimConfig, cfg.BatchConfig, cfg.EvalConfig, cfg.CheckpointConfig):
+        prefix = {cfg.DataConfig: "data", cfg.OptimConfig: "optim", cfg.BatchConfig: "batch",
+                  cfg.EvalConfig: "eval", cfg.CheckpointConfig: "checkpoint"}[section]
+        for f in dataclasses.fields(section):
+            assert f"| `{prefix}.{f.name}` |" in text
+    for f in dataclasses.fields(EncoderConfig):
+        assert f"| `model.{f.name}` |" in text
+    for key in cfg.DERIVED_DEEPSPEED_KEYS:
+        assert f"| `{key}` |" in text
+    # values as the shipped configs set them
+    assert "| `optim.total_steps` | int \\| null | `null` | `2000` | `100000` | `1000000` |" in text
+
+
+def test_field_comments_come_from_the_source():
+    notes = field_comments(cfg.DataConfig)
+    assert notes["num_workers"] == "DataLoader worker processes per rank"
+    assert field_comments(cfg.MetricsConfig)["peak_tflops"].startswith("Peak FLOP/s")  # a comment above the field
