@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {args.out}: exists and is not a folder")
     logs = out / "logs"
+    started = time.monotonic()
     total = 1 + 3 * len(mixers) + 1
     number, times, stamps = 0, {}, {}
 
@@ -69,26 +70,28 @@ def run(args: argparse.Namespace) -> None:
     results = report.collect(out, mixers, stamps)
     text, files = report.write(results, out)
     print(text)
-    print_summary(out, mixers, times, files)
+    print_summary(out, mixers, times, files, started)
 
 
-def print_summary(out: Path, mixers: list[str], times: dict, files: list[Path]) -> None:
-    print("stage times (this run; a reused stage shows the time it took when it ran):")
+def print_summary(out: Path, mixers: list[str], times: dict, files: list[Path], began: float) -> None:
+    print("stage times (a reused stage shows the time it took when it ran):")
     for key, (now, then, was_reused) in times.items():
         note = f"reused ({then:.0f} s when it ran)" if was_reused else f"{now:.0f} s"
         print(f"  {key:<22} {note}")
-    d = display_path
-    print("\nwhere everything went:")
-    print(f"  {d(out / 'data')}/            tokenizer.json, manifest.json, train/ and validation/ shards")
+    print(f"  {'total (this run)':<22} {time.monotonic() - began:.0f} s")
+    rows = [(out / "data", "tokenizer.json, manifest.json, train/ and validation/ shards")]
     for m in mixers:
-        print(f"  {d(out / f'pretrain-{m}')}/  metrics.jsonl, run_status.json, checkpoints/, wandb/ (offline)")
-        print(f"  {d(out / f'release-{m}')}/   the release: config.json, model.safetensors, tokenizer.json, "
-              "README.md")
-        print(f"  {d(out / f'finetune-{m}')}/  the sweep: runs/<run>/ (result.json, metrics.jsonl, model/), "
-              "results.md")
-    print(f"  {d(out / 'logs')}/            every command's output")
-    for f in files:
-        print(f"  {d(f)}")
+        rows += [(out / f"pretrain-{m}", "metrics.jsonl, run_status.json, checkpoints/, wandb/ (offline)"),
+                 (out / f"release-{m}", "the release: config.json, model.safetensors, tokenizer.json, README.md"),
+                 (out / f"finetune-{m}", "the sweep: runs/<run>/ (result.json, metrics.jsonl, model/), results.md")]
+    rows += [(out / "logs", "every command's output")]
+    names = [display_path(path) + "/" for path, _ in rows] + [display_path(f) for f in files]
+    width = max(len(n) for n in names)
+    print("\nwhere everything went:")
+    for name, (_, what) in zip(names, rows):
+        print(f"  {name:<{width}}  {what}")
+    for name in names[len(rows):]:
+        print(f"  {name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -123,7 +123,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     rows = results["rows"]
     mixers = list(dict.fromkeys(r["mixer"] for r in rows))
     inits = list(dict.fromkeys(r["init"] for r in rows))
-    width = 0.8 / len(inits)
+    width = 0.3
     for i, init in enumerate(inits):
         xs, ys = [], []
         for j, mixer in enumerate(mixers):
@@ -135,6 +135,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.bar_label(bars, fmt="%.1f")
     ax.axhline(100 * results["majority_class_accuracy"], color="grey", linestyle="--", label="majority class")
     ax.set_xticks(range(len(mixers)), mixers)
+    ax.set_xlim(-0.6, len(mixers) - 0.4)
     ax.set(ylabel=f"{TASK} dev accuracy (%)", ylim=(0, 100), title=f"Fine-tuning on the {TASK} sample")
     ax.legend(loc="lower right")
     written.append(_save(fig, out / "finetuning.png"))
