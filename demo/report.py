@@ -27,6 +27,7 @@ def collect(out: Path, mixers: list[str], stamps: dict[str, dict[str, Any]]) -> 
                          "eval_steps": [r["step"] for r in evals], "eval_loss": [r["loss"] for r in evals]}
         pre = {"steps": train[-1]["step"] if train else 0,
                "seconds": stamps.get(f"pretrain-{mixer}", {}).get("seconds"),
+               "resumed": bool(stamps.get(f"pretrain-{mixer}", {}).get("resumed")),
                "tokens_per_s": train[-1]["tokens_per_s"] if train else None,
                "mlm_loss": evals[-1]["loss"] if evals else None,
                "mlm_accuracy": evals[-1]["accuracy"] if evals else None}
@@ -62,6 +63,7 @@ def cells(results: dict[str, Any]) -> list[list[str]]:
         pre = r["pretraining"]
         if pre:
             took = f", {pre['seconds'] / 60:.1f} min" if pre["seconds"] is not None else ""
+            took += " (after a resume: the last part)" if pre["resumed"] else ""
             rate = f", {pre['tokens_per_s']:,.0f} tok/s" if pre["tokens_per_s"] else ""
             pretraining = f"{pre['steps']} steps{took}{rate}"
             loss = f"{pre['mlm_loss']:.3f}" if pre["mlm_loss"] is not None else "-"

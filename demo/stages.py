@@ -173,7 +173,8 @@ def pretrain(out: Path, data: Path, data_id: str, mixer: str, size: Size, force:
     if stamp:
         return reused(stage, stamp)
     if status:
-        print(f"continuing the run in {display_path(out)} from its last checkpoint (--resume auto)", flush=True)
+        print(f"continuing the unfinished run in {display_path(out)} (--resume auto: from its newest checkpoint, "
+              "if it has one)", flush=True)
     stage.write_stamp("running")
     began = time.monotonic()
     tail = ["pretrain/main.py", "--config", "tiny", "--set", f"data.path={data}", f"output_dir={out}", *sets,
