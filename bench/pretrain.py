@@ -200,10 +200,11 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for mixer, c in report["curves"].items():
-        loss_axis.plot(c["steps"], c["val_loss"], marker=".", label=f"{mixer} (held-out)")
-        loss_axis.plot(c["train_steps"], c["train_loss"], alpha=0.35, label=f"{mixer} (train)")
-        accuracy_axis.plot(c["steps"], c["val_accuracy"], marker=".", label=mixer)
+    for index, (mixer, c) in enumerate(report["curves"].items()):
+        color = f"C{index}"  # one colour per mixer across both panels
+        loss_axis.plot(c["steps"], c["val_loss"], marker=".", color=color, label=f"{mixer} (held-out)")
+        loss_axis.plot(c["train_steps"], c["train_loss"], alpha=0.35, color=color, label=f"{mixer} (train)")
+        accuracy_axis.plot(c["steps"], c["val_accuracy"], marker=".", color=color, label=mixer)
     loss_axis.set(xlabel="step", ylabel="MLM loss", title="masked-LM loss")
     accuracy_axis.set(xlabel="step", ylabel="MLM accuracy (held-out)", title="held-out masked-token accuracy")
     loss_axis.legend(fontsize=8)
