@@ -12,19 +12,24 @@
 A folder without trainer_state.json is an interrupted save: never resumed from, deleted at the next save.
 The `latest` file has the name and content DeepSpeed's tools expect, so `zero_to_fp32.py` works as is.
 The checkpoint dir must be on a filesystem every rank sees (as DeepSpeed itself assumes).
-Nothing of ours is pickled: JSON and safetensors only.
+Nothing of ours is pickled: JSON and safetensors only. DeepSpeed's files are pickles, and DeepSpeed
+reads them with `torch.load(weights_only=False)`; every load of ours goes through `weights_only_loads`,
+which forces torch's weights-only unpickler on those calls too (see there).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -128,11 +133,50 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+# Besides tensors and containers, ZeRO checkpoints (stages 0-3, fp32/bf16/fp16) pickle only these plain
+# DeepSpeed records; found by loading checkpoints of every stage and precision.
+DEEPSPEED_PICKLED_TYPES = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it on every torch.load call
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a pickled object that is not plain data."""
+
+
+@contextmanager
+def weights_only_loads(path: Path) -> Iterator[None]:
+    """Within: every torch.load, DeepSpeed's included (engine.load_checkpoint and zero_to_fp32 pass
+    weights_only=False), uses torch's weights-only unpickler, so a tampered checkpoint cannot run code.
+    The environment variable is the one switch torch offers that overrides an explicit weights_only=False."""
+    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_PICKLED_TYPES]
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = found.group(1) if found else "a pickled object"
+        raise UnsafeCheckpointError(f"{path}: holds {what}, which is not plain data; refusing to unpickle it "
+                                    "(checkpoints are read with torch.load(weights_only=True))") from None
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
 def load(engine: Any, path: Path) -> dict[str, Any]:
     """Collective: restore the engine (weights, optimizer, scheduler) and this rank's RNG; return our state."""
     state = read_state(path)
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    with weights_only_loads(path):
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
     load_rng_state(path, dist.get_rank())

@@ -37,13 +37,14 @@ def find_checkpoint(spec: str | Path) -> Path:
 
 def consolidated_weights(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint folder of any ZeRO stage."""
-    if zero_stage == 0:
-        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        weights = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with ckpt.weights_only_loads(path):  # zero_to_fp32 itself asks for weights_only=False
+        if zero_stage == 0:
+            states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+            weights = states["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     return {name: tensor.detach().float().contiguous() for name, tensor in weights.items()}
 
 

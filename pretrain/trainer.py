@@ -309,7 +309,10 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
         engine.compile()
     torch.manual_seed(rank_seed(config.seed, rank))
     if start is not None:
-        state = ckpt.load(engine, start)
+        try:
+            state = ckpt.load(engine, start)
+        except ckpt.UnsafeCheckpointError as err:
+            raise ConfigError([f"--resume: {err}"]) from None
 
     step = int(state.get("step", 0))
     tokens = int(state.get("tokens", 0))

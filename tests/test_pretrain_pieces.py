@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,43 @@ from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token
 from pretrain import checkpoint as ckpt
 from pretrain.metrics import MetricsLog, default_peak_tflops, progress_line, read_metrics, throughput
 from pretrain.trainer import lr_factor, param_groups, rank_seed
+
+
+def _touch(path: Path) -> None:
+    path.touch()
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
+def test_checkpoint_loads_never_unpickle_code_even_where_deepspeed_asks_for_weights_only_false(tmp_path):
+    marker = tmp_path / "code_ran"
+    tampered = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"weights": torch.ones(2), "payload": _RunsCodeWhenUnpickled(marker)}, tampered)
+    with pytest.raises(ckpt.UnsafeCheckpointError) as raised:
+        with ckpt.weights_only_loads(tampered):
+            torch.load(tampered, weights_only=False)  # what engine.load_checkpoint and zero_to_fp32 call
+    assert not marker.exists()
+    message = str(raised.value)
+    assert "\n" not in message and str(tampered) in message and "_touch" in message
+    assert ckpt.FORCE_WEIGHTS_ONLY not in os.environ  # restored for the rest of the process
+
+    # The DeepSpeed records a real ZeRO checkpoint holds are plain data and load.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    plain = tmp_path / "plain.pt"
+    scaler = DynamicLossScaler(init_scale=2.0**8, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    torch.save({"loss_scaler": scaler, "zero_stage": ZeroStageEnum(3)}, plain)
+    with ckpt.weights_only_loads(plain):
+        loaded = torch.load(plain, weights_only=False)
+    assert loaded["zero_stage"] == ZeroStageEnum(3) and loaded["loss_scaler"].cur_scale == 2.0**8
 
 
 def test_lr_schedule_warms_up_then_decays():
