@@ -12,8 +12,8 @@
 A folder without trainer_state.json is an interrupted save: never resumed from, deleted at the next save.
 The `latest` file has the name and content DeepSpeed's tools expect, so `zero_to_fp32.py` works as is.
 The checkpoint dir must be on a filesystem every rank sees (as DeepSpeed itself assumes).
-Nothing of ours is pickled: JSON and safetensors only. DeepSpeed's files are pickles, and DeepSpeed
-reads them with `torch.load(weights_only=False)`; every load of ours goes through `weights_only_loads`,
+Nothing of ours is pickled: JSON and safetensors only. DeepSpeed's files are pickles, which DeepSpeed
+reads with torch's weights-only mode turned off; every load of ours goes through `weights_only_loads`,
 which forces torch's weights-only unpickler on those calls too (see there).
 """
 

@@ -31,12 +31,16 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_checkpoint_loads_never_unpickle_code_even_where_deepspeed_asks_for_weights_only_false(tmp_path):
+    # The loader engine.load_checkpoint reads every checkpoint file with (it turns weights-only mode off).
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    deepspeed_load = TorchCheckpointEngine().load
     marker = tmp_path / "code_ran"
     tampered = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"weights": torch.ones(2), "payload": _RunsCodeWhenUnpickled(marker)}, tampered)
     with pytest.raises(ckpt.UnsafeCheckpointError) as raised:
         with ckpt.weights_only_loads(tampered):
-            torch.load(tampered, weights_only=False)  # what engine.load_checkpoint and zero_to_fp32 call
+            deepspeed_load(str(tampered))
     assert not marker.exists()
     message = str(raised.value)
     assert "\n" not in message and str(tampered) in message and "_touch" in message
@@ -51,7 +55,7 @@ def test_checkpoint_loads_never_unpickle_code_even_where_deepspeed_asks_for_weig
                                consecutive_hysteresis=False)
     torch.save({"loss_scaler": scaler, "zero_stage": ZeroStageEnum(3)}, plain)
     with ckpt.weights_only_loads(plain):
-        loaded = torch.load(plain, weights_only=False)
+        loaded = deepspeed_load(str(plain))
     assert loaded["zero_stage"] == ZeroStageEnum(3) and loaded["loss_scaler"].cur_scale == 2.0**8
 
 
