@@ -35,6 +35,10 @@ from typing import Sequence  # noqa: E402
 
 EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED = 0, 2, 3
 STALE_LOCK_S = 15 * 60  # a DeepSpeed op compiles in ~1-2 min; a lock this old was left by a killed compile
+# torchrun and the deepspeed launcher tear every rank down when the first one exits. A config mistake is
+# found on every rank, and rank 0 reports it; the other ranks wait this long before exiting, so that a
+# slower rank 0 is not killed before it has printed. They report it themselves if still alive by then.
+REPORT_GRACE_S = 30.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -122,20 +126,27 @@ def run_from_argv(argv: Sequence[str] | None = None):
     return run(config, resume=args.resume)
 
 
+def report_failure(err: Exception) -> None:
+    """One message per job: rank 0 prints at once; another rank only if rank 0 has not ended the job first."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(REPORT_GRACE_S)  # normally the launcher kills us here, after rank 0 has printed and exited
+        print(f"pretrain (rank {rank}): {err}", file=sys.stderr, flush=True)
+        return
+    print(f"pretrain: {err}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pretrain.config import ConfigError
     from pretrain.trainer import NonFiniteLossError
 
-    is_rank0 = os.environ.get("RANK", "0") == "0"
     try:
         run_from_argv(argv)
     except ConfigError as err:
-        if is_rank0:
-            print(f"pretrain: {err}", file=sys.stderr, flush=True)
+        report_failure(err)
         return EXIT_CONFIG
     except NonFiniteLossError as err:
-        if is_rank0:
-            print(f"pretrain: {err}", file=sys.stderr, flush=True)
+        report_failure(err)
         return EXIT_DIVERGED
     import torch.distributed as dist
 

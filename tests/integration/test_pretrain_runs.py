@@ -256,6 +256,24 @@ def test_config_mistake_stops_every_rank_with_one_message(shards, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing ran
 
 
+def test_a_slow_rank_0_still_reports_a_mistake_every_rank_found(tmp_path):
+    # torchrun kills every rank when the first one exits; rank 1 must not end the job before rank 0 printed
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys, time\n"
+                      "from pretrain.main import report_failure\n"
+                      "if os.environ['RANK'] == '0':\n"
+                      "    time.sleep(3)  # a rank 0 slowed down by a loaded machine\n"
+                      "report_failure(ValueError('the same mistake on every rank'))\n"
+                      "sys.exit(2)\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count("pretrain: the same mistake on every rank") == 1, output[-3000:]
+    assert "(rank 1)" not in output
+
+
 def test_non_finite_losses_are_dropped_then_abort(shards, tmp_path):
     run_dir = tmp_path / "run"
     result = launch(run_dir, shards, "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
