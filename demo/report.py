@@ -97,12 +97,6 @@ def aligned(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + footnote(results) + "\n"
 
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     """pretraining.png (MLM loss per step) and finetuning.png (dev accuracy per model)."""
     import matplotlib
@@ -155,6 +149,8 @@ def _save(fig: Any, path: Path) -> Path:
 def write(results: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     """results.md, results.json, the plots; returns the table and the files written."""
     text = aligned(results)
-    write_text(out / "results.md", f"# Demo results\n\n{markdown(results)}")
-    write_text(out / "results.json", json.dumps({k: v for k, v in results.items() if k != "curves"}, indent=1) + "\n")
+    from data_pipeline.shards import write_json_atomic, write_text_atomic
+
+    write_text_atomic(out / "results.md", f"# Demo results\n\n{markdown(results)}")
+    write_json_atomic(out / "results.json", {k: v for k, v in results.items() if k != "curves"})
     return text, [out / "results.md", out / "results.json", *plots(results, out)]

@@ -54,10 +54,10 @@ class Stage:
         """Atomically: a reader sees the old stamp or the new one, never half of one."""
         values = {"stage": self.name, "status": status, "id": uuid.uuid4().hex, "settings": self.settings,
                   "inputs": self.inputs, **extra}
+        from data_pipeline.shards import write_json_atomic
+
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{STAMP}.tmp"
-        tmp.write_text(json.dumps(values, indent=1) + "\n")
-        os.replace(tmp, self.stamp_path)
+        write_json_atomic(self.stamp_path, values)
         return values
 
 
@@ -194,8 +194,10 @@ def pretrain(out: Path, data: Path, data_id: str, mixer: str, size: Size, force:
 
 
 def _run_status(run_dir: Path) -> dict[str, Any]:
+    from pretrain.trainer import RUN_STATUS_FILE
+
     try:
-        return json.loads((run_dir / "run_status.json").read_text())
+        return json.loads((run_dir / RUN_STATUS_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
@@ -236,10 +238,14 @@ def finetune(out: Path, release: Path, release_id: str, mixer: str, size: Size, 
 
 
 def _sweep_done(sweep_dir: Path) -> bool:
-    """Every planned run has its result.json and the sweep is aggregated."""
+    """Every planned run has its result file and the sweep is aggregated."""
+    from finetune.errors import FinetuneError
+    from finetune.sweep import load_plan
+    from finetune.trainer import RESULT_FILE
+
     try:
-        plan = json.loads((sweep_dir / "plan.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    runs = [sweep_dir / "runs" / spec["name"] / "result.json" for spec in plan.get("runs", [])]
-    return bool(runs) and all(p.is_file() for p in runs) and (sweep_dir / "results.json").is_file()
+        specs = load_plan(sweep_dir)
+    except (FinetuneError, json.JSONDecodeError):
+        return False  # not planned yet
+    return (bool(specs) and all((spec.output_dir / RESULT_FILE).is_file() for spec in specs)
+            and (sweep_dir / "results.json").is_file())

@@ -16,7 +16,6 @@ import dataclasses
 import inspect
 import io
 import json
-import os
 import sys
 import tokenize
 import types
@@ -24,6 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.shards import write_text_atomic
 from hypermixer import PRESETS, EncoderConfig
 from hypermixer import config as model_config
 from pretrain import config as cfg
@@ -203,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = generate()
     if args.write:
-        tmp = DOC.with_name(f".{DOC.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, DOC)
+        write_text_atomic(DOC, text)
         print(f"wrote {DOC}")
     elif args.check:
         if not DOC.is_file() or DOC.read_text() != text:

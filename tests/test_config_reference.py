@@ -15,9 +15,9 @@ def test_docs_config_md_is_up_to_date():
 
 def test_every_config_key_is_documented():
     text = generate()
-    for section in (cfg.DataConfig, cfg.OptimConfig, cfg.BatchConfig, cfg.EvalConfig, cfg.CheckpointConfig):
-        prefix = {cfg.DataConfig: "data", cfg.OptimConfig: "optim", cfg.BatchConfig: "batch",
-                  cfg.EvalConfig: "eval", cfg.CheckpointConfig: "checkpoint"}[section]
+    sections = {"data": cfg.DataConfig, "optim": cfg.OptimConfig, "batch": cfg.BatchConfig, "eval": cfg.EvalConfig,
+                "checkpoint": cfg.CheckpointConfig}
+    for prefix, section in sections.items():
         for f in dataclasses.fields(section):
             assert f"| `{prefix}.{f.name}` |" in text
     for f in dataclasses.fields(EncoderConfig):
