@@ -66,8 +66,7 @@ class ForMaskedLM(PretrainedMixin, nn.Module):
         return MaskedLMOutput(logits=logits, loss=loss, accuracy=accuracy, num_masked=int(targets.numel()))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = self.transform_norm(F.gelu(self.transform(hidden)))
-        return F.linear(h, self.encoder.embeddings.token.weight, self.output_bias)
+        return masked_lm_logits(self, hidden)
 
 
 class ForSequenceClassification(PretrainedMixin, nn.Module):
@@ -96,14 +95,7 @@ class ForSequenceClassification(PretrainedMixin, nn.Module):
         labels: torch.Tensor | None = None,
     ) -> ClassifierOutput:
         hidden = self.encoder(input_ids, attention_mask, token_type_ids)
-        if self.config.pooling == "cls":
-            pooled = hidden[:, 0]
-        elif attention_mask is None:
-            pooled = hidden.mean(dim=1)
-        else:
-            keep = attention_mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
-        logits = self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
+        logits = classifier_logits(self, hidden, attention_mask, self.config.pooling)
         loss = None
         if labels is not None:
             if self.num_labels == 1:
@@ -111,3 +103,27 @@ class ForSequenceClassification(PretrainedMixin, nn.Module):
             else:
                 loss = F.cross_entropy(logits.float(), labels)
         return ClassifierOutput(logits=logits, loss=loss)
+
+
+# The head computations, as functions of any module holding the head's submodules under these names:
+# the library's classes above and the Hugging Face wrappers (hypermixer.hf) share them.
+
+
+def masked_lm_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """MLM logits from hidden states (..., d): transform, GELU, LayerNorm, then the tied embedding matrix."""
+    h = head.transform_norm(F.gelu(head.transform(hidden)))
+    return F.linear(h, head.encoder.embeddings.token.weight, head.output_bias)
+
+
+def classifier_logits(
+    head: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
+) -> torch.Tensor:
+    """Classifier logits (B, num_labels): pool (mean over real tokens, or the first token), tanh pooler, classifier."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    elif attention_mask is None:
+        pooled = hidden.mean(dim=1)
+    else:
+        keep = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+    return head.classifier(head.dropout(torch.tanh(head.pooler(pooled))))

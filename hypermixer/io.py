@@ -2,6 +2,10 @@
 
 A classifier can be built from a masked-LM release: the encoder's weights load strictly, the head
 starts fresh. Loading the same architecture loads everything strictly.
+
+The same folder is a Hugging Face release: config.json also carries the keys transformers reads
+(`model_type`, `auto_map`, ...) and save_pretrained writes the code that `auto_map` names, generated
+from this package's source (hypermixer.hf.release; transformers itself is not imported here).
 """
 
 from __future__ import annotations
@@ -14,10 +18,38 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from hypermixer.config import EncoderConfig
+from hypermixer.hf.release import hf_config_fields, write_release_code
 
+# Format 1 gained the Hugging Face keys and code files without a version change: they are additions,
+# which readers of format 1 ignore.
 FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def check_format_version(version: Any, where: str | os.PathLike) -> int:
+    """The release format version if this code reads it; otherwise a one-line ValueError saying why."""
+    supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{where}: format_version {version!r} is not a hypermixer release format "
+                         f"(supported: {supported}); is this a folder written by hypermixer's save_pretrained?")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        newer = "a newer" if version > max(SUPPORTED_FORMAT_VERSIONS) else "an older"
+        raise ValueError(f"{where}: format_version {version} was written by {newer} hypermixer; "
+                         f"this one reads format_version {supported}")
+    return version
+
+
+def release_config(architecture: str, encoder: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
+    """Everything config.json holds: hypermixer's own keys, then those Hugging Face reads."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "encoder": encoder,
+        "head": head,
+        **hf_config_fields(architecture, encoder, head),
+    }
 
 
 def read_release_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -29,8 +61,9 @@ def read_release_config(directory: str | os.PathLike) -> dict[str, Any]:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {raw.get('format_version')!r} is not {FORMAT_VERSION}")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    check_format_version(raw.get("format_version"), path)
     for key in ("architecture", "encoder"):
         if key not in raw:
             raise ValueError(f"{path}: missing key {key!r}")
@@ -44,17 +77,13 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        config = {
-            "format_version": FORMAT_VERSION,
-            "architecture": type(self).__name__,
-            "encoder": self.config.to_dict(),
-            "head": self.head_config(),
-        }
+        config = release_config(type(self).__name__, self.config.to_dict(), self.head_config())
         # Write under temporary names, then rename: a crash never leaves a half-written release.
         _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         for name, text in (extra_files or {}).items():
             _atomic_write(directory / name, lambda tmp, text=text: Path(tmp).write_text(text))
+        write_release_code(directory)  # what config.json's auto_map names, for transformers' Auto classes
         return directory
 
     @classmethod
@@ -86,4 +115,5 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-__all__ = ["PretrainedMixin", "read_release_config", "CONFIG_FILE", "WEIGHTS_FILE", "FORMAT_VERSION"]
+__all__ = ["PretrainedMixin", "read_release_config", "release_config", "check_format_version", "CONFIG_FILE",
+           "WEIGHTS_FILE", "FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS"]

@@ -17,6 +17,7 @@ from hypermixer import (
     HyperMixing,
     flops_per_token,
 )
+from hypermixer.hf.release import release_code
 
 VOCAB = 500
 
@@ -193,7 +194,8 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, mixer):
     torch.manual_seed(0)
     model = ForMaskedLM(tiny(mixer, hypermixer_tied=True)).eval()
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    # + the code Hugging Face's Auto classes load (generated from the library: tests/test_hf.py)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.json", "model.safetensors", *release_code()])
     loaded = ForMaskedLM.from_pretrained(tmp_path).eval()
     ids = batch()
     with torch.no_grad():
