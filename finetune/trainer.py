@@ -2,8 +2,9 @@
 decay, epochs with a dev evaluation after each, the best epoch kept, seeds, autocast on GPU.
 
 A run folder (`config.output_dir`) holds: `config.json` (the FinetuneConfig), `metrics.jsonl`
-(one line per epoch), `model/` (the best epoch: config.json, model.safetensors, tokenizer.json;
-loadable by `ForSequenceClassification.from_pretrained`), `predictions/` (test sets, GLUE
+(one line per epoch), `model/` (the best epoch: config.json, model.safetensors, tokenizer files, the
+model code; loadable by `ForSequenceClassification.from_pretrained` and by transformers'
+`AutoModelForSequenceClassification` with `trust_remote_code=True`), `predictions/` (test sets, GLUE
 server format) and `result.json`, written last and atomically: a run is done when it exists.
 """
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from hypermixer.hf.release import tokenizer_files
 
 from finetune import metrics
 from finetune.config import FinetuneConfig
@@ -84,8 +87,11 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
 
     runner.model.load_state_dict(best_state)
     if config.save_model:
-        extra = {"tokenizer.json": (Path(config.release) / "tokenizer.json").read_text(),
-                 FINETUNE_FILE: json.dumps({"task": task.name, "max_seq_len": runner.max_len}, indent=2) + "\n"}
+        try:  # tokenizer.json + the side files transformers' AutoTokenizer reads, when they can be made
+            extra = tokenizer_files(config.release, runner.config.max_seq_len)
+        except ValueError:  # a tokenizer without BERT-style special tokens nor side files: tokenizer.json alone
+            extra = {"tokenizer.json": (Path(config.release) / "tokenizer.json").read_text()}
+        extra[FINETUNE_FILE] = json.dumps({"task": task.name, "max_seq_len": runner.max_len}, indent=2) + "\n"
         runner.model.save_pretrained(out / "model", extra_files=extra)
     predictions = []
     if config.predict_test:

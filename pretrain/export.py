@@ -5,6 +5,9 @@ stage: stages 1-3 are consolidated with DeepSpeed's zero_to_fp32 (fp32 master we
 the engine's module weights. The release folder holds what the model library's `from_pretrained`
 reads (`config.json`, `model.safetensors`) plus `tokenizer.json` (checked against the manifest's
 hash), `README.md` (a model card) and `training.json` (config, data hashes, steps, tokens, final metrics).
+It is also a Hugging Face release: config.json carries `model_type`/`auto_map`, the model code is
+generated from `hypermixer/` into the folder, and `tokenizer_config.json` holds the special tokens and
+`model_max_length` for `AutoTokenizer` (see hypermixer.hf).
 
 `--check` re-evaluates the release on the run's validation data, with the same sequences and masks,
 and compares with the validation loss the training engine logged at that step.
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,9 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from hypermixer import EncoderConfig, ForMaskedLM
+from hypermixer.hf.release import tokenizer_files
 from pretrain import checkpoint as ckpt
-
-TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 def find_checkpoint(spec: str | Path) -> Path:
@@ -61,6 +62,14 @@ def model_card(state: dict[str, Any], num_parameters: int, checkpoint: Path) -> 
         "from hypermixer import ForMaskedLM, ForSequenceClassification",
         "mlm = ForMaskedLM.from_pretrained(\"<this folder>\")",
         "clf = ForSequenceClassification.from_pretrained(\"<this folder>\", num_labels=2)",
+        "```",
+        "",
+        "or with Hugging Face transformers (the model code is in this folder, hence `trust_remote_code=True`):",
+        "",
+        "```python",
+        "from transformers import AutoModelForSequenceClassification, pipeline",
+        "fill = pipeline(\"fill-mask\", model=\"<this folder>\", trust_remote_code=True)",
+        "clf = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\", num_labels=2, trust_remote_code=True)",
         "```",
         "",
         "## Architecture",
@@ -110,20 +119,18 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     tokenizer_text = tokenizer_file.read_bytes()
     if hashlib.sha256(tokenizer_text).hexdigest() != data["tokenizer"].get("sha256"):
         raise ValueError(f"{tokenizer_file}: sha256 differs from the one the run was trained with")
+    # tokenizer.json and the side files transformers' AutoTokenizer reads (special tokens, model_max_length)
+    tokenizer = tokenizer_files(tokenizer_file, model.config.max_seq_len)
     training = {key: state[key] for key in ("step", "total_steps", "tokens", "world_size", "zero_stage", "config",
                                             "model", "data", "last_train", "last_eval", "nonfinite_dropped")}
     training["exported_from"] = str(path.resolve())
     num_parameters = sum(p.numel() for p in model.parameters())
     out = Path(out)
     model.save_pretrained(out, extra_files={
-        "tokenizer.json": tokenizer_text.decode("utf-8"),
+        **tokenizer,
         "README.md": model_card(state, num_parameters, path),
         "training.json": json.dumps(training, indent=1) + "\n",
     })
-    for name in TOKENIZER_SIDE_FILES:  # lets transformers' AutoTokenizer read the folder too
-        side = tokenizer_file.parent / name
-        if side.is_file():
-            shutil.copyfile(side, out / name)
     return out
 
 
