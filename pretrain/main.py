@@ -105,8 +105,9 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def run_from_argv(argv: Sequence[str] | None = None):
-    """Parse, validate, train. Returns the trainer's RunOutcome; raises ConfigError / NonFiniteLossError."""
+def run_from_argv(argv: Sequence[str] | None = None, build_model=None):
+    """Parse, validate, train. Returns the trainer's RunOutcome; raises ConfigError / NonFiniteLossError.
+    build_model: see pretrain.trainer.run (None: the library's ForMaskedLM)."""
     from pretrain.config import load_config, resolve
     from pretrain.trainer import run
 
@@ -123,7 +124,7 @@ def run_from_argv(argv: Sequence[str] | None = None):
         return None
     clear_stale_extension_locks()
     quiet_deepspeed()
-    return run(config, resume=args.resume)
+    return run(config, resume=args.resume, **({"build_model": build_model} if build_model else {}))
 
 
 def report_failure(err: Exception) -> None:
@@ -136,12 +137,12 @@ def report_failure(err: Exception) -> None:
     print(f"pretrain: {err}", file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, build_model=None) -> int:
     from pretrain.config import ConfigError
     from pretrain.trainer import NonFiniteLossError
 
     try:
-        run_from_argv(argv)
+        run_from_argv(argv, build_model)
     except ConfigError as err:
         report_failure(err)
         return EXIT_CONFIG

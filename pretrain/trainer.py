@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from hypermixer import ForMaskedLM, flops_per_token
+from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, PretrainConfig, Resolved, config_diff, resolve
 from pretrain.data import Cursor, Layout, Masking, TrainBatches, validation_batches, validation_samples
@@ -64,10 +64,11 @@ class RunOutcome:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases and LayerNorm parameters."""
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad:
+            if param.requires_grad and id(param) not in seen:  # a tied parameter goes in once
+                seen.add(id(param))
                 exempt = isinstance(module, nn.LayerNorm) or name.endswith("bias")
                 (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -266,8 +267,13 @@ def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
         raise ConfigError([f"--resume: {err}"]) from None
 
 
-def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
-    """Train on every rank of an initialised or initialisable (env://) process group."""
+def run(config: PretrainConfig, resume: str | None = None,
+        build_model: Callable[[EncoderConfig], nn.Module] = ForMaskedLM) -> RunOutcome:
+    """Train on every rank of an initialised or initialisable (env://) process group.
+
+    build_model: the masked-LM module for the resolved encoder config. Its forward(input_ids,
+    attention_mask=, labels=) returns an object with `loss`, `accuracy` and `num_masked`, as
+    ForMaskedLM's does; bench.quality passes Hugging Face's BERT here as an independent reference."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -299,8 +305,9 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
                   + (f"; changed settings: {', '.join(changed)}" if changed else ""), flush=True)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = ForMaskedLM(resolved.model)
-    model.encoder.gradient_checkpointing = config.train.activation_checkpointing
+    model = build_model(resolved.model)
+    if hasattr(model, "encoder"):
+        model.encoder.gradient_checkpointing = config.train.activation_checkpointing
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.optim.weight_decay), config=resolved.deepspeed,
@@ -316,6 +323,7 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
 
     step = int(state.get("step", 0))
     tokens = int(state.get("tokens", 0))
+    train_seconds = float(state.get("train_seconds", 0.0))  # training steps only: no eval, no checkpoints
     guard = NonFiniteGuard(config.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_dropped", 0)))
     layout = Layout(rank, world_size, config.data.num_workers, config.batch.micro_batch_size)
     masking = Masking.from_manifest(resolved.manifest, config.data)
@@ -358,11 +366,13 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
         dist.all_reduce(sums)
         loss_sum, correct, masked = sums.tolist()
         return {"kind": "eval", "step": step, "loss": loss_sum / max(masked, 1), "accuracy": correct / max(masked, 1),
-                "masked_tokens": int(masked), "seconds": time.perf_counter() - began}
+                "masked_tokens": int(masked), "seconds": time.perf_counter() - began, "tokens": tokens,
+                "train_seconds": train_seconds}
 
     def checkpoint_state() -> dict[str, Any]:
         return {
-            "run_name": config.run_name, "step": step, "tokens": tokens, "cursor": batches.cursor.to_dict(),
+            "run_name": config.run_name, "step": step, "tokens": tokens, "train_seconds": train_seconds,
+            "cursor": batches.cursor.to_dict(),
             "world_size": world_size,
             "total_steps": resolved.total_steps, "fingerprint": resolved.fingerprint(), "config": config.to_dict(),
             "model": resolved.model.to_dict(), "zero_stage": resolved.zero_stage,
@@ -387,7 +397,9 @@ def run(config: PretrainConfig, resume: str | None = None) -> RunOutcome:
                                     resolved.grad_accum, norm_by_hand and log_now, rank)
                 step += 1
                 tokens += resolved.tokens_per_step
-                window.add(result, time.perf_counter() - began, lr)
+                seconds = time.perf_counter() - began
+                train_seconds += seconds
+                window.add(result, seconds, lr)
                 _fault(rank, step)
                 if log_now:
                     sums = window.sums.clone()

@@ -25,7 +25,7 @@ def test_every_config_key_is_documented():
     for key in cfg.DERIVED_DEEPSPEED_KEYS:
         assert f"| `{key}` |" in text
     # values as the shipped configs set them
-    assert "| `optim.total_steps` | int \\| null | `null` | `2000` | `100000` | `1000000` |" in text
+    assert "| `optim.total_steps` | int \\| null | `null` | `2000` | `100000` | `1000000` | `800` |" in text
 
 
 def test_field_comments_come_from_the_source():

@@ -29,7 +29,7 @@ def write(tmp_path, values) -> str:
 
 
 def test_shipped_configs_resolve_by_bare_name(tmp_path, monkeypatch):
-    assert {"tiny", "small", "base"} <= set(shipped_configs())
+    assert {"tiny", "small", "base", "cpu"} <= set(shipped_configs())
     assert config_path("tiny") == config_path("tiny.json")
     assert config_path("base").name == "base.json"
     monkeypatch.chdir(tmp_path)
@@ -39,7 +39,7 @@ def test_shipped_configs_resolve_by_bare_name(tmp_path, monkeypatch):
         config_path("tinyy")
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+@pytest.mark.parametrize("name", ["tiny", "small", "base", "cpu"])
 def test_shipped_configs_are_valid_once_data_is_given(name, shards):
     config = load_config(name, [f"data.path={shards}"])
     resolved = resolve(config, world_size=1)

@@ -1,0 +1,107 @@
+"""bench.quality: the whole code path at toy size, and the fairness of its reference comparison
+(Hugging Face BERT fed exactly the tensors our models are fed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers", reason="the `hf` extra (pip install -e '.[hf]') is not installed")
+
+from bench.quality import DEFAULT_GLUE, DEFAULT_HELDOUT  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_shared = pytest.mark.skipif(not (DEFAULT_HELDOUT.is_file() and (DEFAULT_GLUE / "MRPC").is_dir()),
+                                  reason="WikiText-2 test.txt and GLUE MRPC from ../shared not found")
+
+
+@pytest.mark.slow
+@needs_shared
+def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
+    out = tmp_path / "quality"
+    result = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    curves = report["pretraining"]
+    assert list(curves) == ["hypermixer", "transformer", "bert-hf"]
+    budgets = {name: c["tokens"] for name, c in curves.items()}
+    assert len({tuple(t) for t in budgets.values()}) == 1, budgets  # equal token budget, same evaluation points
+    masked = {c["masked_tokens"] for c in curves.values()}
+    assert len(masked) == 1, masked  # the same held-out masks for all three
+    for c in curves.values():
+        assert all(0.0 < loss < 20.0 for loss in c["loss"]) and c["tokens_per_s"] > 0
+    assert report["reference_gap"] and len(report["sweep"]) == 4
+    downstream = report["downstream"]
+    for model in ("hypermixer", "transformer"):
+        for init in ("scratch", "pretrained"):
+            for task in ("SST-2", "MRPC"):
+                entry = downstream[model][init][task]
+                assert entry["seeds"] == [0, 1] and 0.0 <= entry["mean"] <= 1.0
+    assert report["majority"]["SST-2"]["accuracy"] == pytest.approx(444 / 872)
+    for name in ("results.md", "pretraining.png", "sweep.png", "downstream.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| bert-hf |" in result.stdout and "| majority class |" in result.stdout
+
+
+# Runs our model and the reference through pretrain.trainer.run (1 process) with a wrapper that hashes
+# every (input_ids, attention_mask, labels) it is given: the streams must be identical.
+_RECORD = r"""
+import hashlib, json, os, socket, sys
+import torch
+from torch import nn
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+from bench.reference_bert import BertReference
+from hypermixer import ForMaskedLM
+from pretrain.config import load_config
+from pretrain.trainer import run
+
+class Recording(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        digest = hashlib.sha256()
+        for t in (input_ids, attention_mask, labels):
+            digest.update(t.cpu().numpy().tobytes())
+        self.seen.append(digest.hexdigest())
+        return self.inner(input_ids, attention_mask=attention_mask, labels=labels)
+
+data, out = sys.argv[1], sys.argv[2]
+streams = {}
+for name, build, seed in (("ours", ForMaskedLM, 0), ("bert-hf", BertReference, 0), ("ours-seed1", ForMaskedLM, 1)):
+    made = []
+    config = load_config("cpu", [f"data.path={data}", f"output_dir={out}/{name}", f"seed={seed}",
+        "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+        "optim.total_steps=4", "optim.warmup_steps=1", "batch.global_batch_size=8", "batch.micro_batch_size=4",
+        "eval.every_steps=2", "eval.max_samples=8", "checkpoint.every_steps=0", "logging.wandb.mode=disabled"])
+    run(config, build_model=lambda encoder: made.append(Recording(build(encoder))) or made[-1])
+    streams[name] = made[0].seen
+print(json.dumps(streams))
+"""
+
+
+@pytest.mark.slow
+def test_the_reference_gets_exactly_our_inputs_masks_and_labels(tmp_path):
+    from data_pipeline.build import build
+    from data_pipeline.config import BuildConfig
+
+    text = " ".join(f"word{i % 37} tok{i % 11} the a ." for i in range(4000))
+    (tmp_path / "corpus.txt").write_text("\n".join(text[i:i + 300] for i in range(0, len(text), 300)))
+    build(BuildConfig(inputs=[str(tmp_path / "corpus.txt")], out_dir=str(tmp_path / "data"), vocab_size=90,
+                      seq_len=32, validation_fraction=0.2, shard_mb=0.01), workers=1, progress=False)
+
+    result = subprocess.run([sys.executable, "-c", _RECORD, str(tmp_path / "data"), str(tmp_path / "runs")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    streams = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(streams["ours"]) == 4 * 2 + 2 * 2  # 4 steps x 2 micro-batches + 2 evaluations x 2 batches
+    assert streams["ours"] == streams["bert-hf"]
+    # and the comparison can fail: another seed masks other positions
+    assert streams["ours-seed1"] != streams["ours"]
