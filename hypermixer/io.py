@@ -78,12 +78,13 @@ class PretrainedMixin:
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         config = release_config(type(self).__name__, self.config.to_dict(), self.head_config())
-        # Write under temporary names, then rename: a crash never leaves a half-written release.
+        # Write under temporary names, then rename: a crash never leaves a half-written file; config.json
+        # comes last, so a folder that has one is complete.
         _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         for name, text in (extra_files or {}).items():
             _atomic_write(directory / name, lambda tmp, text=text: Path(tmp).write_text(text))
         write_release_code(directory)  # what config.json's auto_map names, for transformers' Auto classes
+        _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         return directory
 
     @classmethod
