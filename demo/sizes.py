@@ -20,7 +20,8 @@ class Size:
     name: str
     # data_pipeline build: tokenizer and shards
     build_args: tuple[str, ...]
-    # pretrain: --set overrides on top of the shipped `tiny` config (mixer, data and output are added)
+    # pretrain: --set overrides on top of the shipped `cpu` recipe (pretrain/configs/cpu.json: the tiny
+    # model, no dropout, peak lr 2e-3 with linear warmup and decay, batch 64); mixer, data, output are added
     pretrain_sets: tuple[str, ...]
     # finetune sweep arguments (one learning rate, one seed: a demo, not a study)
     finetune_args: tuple[str, ...]
@@ -32,10 +33,9 @@ SIZES = {
         name="default",
         # 5% of the paragraphs held out: ~100 validation sequences for the pretraining curve
         build_args=("--vocab-size", "8192", "--seq-len", "128", "--validation-fraction", "0.05"),
-        # tiny preset (d=128, 4 layers): ~6 epochs over the 2,000 train sequences, ~5 min on 2 cores
+        # the cpu recipe, 400 steps of 64 sequences: ~13 epochs over the ~2,000 train sequences
         pretrain_sets=(
-            "optim.total_steps=400", "optim.warmup_steps=40", "optim.lr=1e-3",
-            "batch.global_batch_size=32", "batch.micro_batch_size=16",
+            "optim.total_steps=400", "optim.warmup_steps=25",
             "data.num_workers=1", "eval.every_steps=50", "eval.max_samples=512",
             "checkpoint.every_steps=100", "checkpoint.keep_last=1", "logging.every_steps=10",
         ),

@@ -177,7 +177,7 @@ def pretrain(out: Path, data: Path, data_id: str, mixer: str, size: Size, force:
               "if it has one)", flush=True)
     stage.write_stamp("running")
     began = time.monotonic()
-    tail = ["pretrain/main.py", "--config", "tiny", "--set", f"data.path={data}", f"output_dir={out}", *sets,
+    tail = ["pretrain/main.py", "--config", "cpu", "--set", f"data.path={data}", f"output_dir={out}", *sets,
             "--resume", "auto"]
     # DS_ACCELERATOR=cpu: the demo runs on CPU even where a GPU exists. One thread per rank and core.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // 2))
