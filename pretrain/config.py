@@ -208,9 +208,11 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     config = from_dict(raw, problems)
     config.source = str(path)
     # Keys with a structural problem (unknown, wrong type) fell back to defaults: report them once.
+    # (`optim.lrr` unknown does not hide `optim.lr`: keys match whole dotted parts.)
     flagged = {problem.split(":")[0] for problem in problems}
     problems += [problem for problem in validate(config)
-                 if not any(key.startswith(problem.split(":")[0]) for key in flagged)]
+                 if not any(key == problem.split(":")[0] or key.startswith(problem.split(":")[0] + ".")
+                            for key in flagged)]
     if problems:
         raise ConfigError(problems)
     return config
