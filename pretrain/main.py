@@ -13,7 +13,8 @@ stopped on a signal.
 Return codes: 0 completed, or stopped by SIGTERM/SIGUSR1 after a complete checkpoint (then
 run_status.json says "stopped" and `--resume auto` continues); 2 a config mistake (nothing ran);
 3 diverged (too many non-finite losses in a row), 2 also for a corrupt shard found while training; 75 stalled (a rank made no progress for
-train.stall_timeout_s; requeue-able, see pretrain/watchdog.py); anything else is a crash (traceback).
+train.stall_timeout_s; requeue-able, see pretrain/watchdog.py); 4 a checkpoint could not be saved (one
+line; the previous checkpoint is intact; free the space and rerun with --resume auto); anything else is a crash (traceback).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import socket  # noqa: E402
 import time  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED = 0, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED, EXIT_SAVE_FAILED = 0, 2, 3, 4
 STALE_LOCK_S = 15 * 60  # a DeepSpeed op compiles in ~1-2 min; a lock this old was left by a killed compile
 # torchrun and the deepspeed launcher tear every rank down when the first one exits. A config mistake is
 # found on every rank, and rank 0 reports it; the other ranks wait this long before exiting, so that a
@@ -149,6 +150,7 @@ def report_failure(err: Exception, everywhere: bool = True) -> None:
 
 def main(argv: Sequence[str] | None = None, build_model=None) -> int:
     from data_pipeline.errors import DataPipelineError
+    from pretrain.checkpoint import CheckpointSaveError
     from pretrain.config import ConfigError
     from pretrain.trainer import NonFiniteLossError
 
@@ -163,6 +165,8 @@ def main(argv: Sequence[str] | None = None, build_model=None) -> int:
     except DataPipelineError as err:  # a corrupt shard found while training: one line, not a traceback
         report_failure(one_line(err), everywhere=False)
         return EXIT_CONFIG
+    except CheckpointSaveError:  # rank 0 printed the summary line; run_status.json says failed (if writable)
+        return EXIT_SAVE_FAILED
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

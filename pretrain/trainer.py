@@ -280,6 +280,9 @@ def _dig(values: dict[str, Any], dotted: str) -> Any:
 def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
     root = config.checkpoint_dir
     if resume == "auto":
+        if int(os.environ.get("RANK", "0")) == 0:  # before anything else is written: a full disk may need the space
+            for path in ckpt.remove_incomplete(root):
+                print(f"removed {path}: an interrupted save (no {ckpt.STATE_FILE})", flush=True)
         return ckpt.latest_checkpoint(root)
     if resume in (None, "", "none"):
         existing = ckpt.latest_checkpoint(root)
@@ -342,6 +345,11 @@ def run(config: PretrainConfig, resume: str | None = None,
         engine.compile()
     torch.manual_seed(rank_seed(config.seed, rank))
     if start is not None:
+        problem = ckpt.check_pickles(start) if rank == 0 else None
+        flag = torch.tensor([0.0 if problem is None else 1.0])
+        dist.all_reduce(flag)  # every rank refuses alike (exit 2), before any of them starts loading
+        if flag.item():
+            raise ConfigError([f"--resume: {problem or 'rank 0 refused the checkpoint ' + str(start)}"])
         try:
             state = ckpt.load(engine, start)
         except ckpt.UnsafeCheckpointError as err:
