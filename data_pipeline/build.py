@@ -26,6 +26,7 @@ import threading
 import time
 import unicodedata
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from multiprocessing.managers import SyncManager
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +34,7 @@ from typing import Callable, Iterator
 from .config import BuildConfig, load_config
 from .dedup import dups_path, hash_unit, load_drop_set, resolve_duplicates
 from .errors import DataPipelineError
+from .orphans import die_with_parent
 from .packing import Packer
 from .readers import ReadStats, expand_inputs, iter_docs
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, ShardWriter, dtype_for_vocab,
@@ -479,7 +481,8 @@ def format_report(report: dict) -> str:
 # --------------------------------------------------------------------------- build
 
 
-def _init_worker(threads: int):
+def _init_worker(threads: int, parent: int):
+    die_with_parent(parent)  # a SIGKILLed build leaves no worker behind
     # Each worker process gets its share of the cores for the tokenizer's own thread pool;
     # with one core each, the pool is switched off to avoid oversubscription.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
@@ -547,7 +550,10 @@ def build(cfg, workers: int = 1, progress: bool = True, verify: bool = False) ->
 def _run_pool(cfg: BuildConfig, todo: list[Unit], workers: int, update, fn=_worker_run) -> None:
     ctx = mp.get_context("spawn")   # no fork: the parent may hold tokenizer thread pools
     threads = max(1, (os.cpu_count() or 1) // workers)
-    manager = ctx.Manager() if update is not None else None
+    manager = None
+    if update is not None:
+        manager = SyncManager(ctx=ctx)
+        manager.start(die_with_parent, (os.getpid(),))
     queue = manager.Queue() if manager is not None else None
     stop = threading.Event()
 
@@ -562,7 +568,7 @@ def _run_pool(cfg: BuildConfig, todo: list[Unit], workers: int, update, fn=_work
         drainer.start()
     try:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(threads,)) as ex:
+                                 initializer=_init_worker, initargs=(threads, os.getpid())) as ex:
             futs = [ex.submit(fn, cfg.to_dict(), u.to_dict(), queue) for u in todo]
             done, pending = wait(futs, return_when=FIRST_EXCEPTION)
             for f in futs:

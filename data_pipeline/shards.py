@@ -161,6 +161,75 @@ def decode_sample(sample: dict, seq_len: int | None = None) -> np.ndarray:
     return ids
 
 
+class _HashingReader:
+    """A file read front to back, hashed on the way (tarfile's stream mode reads it in order)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.hash = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, where_: str) -> None:
+    """Every id must be < vocab_size: a corrupt id would index past the embedding table."""
+    if ids.size and int(ids.max()) >= vocab_size:
+        bad = int(np.argmax(ids >= vocab_size))
+        raise DataPipelineError(f"{where_}: id {int(ids[bad])} at position {bad} is outside the vocabulary "
+                                f"({vocab_size} ids): the shard is corrupt; rebuild or restore it")
+
+
+def read_shard(path: str | os.PathLike, *, seq_len: int | None = None, vocab_size: int | None = None,
+               sha256: str | None = None, stop: int | None = None):
+    """Yield the ids (int64) of a shard's first `stop` samples (all without `stop`), in order, checked:
+    the length (`seq_len`), every id against the vocabulary (`vocab_size`), and the whole file against
+    the manifest's `sha256`, hashed as it is read (after the last wanted sample the rest of the file is
+    read too). The last sample is yielded only once the hash matched, so a reader that buffers what it
+    reads (pretrain's shuffle chunks) never hands out a sample of a corrupt shard. Errors are one
+    DataPipelineError line naming the shard, the member and the sample index."""
+    path = str(path)
+    if stop is not None and stop <= 0:
+        return
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw)
+        pending, index = None, 0
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tf:
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    key, _, field = member.name.partition(".")
+                    where_ = f"{path}: member {member.name!r} (sample {index})"
+                    data = tf.extractfile(member).read()
+                    ids = decode_sample({"__key__": key, "__url__": path, field: data}, seq_len)
+                    if vocab_size is not None:
+                        check_ids(ids, vocab_size, where_)
+                    if pending is not None:
+                        yield pending
+                    pending, index = ids, index + 1
+                    if stop is not None and index == stop:
+                        break
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataPipelineError(f"{path}: unreadable tar after sample {index} ({type(e).__name__}: {e}); "
+                                    "the shard is corrupt or truncated; rebuild or restore it") from None
+        if stop is not None and index < stop:
+            raise DataPipelineError(f"{path}: {index} samples, but the manifest says at least {stop}")
+        if sha256 is not None:
+            digest = reader.drain()
+            if digest != sha256:
+                raise DataPipelineError(f"{path}: sha256 {digest[:16]}... differs from the manifest's "
+                                        f"{sha256[:16]}...: the shard is corrupt; rebuild or restore it")
+    if pending is not None:
+        yield pending
+
+
 def iter_shard(path: str | os.PathLike, seq_len: int | None = None):
     """Yield ``(key, ids)`` from one shard with the standard library (no webdataset needed)."""
     with tarfile.open(path, "r:") as tf:

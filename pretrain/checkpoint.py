@@ -7,10 +7,12 @@
             rng_rank00000.safetensors   each rank's torch RNG state (dropout)
             trainer_state.json    step, tokens, data cursor, config, fingerprint, metrics; written by
                                   rank 0 after every rank has saved: its presence is the completion marker
-        zero_to_fp32.py           DeepSpeed's own converter, copied there by DeepSpeed
+        EXPORT.txt                how to get the weights: `python -m pretrain.export` (DeepSpeed's
+                                  zero_to_fp32.py, which unpickles without restriction, is removed)
 
-A folder without trainer_state.json is an interrupted save: never resumed from, deleted at the next save.
-The `latest` file has the name and content DeepSpeed's tools expect, so `zero_to_fp32.py` works as is.
+A folder without trainer_state.json is an interrupted save: never resumed from, deleted at the next save
+and by `--resume auto` before anything else is written (`remove_incomplete`). A save that fails on any
+rank is reported by rank 0 in one line, "checkpoint step N failed: <reason>; step M is intact".
 The checkpoint dir must be on a filesystem every rank sees (as DeepSpeed itself assumes).
 Nothing of ours is pickled: JSON and safetensors only. DeepSpeed's files are pickles, which DeepSpeed
 reads with torch's weights-only mode turned off; every load of ours goes through `weights_only_loads`,
@@ -103,24 +105,100 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+EXPORT_NOTE = "EXPORT.txt"
+UNSAFE_CONVERTER = "zero_to_fp32.py"  # DeepSpeed copies it next to every save; it unpickles without restriction
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; the message is the one summary line."""
+
+
+def _agree(failed: bool) -> bool:
+    """Collective: True when any rank failed."""
+    flag = torch.tensor([1.0 if failed else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def save(engine: Any, root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder once it is complete on disk."""
+    """Collective: every rank calls it. Returns the checkpoint folder once it is complete on disk, or raises
+    CheckpointSaveError on every rank with one line (printed by rank 0) when any rank's part failed.
+    (A failure inside DeepSpeed's own collectives of save_checkpoint can leave the others waiting there:
+    the stall watchdog ends that.)"""
     rank = dist.get_rank()
     path = root / tag_for(step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # an interrupted save of this very step, from an earlier attempt
-            shutil.rmtree(path)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=path.name, client_state={}, save_latest=False)
-    save_rng_state(path, rank)
-    dist.barrier()  # every rank's files are on disk before the marker says "complete"
-    if rank == 0:
-        _write_atomic(path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1))
-        _write_atomic(root / LATEST_FILE, path.name)
-        prune(root, keep_last)
-    dist.barrier()
+    intact = latest_checkpoint(root) if rank == 0 else None
+    error: BaseException | None = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # an interrupted save of this very step, from an earlier attempt
+                shutil.rmtree(path)
+    except OSError as err:
+        error = err
+    if not _agree(error is not None):
+        try:
+            engine.save_checkpoint(str(root), tag=path.name, client_state={}, save_latest=False)
+            save_rng_state(path, rank)
+        except (OSError, RuntimeError) as err:
+            error = err
+    failed = _agree(error is not None)  # every rank's files are on disk before the marker says "complete"
+    if not failed and rank == 0:
+        try:
+            _write_atomic(path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1))
+            _write_atomic(root / LATEST_FILE, path.name)
+            replace_unsafe_converter(root)
+            prune(root, keep_last)
+        except OSError as err:
+            error = err
+    if _agree(error is not None):
+        reason = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                  if error is not None else "failed on another rank")
+        try:  # torch reports a full disk as "unexpected pos ...": say how much room there is
+            reason += f" ({root} has {shutil.disk_usage(root).free / 2**20:.2f} MiB free)"
+        except OSError:
+            pass
+        line = (f"checkpoint step {step} failed: {reason}; "
+                + (f"step {step_of(intact)} is intact ({intact})" if intact else "no earlier checkpoint exists"))
+        if rank == 0:
+            print(f"pretrain: {line}", flush=True)
+        raise CheckpointSaveError(line)
     return path
+
+
+def replace_unsafe_converter(root: Path) -> None:
+    """DeepSpeed's zero_to_fp32.py unpickles with torch.load(weights_only=False): a tampered checkpoint runs
+    its payload through it. Replace it with a note pointing to the export that reads checkpoints safely."""
+    (root / UNSAFE_CONVERTER).unlink(missing_ok=True)
+    note = root / EXPORT_NOTE
+    if not note.exists():
+        _write_atomic(note, "Release these checkpoints with `python -m pretrain.export <this folder> <out>`: it\n"
+                            "consolidates every ZeRO stage and reads the files with torch.load(weights_only=True).\n"
+                            "(DeepSpeed's zero_to_fp32.py was removed: it unpickles without restriction.)\n")
+
+
+def remove_incomplete(root: Path) -> list[Path]:
+    """Delete interrupted saves (step folders without the completion marker): what `--resume auto` does
+    first, so that it works in a folder where a save failed (e.g. a full disk) once space is freed."""
+    doomed = [p for p in checkpoint_folders(root) if not is_complete(p)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def check_pickles(path: Path) -> str | None:
+    """Read every DeepSpeed file of a checkpoint with torch's weights-only unpickler, memory-mapped (the
+    tensors are not read). The problem, in one line, or None. Rank 0 runs it before any rank loads, so a
+    refused checkpoint is refused on every rank alike (exit 2), never half-way through a collective load."""
+    for file in sorted(path.glob("*.pt")):
+        try:
+            with weights_only_loads(file):
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except UnsafeCheckpointError as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001 - unreadable is a refusal too, named
+            return f"{file}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return None
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:

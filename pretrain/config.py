@@ -92,6 +92,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (less memory)
     compile: bool = False  # torch.compile through DeepSpeed's engine.compile()
     max_nonfinite_in_a_row: int = 5  # abort after this many consecutive non-finite losses
+    # Seconds without progress (a step, an evaluation or a checkpoint) before every rank exits with code 75
+    # (requeue-able), naming the stalled rank; also the timeout of every process group, DeepSpeed's included.
+    stall_timeout_s: float = 600.0
 
 
 @dataclass
@@ -205,9 +208,11 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     config = from_dict(raw, problems)
     config.source = str(path)
     # Keys with a structural problem (unknown, wrong type) fell back to defaults: report them once.
+    # (`optim.lrr` unknown does not hide `optim.lr`: keys match whole dotted parts.)
     flagged = {problem.split(":")[0] for problem in problems}
     problems += [problem for problem in validate(config)
-                 if not any(key.startswith(problem.split(":")[0]) for key in flagged)]
+                 if not any(key == problem.split(":")[0] or key.startswith(problem.split(":")[0] + ".")
+                            for key in flagged)]
     if problems:
         raise ConfigError(problems)
     return config
@@ -371,6 +376,7 @@ def validate(c: PretrainConfig) -> list[str]:
         else:
             need("enabled" not in section, f"deepspeed.{key}.enabled: derived by this config; set precision instead")
 
+    need(c.train.stall_timeout_s >= 5, f"train.stall_timeout_s: must be >= 5 (seconds), got {c.train.stall_timeout_s}")
     need(c.train.max_nonfinite_in_a_row >= 1,
          f"train.max_nonfinite_in_a_row: must be >= 1, got {c.train.max_nonfinite_in_a_row}")
     need(c.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {c.eval.every_steps}")

@@ -21,7 +21,9 @@ DataLoader worker j plays the role of worker (j + consumed) % W; each stream ski
 their sample counts from the manifest (those shards are never opened) and reads only the chunk it
 stopped in, whose shuffle and masks are recomputed from their seeds.
 
-Shards are only read through `data_pipeline.shards` (`shard_urls`, `decode_sample`) and webdataset.
+Shards are only read through `data_pipeline.shards` (`shard_urls`, `read_shard`), which checks every id
+against the vocabulary and each shard's sha256 as it reads; a chunk is read whole before any of its
+micro-batches is made, so no step trains on a sample of a corrupt shard.
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import decode_sample, shard_urls
+from data_pipeline.shards import read_shard, shard_urls
 from hypermixer import IGNORE_INDEX
 
 # Domain tags in the seeds, so that no two kinds of randomness ever share a generator state.
@@ -47,6 +48,7 @@ class Shard:
     index: int  # position in the manifest's split (its identity in every seed)
     url: str
     samples: int
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Masking:
 
     def __init__(self, special_ids: dict[str, int], vocab_size: int, mask_prob: float = 0.15,
                  mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> None:
+        self.vocab_size = int(vocab_size)
         self.mask_id = int(special_ids["mask"])
         self.pad_id = int(special_ids["pad"])
         self.special = np.array(sorted(set(int(v) for v in special_ids.values())), dtype=np.int64)
@@ -136,7 +139,7 @@ class Masking:
 def shards_of(manifest: dict[str, Any], split: str) -> list[Shard]:
     urls = shard_urls(manifest, split)
     records = manifest["splits"][split]["shards"]
-    return [Shard(i, url, int(rec["samples"])) for i, (url, rec) in enumerate(zip(urls, records))]
+    return [Shard(i, url, int(rec["samples"]), rec.get("sha256")) for i, (url, rec) in enumerate(zip(urls, records))]
 
 
 def cut(shards: list[Shard], lo: int, hi: int) -> list[Piece]:
@@ -165,17 +168,14 @@ def stream_pieces(shards: list[Shard], layout: Layout, stream: int, seed: int, e
     return cut(shard_order(shards, seed, epoch, shuffle), stream * per_stream, (stream + 1) * per_stream)
 
 
-def read_piece(piece: Piece, seq_len: int) -> Iterator[np.ndarray]:
-    """The piece's samples in shard order. Samples before `start` are read and dropped (a tar is sequential)."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList([piece.shard.url]), wds.tarfile_to_samples())
-    seen = 0
-    for sample in pipeline:
+def read_piece(piece: Piece, seq_len: int, vocab_size: int | None = None) -> Iterator[np.ndarray]:
+    """The piece's samples in shard order, checked (ids, the shard's sha256: see `read_shard`). Samples
+    before `start` are read and dropped (a tar is sequential)."""
+    samples = read_shard(piece.shard.url, seq_len=seq_len, vocab_size=vocab_size, sha256=piece.shard.sha256,
+                         stop=piece.stop)
+    for seen, ids in enumerate(samples):
         if seen >= piece.start:
-            yield decode_sample(sample, seq_len)
-        seen += 1
-        if seen == piece.stop:
-            return
-    raise ValueError(f"{piece.shard.url}: {seen} samples, but the manifest says {piece.shard.samples}")
+            yield ids
 
 
 def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -232,7 +232,7 @@ def stream_batches(spec: StreamSpec, stream: int, done_batches: int) -> Iterator
             break
         ids, origin = [], []
         for piece in chunk:
-            for offset, sample in enumerate(read_piece(piece, spec.seq_len)):
+            for offset, sample in enumerate(read_piece(piece, spec.seq_len, spec.masking.vocab_size)):
                 ids.append(sample)
                 origin.append((piece.shard.index, piece.start + offset))
         order = (np.random.default_rng([spec.seed, CHUNK_ORDER, spec.epoch, stream, chunk_index]).permutation(size)
@@ -311,7 +311,7 @@ def validation_batches(manifest: dict[str, Any], split: str, masking: Masking, s
     seq_len = int(manifest["seq_len"])
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     for piece in pieces:
-        for offset, sample in enumerate(read_piece(piece, seq_len)):
+        for offset, sample in enumerate(read_piece(piece, seq_len, masking.vocab_size)):
             rng = np.random.default_rng([seed, VALIDATION_MASKS, piece.shard.index, piece.start + offset])
             rows.append(masking(sample, rng))
             if len(rows) == micro_batch_size:

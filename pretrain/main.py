@@ -12,7 +12,9 @@ stopped on a signal.
 
 Return codes: 0 completed, or stopped by SIGTERM/SIGUSR1 after a complete checkpoint (then
 run_status.json says "stopped" and `--resume auto` continues); 2 a config mistake (nothing ran);
-3 diverged (too many non-finite losses in a row); anything else is a crash (traceback).
+3 diverged (too many non-finite losses in a row), 2 also for a corrupt shard found while training; 75 stalled (a rank made no progress for
+train.stall_timeout_s; requeue-able, see pretrain/watchdog.py); 4 a checkpoint could not be saved (one
+line; the previous checkpoint is intact; free the space and rerun with --resume auto); anything else is a crash (traceback).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import socket  # noqa: E402
 import time  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED = 0, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED, EXIT_SAVE_FAILED = 0, 2, 3, 4
 STALE_LOCK_S = 15 * 60  # a DeepSpeed op compiles in ~1-2 min; a lock this old was left by a killed compile
 # torchrun and the deepspeed launcher tear every rank down when the first one exits. A config mistake is
 # found on every rank, and rank 0 reports it; the other ranks wait this long before exiting, so that a
@@ -127,10 +129,19 @@ def run_from_argv(argv: Sequence[str] | None = None, build_model=None):
     return run(config, resume=args.resume, **({"build_model": build_model} if build_model else {}))
 
 
-def report_failure(err: Exception) -> None:
-    """One message per job: rank 0 prints at once; another rank only if rank 0 has not ended the job first."""
+def one_line(err: Exception) -> str:
+    """The error's own line, also when a DataLoader worker's error came wrapped in its traceback."""
+    lines = str(err).strip().splitlines()
+    if len(lines) > 1 and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[1] if ": " in lines[-1] else lines[-1]
+    return str(err)
+
+
+def report_failure(err: Exception, everywhere: bool = True) -> None:
+    """One message per job: rank 0 prints at once; another rank only if rank 0 has not ended the job first.
+    A failure found on one rank only (`everywhere` False: a corrupt shard) is printed at once by that rank."""
     rank = os.environ.get("RANK", "0")
-    if rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if everywhere and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         time.sleep(REPORT_GRACE_S)  # normally the launcher kills us here, after rank 0 has printed and exited
         print(f"pretrain (rank {rank}): {err}", file=sys.stderr, flush=True)
         return
@@ -138,6 +149,8 @@ def report_failure(err: Exception) -> None:
 
 
 def main(argv: Sequence[str] | None = None, build_model=None) -> int:
+    from data_pipeline.errors import DataPipelineError
+    from pretrain.checkpoint import CheckpointSaveError
     from pretrain.config import ConfigError
     from pretrain.trainer import NonFiniteLossError
 
@@ -149,6 +162,11 @@ def main(argv: Sequence[str] | None = None, build_model=None) -> int:
     except NonFiniteLossError as err:
         report_failure(err)
         return EXIT_DIVERGED
+    except DataPipelineError as err:  # a corrupt shard found while training: one line, not a traceback
+        report_failure(one_line(err), everywhere=False)
+        return EXIT_CONFIG
+    except CheckpointSaveError:  # rank 0 printed the summary line; run_status.json says failed (if writable)
+        return EXIT_SAVE_FAILED
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -29,15 +29,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from data_pipeline.errors import DataPipelineError
 from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, PretrainConfig, Resolved, config_diff, resolve
 from pretrain.data import Cursor, Layout, Masking, TrainBatches, validation_batches, validation_samples
 from pretrain.metrics import MetricsLog, default_peak_tflops, throughput
+from pretrain.watchdog import Watchdog, set_default_group_timeout
 
 RUN_STATUS_FILE = "run_status.json"
-# Fault injection for the integration tests: "kill:RANK:STEP" (SIGKILL itself after STEP) or
-# "signal:RANK:STEP:NAME" (send itself signal NAME after STEP). Never set in real runs.
+# Fault injection for the integration tests: "kill:RANK:STEP" (SIGKILL itself after STEP), "stop:RANK:STEP"
+# (SIGSTOP itself) or "signal:RANK:STEP:NAME" (send itself signal NAME after STEP). Never set in real runs.
 FAULT_ENV = "PRETRAIN_FAULT"
 
 
@@ -120,6 +122,27 @@ def write_run_status(run_dir: Path, **values: Any) -> None:
     os.replace(tmp, run_dir / RUN_STATUS_FILE)
 
 
+def record_failure(record: Callable[[str, str], None], err: BaseException, signal_name: str | None,
+                   run_dir: Path) -> None:
+    """run_status.json "killed" (a signal came first) or "failed", with the reason, if the disk still takes it.
+    A corrupt-shard record written by the rank that found it is not overwritten by rank 0's consequence."""
+    lines = str(err).strip().splitlines()
+    text = lines[-1] if len(lines) > 1 and "DataLoader worker" in lines[0] else (lines[0] if lines else "")
+    reason = f"{type(err).__name__}: {text.removeprefix('data_pipeline.errors.DataPipelineError: ')}"[:500]
+    try:
+        if not isinstance(err, DataPipelineError):
+            time.sleep(1.0)  # let a rank that found a corrupt shard write first
+            previous = json.loads((run_dir / RUN_STATUS_FILE).read_text())
+            if previous.get("status") == "failed" and "DataPipelineError" in str(previous.get("reason")):
+                return
+    except (OSError, ValueError):
+        pass
+    try:
+        record("killed" if signal_name else "failed", f"{signal_name}; then {reason}" if signal_name else reason)
+    except OSError:
+        pass
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak allocated accelerator memory since the last call (CUDA), else this process's resident memory."""
     if device.type == "cuda":
@@ -140,6 +163,9 @@ def _fault(rank: int, step: int) -> None:
         return
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "stop":  # a stalled rank: frozen, every thread included, until SIGCONT or SIGKILL
+        print(f"fault injection: rank {rank} SIGSTOPs itself after step {step} at {time.time():.3f}", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif kind == "signal":
         os.kill(os.getpid(), signal.Signals[f"SIG{rest[0]}" if not rest[0].startswith("SIG") else rest[0]])
 
@@ -254,6 +280,9 @@ def _dig(values: dict[str, Any], dotted: str) -> Any:
 def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
     root = config.checkpoint_dir
     if resume == "auto":
+        if int(os.environ.get("RANK", "0")) == 0:  # before anything else is written: a full disk may need the space
+            for path in ckpt.remove_incomplete(root):
+                print(f"removed {path}: an interrupted save (no {ckpt.STATE_FILE})", flush=True)
         return ckpt.latest_checkpoint(root)
     if resume in (None, "", "none"):
         existing = ckpt.latest_checkpoint(root)
@@ -290,7 +319,7 @@ def run(config: PretrainConfig, resume: str | None = None,
     if config.precision == "bf16" and not accelerator.is_bf16_supported():
         raise ConfigError([f"precision: bf16 is not supported on {accelerator.device_name()}; use fp16 or fp32"])
 
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=set_default_group_timeout(config.train.stall_timeout_s))
     rank = dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cuda":
@@ -316,6 +345,11 @@ def run(config: PretrainConfig, resume: str | None = None,
         engine.compile()
     torch.manual_seed(rank_seed(config.seed, rank))
     if start is not None:
+        problem = ckpt.check_pickles(start) if rank == 0 else None
+        flag = torch.tensor([0.0 if problem is None else 1.0])
+        dist.all_reduce(flag)  # every rank refuses alike (exit 2), before any of them starts loading
+        if flag.item():
+            raise ConfigError([f"--resume: {problem or 'rank 0 refused the checkpoint ' + str(start)}"])
         try:
             state = ckpt.load(engine, start)
         except ckpt.UnsafeCheckpointError as err:
@@ -387,15 +421,24 @@ def run(config: PretrainConfig, resume: str | None = None,
     outcome = RunOutcome("completed", step, resolved.total_steps, str(run_dir),
                          checkpoint=str(start) if start else None)
     window = Window()
+
+    def record(status: str, reason: str) -> None:  # run_status.json for a run that did not end normally
+        write_run_status(run_dir, status=status, step=step, total_steps=resolved.total_steps,
+                         checkpoint=outcome.checkpoint, signal=None, reason=reason)
+
+    stall = Watchdog.for_default_group(rank, world_size, config.train.stall_timeout_s,
+                                       on_stall=lambda line: record("stalled", line)).start(step)
     with ckpt.StopSignals() as signals:
         try:
             while step < resolved.total_steps:
+                stall.progress(step)
                 log_now = (step + 1) % config.logging.every_steps == 0 or step + 1 == resolved.total_steps
                 lr = engine.get_lr()[0]
                 began = time.perf_counter()
                 result = train_step(engine, batches, device, guard, lambda: signals.received is not None,
                                     resolved.grad_accum, norm_by_hand and log_now, rank)
                 step += 1
+                stall.progress(step)
                 tokens += resolved.tokens_per_step
                 seconds = time.perf_counter() - began
                 train_seconds += seconds
@@ -436,7 +479,13 @@ def run(config: PretrainConfig, resume: str | None = None,
                 write_run_status(run_dir, status="diverged", step=step, total_steps=resolved.total_steps,
                                  checkpoint=outcome.checkpoint, signal=None)
             raise
+        except BaseException as err:
+            stall.check_error(err)  # a collective that timed out: the stall exit (does not return)
+            if rank == 0 or isinstance(err, DataPipelineError):  # a corrupt shard: the rank that read it says so
+                record_failure(record, err, signals.name, run_dir)
+            raise
         finally:
+            stall.stop()
             batches.close()
             if log is not None:
                 log.summary({f"final/{k}": v for k, v in (last["eval"] or {}).items() if k not in ("kind",)})

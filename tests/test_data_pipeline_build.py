@@ -158,6 +158,25 @@ def test_external_sigkill_after_first_unit_then_rerun(tmp_path, corpus, tok_file
     assert _files(out) == _files(ref)
 
 
+def test_sigkilled_build_leaves_no_worker_behind(tmp_path, corpus, tok_file):
+    psutil = pytest.importorskip("psutil")
+    inputs, _ = corpus
+    cmd, env = _cli(tmp_path / "out", inputs, tok_file, extra=("--workers", "2"))
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list = []
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None and len(children) < 3:  # 2 workers + the manager
+        children = psutil.Process(p.pid).children(recursive=True)
+        time.sleep(0.05)
+    assert p.poll() is None and len(children) >= 3, "the build ended before its workers could be seen"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    began = time.monotonic()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [c.cmdline() for c in alive]
+    print(f"SIGKILL of the build: its {len(children)} child processes were gone {time.monotonic() - began:.1f}s later")
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path, corpus, tok_file):
     inputs, _ = corpus
     cfg = _cfg(inputs, tmp_path / "out", tok_file)

@@ -86,6 +86,13 @@ def test_every_mistake_gets_its_own_message(tmp_path):
     assert str(caught.value).startswith("invalid pretraining config:\n  - ")
 
 
+def test_an_unknown_key_does_not_hide_a_mistake_in_its_namesake(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, {"data": {"path": "x"}, "optim": {"total_steps": 10, "warmup_steps": 1}}),
+                    ["optim.lrr=1", "optim.lr=-1"])
+    assert [p.split(":")[0] for p in caught.value.problems] == ["optim.lrr", "optim.lr"], caught.value.problems
+
+
 def test_wrong_types_are_named(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, {"data": {"path": "x", "num_workers": "2"}, "optim": {"total_steps": 1.5},

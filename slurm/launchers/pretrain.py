@@ -6,6 +6,8 @@ MASTER_PORT taken from submitit's JobEnvironment (`export_torch_env`). The argum
 `--resume auto`: the first run starts fresh (or continues a run already in output_dir), and after the
 pre-limit signal (SIGUSR2) every rank checkpoints, submitit requeues the job, and the requeued job
 continues from that checkpoint. A preemption that SLURM requeues by itself resumes the same way.
+A stalled rank (pretrain.watchdog: no progress for train.stall_timeout_s, exit code 75) requeues the job
+too, with `scontrol requeue` from the rank that reports it; the requeued job resumes the same way.
 """
 from __future__ import annotations
 
@@ -32,12 +34,26 @@ class PretrainJob(RequeueableJob):
                   f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}: pretrain {' '.join(self.argv)}", flush=True)
         from pretrain.main import run_from_argv
+        from pretrain.watchdog import STALL_HOOKS
 
+        STALL_HOOKS[:] = [requeue_stalled_job]
         return run_from_argv(self.argv)
 
     def finished(self, outcome: Any) -> bool:
         # RunOutcome.stopped: a signal stopped the training after a complete checkpoint -> requeue
         return not getattr(outcome, "stopped", False)
+
+
+def requeue_stalled_job(line: str) -> None:
+    """A rank stalled (pretrain.watchdog, exit code 75): put the job back in the queue, where it resumes from
+    its newest complete checkpoint (--resume auto), instead of failing it. Run by the one reporting rank."""
+    import subprocess
+
+    import submitit
+
+    job_id = submitit.JobEnvironment().job_id
+    print(f"slurm pretrain: requeueing job {job_id} after the stall", file=sys.stderr, flush=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
 
 
 def job_argv(stage_args: list[str]) -> list[str]:

@@ -1,0 +1,69 @@
+"""pretrain.watchdog on real torch stores and a real (one-process, gloo) DeepSpeed engine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pretrain.watchdog import EXIT_STALLED, Watchdog, group_timeouts, set_default_group_timeout
+
+
+def test_a_silent_rank_is_named_with_its_last_step_and_the_live_one_exits():
+    store = dist.HashStore()
+    exits: list[tuple[int, int]] = []
+    lines: list[str] = []
+    frozen = Watchdog(store, 1, 2, timeout_s=1.0, interval_s=0.1, exit=lambda code: exits.append((1, code)))
+    frozen.start(0)
+    frozen.progress(7)
+    frozen.stop()  # from now on rank 1 publishes nothing, as a SIGSTOPped process would
+    live = Watchdog(store, 0, 2, timeout_s=1.0, interval_s=0.1, on_stall=lines.append,
+                    exit=lambda code: exits.append((0, code)))
+    live.start(7)
+    deadline = time.monotonic() + 10
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exits == [(0, EXIT_STALLED)]
+    assert len(lines) == 1 and "rank 1 (last finished step 7" in lines[0] and "no step for" in lines[0], lines
+
+
+def test_progress_keeps_it_quiet_and_a_timed_out_collective_fires():
+    exits: list[int] = []
+    dog = Watchdog(dist.HashStore(), 0, 1, timeout_s=0.6, interval_s=0.1, exit=exits.append).start(0)
+    for step in range(1, 12):
+        time.sleep(0.1)
+        dog.progress(step)
+    assert exits == []
+    dog.check_error(RuntimeError("an unrelated error"))
+    assert exits == []
+    dog.check_error(RuntimeError("[gloo] Timed out waiting 30000ms for recv operation to complete"))
+    assert exits == [EXIT_STALLED]
+
+
+def test_every_process_group_deepspeed_makes_gets_the_stall_timeout(monkeypatch):
+    deepspeed = pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    from torch.distributed import distributed_c10d
+
+    saved = distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout
+    try:
+        deepspeed.init_distributed(timeout=set_default_group_timeout(42), verbose=False)
+        model = torch.nn.Linear(4, 4)
+        deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+            "train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+            "zero_optimization": {"stage": 2}})
+        timeouts = group_timeouts()
+        assert len(timeouts) >= 2 and set(timeouts.values()) == {42.0}, timeouts
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = saved
