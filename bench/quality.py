@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from pretrain.config import load_config
+    from pretrain.config import config_path
 
     args = parse_args(argv)
     size = QUICK if args.quick else FULL
@@ -426,7 +426,7 @@ def run(argv: list[str] | None = None) -> int:
     title = f"{RECIPE} recipe, {described}, {size.steps} steps x {size.global_batch} x 128 tokens"
     plot_curves(list(curves.values()), out / "pretraining.png", title)
     if sweep:
-        recipe_lr = load_config(RECIPE).optim.lr
+        recipe_lr = json.loads(config_path(RECIPE).read_text())["optim"]["lr"]
         same_budget = [pretrain(f"{m}-lr{recipe_lr:g}", m, size, data, heldout, out, size.sweep_steps, recipe_lr)
                        for m in OURS if m in args.models]
         plot_curves(same_budget + sweep, out / "sweep.png", f"learning-rate sweep, {size.sweep_steps} steps")
