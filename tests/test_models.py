@@ -260,3 +260,37 @@ def test_model_library_imports_no_pipeline_dependency():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("mixer", ["hypermixer", "transformer"])
+def test_static_prediction_slots_match_the_exact_head_and_compile_whole(mixer):
+    from hypermixer import max_predictions_per_seq
+    from hypermixer.mixers.hypermixing import sinusoidal_positions
+
+    torch.manual_seed(0)
+    model = ForMaskedLM(tiny(mixer, dropout=0.0, attention_dropout=0.0))
+    ids = batch(b=3, n=20)
+    mask = (torch.arange(20)[None, :] < torch.tensor([[20], [14], [9]])).long()  # padded rows
+    labels = torch.where((torch.rand(ids.shape) < 0.3) & mask.bool(), ids, torch.full_like(ids, -100))
+    labels[2] = -100  # a row with nothing to predict
+    exact = model(ids, mask, labels=labels)
+    model.max_predictions = int((labels != -100).sum(1).max())  # as many slots as the fullest row needs
+    static = model(ids, mask, labels=labels)
+    assert static.logits.shape == (3, model.max_predictions, VOCAB) and int(static.num_masked) == exact.num_masked
+    torch.testing.assert_close(static.loss, exact.loss)
+    torch.testing.assert_close(static.accuracy, exact.accuracy)
+    static.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and "segment" not in str(p.shape))
+    # One slot too few: each overflowing row keeps its first labelled positions, in order.
+    model.max_predictions -= 1
+    assert int(model(ids, mask, labels=labels).num_masked) < exact.num_masked
+    assert max_predictions_per_seq(128, 0.15) == 52 and max_predictions_per_seq(512, 0.15) == 139
+
+    def loss(ids, mask, labels):
+        out = model(ids, attention_mask=mask, labels=labels)
+        return out.loss, out.accuracy, out.num_masked
+
+    explained = torch._dynamo.explain(loss)(ids, mask, labels)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    table = sinusoidal_positions(20, 32, torch.device("cpu"), torch.float32)
+    assert sinusoidal_positions(20, 32, torch.device("cpu"), torch.float32) is table  # built once per length

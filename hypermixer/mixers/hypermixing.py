@@ -11,6 +11,7 @@ Semantics follow the authors' MIT-licensed reference (github idiap/hypermixing);
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,10 @@ class ParallelMLPs(nn.Module):
         return torch.matmul(hidden, self.fc2_weight) + self.fc2_bias
 
 
+@lru_cache(maxsize=32)
 def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The Transformer's sine/cosine table (length x dim), computed on the fly so no length limit applies."""
+    """The Transformer's sine/cosine table (length x dim), built once per (length, dim, device, dtype) and
+    shared by every layer and forward (no length limit applies). The cached tensor is read-only by contract."""
     work = torch.promote_types(dtype, torch.float32)  # at least fp32, even for a bf16 model
     position = torch.arange(length, device=device, dtype=work).unsqueeze(1)
     inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=work) * (-math.log(10000.0) / dim))
@@ -107,11 +110,13 @@ class HyperMixing(nn.Module):
         query_keep = None if query_mask is None else query_mask.to(x.dtype)[:, None, :, None]
 
         values = self._split_heads(x)
-        w1 = self.hyper_w1(self._split_heads(self._with_positions(x)))  # (B, H, N, d'/H)
+        keys = self._split_heads(self._with_positions(x))  # X + P, computed once
+        w1 = self.hyper_w1(keys)  # (B, H, N, d'/H)
         if self.tied:
             w2 = w1
         else:
-            w2 = self.hyper_w2(self._split_heads(self._with_positions(query)))  # (B, H, M, d'/H)
+            queries = keys if query is x else self._split_heads(self._with_positions(query))
+            w2 = self.hyper_w2(queries)  # (B, H, M, d'/H)
         if key_keep is not None:
             values = values * key_keep
             w1 = w1 * key_keep
