@@ -294,3 +294,19 @@ def test_static_prediction_slots_match_the_exact_head_and_compile_whole(mixer):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     table = sinusoidal_positions(20, 32, torch.device("cpu"), torch.float32)
     assert sinusoidal_positions(20, 32, torch.device("cpu"), torch.float32) is table  # built once per length
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hypermixing_in_half_precision_at_16k_tokens_stays_close_to_fp32(dtype):
+    # W1ᵀ·X sums over all N tokens: it is accumulated in fp32, so bf16/fp16 stay finite and close at N = 16,384.
+    torch.manual_seed(0)
+    module = HyperMixing(tiny("hypermixer", max_seq_len=16384, hypermixer_layer_norm=False))
+    x = torch.randn(1, 16384, 32) * 0.5
+    want = module(x)
+    got = module.to(dtype)(x.to(dtype)).float()
+    assert torch.isfinite(got).all()
+    relative = ((got - want).norm() / want.norm()).item()
+    assert relative < (2e-2 if dtype == torch.bfloat16 else 5e-3), relative
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = module.float()(x).float()
+    assert torch.isfinite(autocast).all() and ((autocast - want).norm() / want.norm()).item() < 2e-2

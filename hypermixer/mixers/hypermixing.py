@@ -53,6 +53,16 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: tor
     return table.to(dtype)
 
 
+def token_sum(w1: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """W1ᵀ·X, summed over the N tokens in at least fp32 whatever the model's dtype (under autocast too): in
+    bf16 or fp16 a sum over 16k tokens would lose most of its bits. Unchanged for an fp32/fp64 model."""
+    work = torch.promote_types(torch.promote_types(w1.dtype, values.dtype), torch.float32)
+    if w1.dtype == work and values.dtype == work and not torch.is_autocast_enabled(w1.device.type):
+        return torch.matmul(w1.transpose(-1, -2), values)
+    with torch.autocast(w1.device.type, enabled=False):
+        return torch.matmul(w1.transpose(-1, -2).to(work), values.to(work))
+
+
 class HyperMixing(nn.Module):
     """Multi-head HyperMixing token mixer, tied or untied.
 
@@ -123,8 +133,8 @@ class HyperMixing(nn.Module):
         if query_keep is not None:
             w2 = w2 * query_keep
 
-        mixed = F.gelu(torch.matmul(w1.transpose(-1, -2), values))  # (B, H, d'/H, d/H): linear in N
-        out = torch.matmul(w2, mixed)  # (B, H, M, d/H)
+        mixed = F.gelu(token_sum(w1, values))  # (B, H, d'/H, d/H): linear in N
+        out = torch.matmul(w2, mixed.to(w2.dtype))  # (B, H, M, d/H)
         batch, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_size)
         return self.norm(out) if self.norm is not None else out
