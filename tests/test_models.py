@@ -310,3 +310,20 @@ def test_hypermixing_in_half_precision_at_16k_tokens_stays_close_to_fp32(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = module.float()(x).float()
     assert torch.isfinite(autocast).all() and ((autocast - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mixer", ["hypermixer", "transformer"])
+def test_masked_lm_step_under_autocast_tracks_fp32(mixer, dtype):
+    # fp16 pretraining cannot run on DeepSpeed's CPU accelerator (it refuses it): the model is tested here.
+    torch.manual_seed(0)
+    model = ForMaskedLM(tiny(mixer, dropout=0.0, attention_dropout=0.0))
+    model.max_predictions = 8
+    ids = batch(b=4, n=24)
+    labels = torch.where(torch.rand(ids.shape) < 0.15, ids, torch.full_like(ids, -100))
+    want = model(ids, labels=labels).loss
+    with torch.autocast("cpu", dtype=dtype):
+        got = model(ids, labels=labels).loss
+    got.backward()
+    assert torch.isfinite(got) and abs(got.item() - want.item()) < 2e-2, (got.item(), want.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
