@@ -41,13 +41,19 @@ def run_cell(cell: dict) -> dict:
         max_seq_len=length, dropout=0.0, attention_dropout=0.0,
     )
     model = ForMaskedLM(config).to(device).train()
+    forward = model
+    if cell.get("compile"):  # static MLM slots, so that model + loss compile as one graph
+        from hypermixer import max_predictions_per_seq
+
+        model.max_predictions = max_predictions_per_seq(length, 0.15)
+        forward = torch.compile(model, fullgraph=True)
     batch_size = max(1, cell["tokens_per_step"] // length)
     ids = torch.randint(5, config.vocab_size, (batch_size, length), device=device)
     labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, torch.full_like(ids, -100))
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(ids, labels=labels).loss
+            loss = forward(ids, labels=labels).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -73,7 +79,7 @@ def run_cell(cell: dict) -> dict:
         step_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
     tokens = batch_size * length
     return {
-        "mixer": cell["mixer"], "length": length, "batch_size": batch_size, "step_s": step_s,
+        "compile": bool(cell.get("compile")), "mixer": cell["mixer"], "length": length, "batch_size": batch_size, "step_s": step_s,
         "tokens_per_s": tokens / step_s, "step_mem_mib": step_mem,
         "tflops": tokens / step_s * flops_per_token(config, length, mlm_fraction=0.15) / 1e12,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,

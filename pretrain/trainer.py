@@ -1,11 +1,10 @@
-"""The training loop and the one training step, on a DeepSpeed engine (ZeRO 0-3, fp32/bf16/fp16).
+"""The training loop on a DeepSpeed engine (ZeRO 0-3, fp32/bf16/fp16); the step itself is pretrain.step.
 
-Per micro-batch: forward, one tiny all-reduce of two flags (this rank's loss is non-finite / this rank
-got a stop signal), then backward and `engine.step()` (DeepSpeed applies the optimizer at the
-accumulation boundary). A micro-batch whose loss is non-finite on any rank is dropped on every rank
-before backward, so it never reaches the gradients; the step is completed with the next micro-batch
-and the drop is counted and warned about; `train.max_nonfinite_in_a_row` drops in a row abort the run.
-A stop signal on any rank makes every rank finish the step, checkpoint together and return.
+The step reads the device once per optimizer step (non-finite flags and the stop signal, all-reduced
+together); the loop reads it again only at log lines, evaluations and checkpoints. A step with a
+non-finite loss on any rank is dropped whole and redone; `train.max_nonfinite_in_a_row` non-finite
+micro-batches in a row abort the run. A stop signal on any rank makes every rank finish the step,
+checkpoint together and return.
 """
 
 from __future__ import annotations
@@ -30,21 +29,20 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from data_pipeline.errors import DataPipelineError
-from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token
+from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token, max_predictions_per_seq
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, PretrainConfig, Resolved, config_diff, resolve
 from pretrain.data import Cursor, Layout, Masking, TrainBatches, validation_batches, validation_samples
 from pretrain.metrics import MetricsLog, default_peak_tflops, throughput
+from pretrain.step import NonFiniteGuard, NonFiniteLossError, StepResult, train_step
 from pretrain.watchdog import Watchdog, set_default_group_timeout
+
+__all__ = ["NonFiniteLossError", "run", "train_step"]
 
 RUN_STATUS_FILE = "run_status.json"
 # Fault injection for the integration tests: "kill:RANK:STEP" (SIGKILL itself after STEP), "stop:RANK:STEP"
 # (SIGSTOP itself) or "signal:RANK:STEP:NAME" (send itself signal NAME after STEP). Never set in real runs.
 FAULT_ENV = "PRETRAIN_FAULT"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row: the run diverged."""
 
 
 @dataclass
@@ -108,10 +106,27 @@ def masked_lm_sums(forward: Callable[..., Any], batches: Iterable[dict[str, torc
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             out = forward(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            n = out.num_masked
-            sums += torch.stack([out.loss.double() * n, out.accuracy.double() * n,
-                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            n = torch.as_tensor(out.num_masked, dtype=torch.float64, device=device)
+            sums += torch.stack([out.loss.double() * n, out.accuracy.double() * n, n])
     return sums
+
+
+def compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot work here (None: it can), checked before anything starts."""
+    import shutil
+
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return f"torch.compile does not support this Python ({sys.version.split()[0]}) with torch {torch.__version__}"
+    except Exception as err:  # an unsupported build raises on import or in the check
+        return f"torch.compile is unavailable in torch {torch.__version__} ({type(err).__name__}: {err})"
+    if device_type == "cpu":
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if not any(shutil.which(name) for name in names):
+            return f"torch.compile on CPU needs a C++ compiler ({', '.join(names)}: none found)"
+    return None
 
 
 def write_run_status(run_dir: Path, **values: Any) -> None:
@@ -168,68 +183,6 @@ def _fault(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif kind == "signal":
         os.kill(os.getpid(), signal.Signals[f"SIG{rest[0]}" if not rest[0].startswith("SIG") else rest[0]])
-
-
-# ---------------------------------------------------------------------------------------- the step
-
-
-@dataclass
-class StepResult:
-    sums: torch.Tensor  # [loss * masked, correct, masked] over the step's micro-batches, this rank
-    dropped: int  # micro-batches dropped for a non-finite loss (on some rank)
-    stop: bool  # some rank got a stop signal
-    grad_norm: float | None
-
-
-@dataclass
-class NonFiniteGuard:
-    limit: int
-    in_a_row: int = 0
-    total: int = 0
-
-
-def train_step(engine: Any, batches: TrainBatches, device: torch.device, guard: NonFiniteGuard,
-               stop_requested: Callable[[], bool], grad_accum: int, norm_by_hand: bool,
-               rank: int) -> StepResult:
-    """The one training step: `grad_accum` finite micro-batches -> one optimizer update."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    dropped, stop, grad_norm = 0, False, None
-    done = 0
-    while done < grad_accum:
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        out = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        flags = torch.tensor([0.0 if torch.isfinite(out.loss).item() else 1.0, 1.0 if stop_requested() else 0.0],
-                             device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = bool(flags[0].item()), stop or bool(flags[1].item())
-        if nonfinite:
-            guard.in_a_row += 1
-            guard.total += 1
-            dropped += 1
-            del out
-            if rank == 0:
-                print(f"warning: non-finite loss on some rank: micro-batch dropped before backward ({guard.in_a_row} "
-                      f"in a row, {guard.total} in total; the run aborts at {guard.limit} in a row)",
-                      file=sys.stderr, flush=True)
-            if guard.in_a_row >= guard.limit:
-                raise NonFiniteLossError(f"{guard.in_a_row} non-finite losses in a row: the run diverged "
-                                         "(lower optim.lr, raise optim.warmup_steps, or check the data)")
-            continue
-        guard.in_a_row = 0
-        engine.backward(out.loss)
-        if norm_by_hand and engine.is_gradient_accumulation_boundary():
-            # Stage 0 in fp32 keeps no norm: measure the all-reduced gradients before the update.
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        engine.step()
-        n = out.num_masked
-        sums += torch.stack([out.loss.detach().double() * n, out.accuracy.detach().double() * n,
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
-        done += 1
-    if grad_norm is None:
-        value = engine.get_global_grad_norm()
-        grad_norm = float(value) if value is not None else None
-    return StepResult(sums, dropped, stop, grad_norm)
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -318,6 +271,9 @@ def run(config: PretrainConfig, resume: str | None = None,
         raise ConfigError([f"precision: fp16 is not supported on {accelerator.device_name()}; use bf16 or fp32"])
     if config.precision == "bf16" and not accelerator.is_bf16_supported():
         raise ConfigError([f"precision: bf16 is not supported on {accelerator.device_name()}; use fp16 or fp32"])
+    problem = compile_problem(accelerator.device_name()) if config.train.compile else None
+    if problem:
+        raise ConfigError([f"train.compile: {problem}; set train.compile=false to train without compiling"])
 
     deepspeed.init_distributed(timeout=set_default_group_timeout(config.train.stall_timeout_s))
     rank = dist.get_rank()
@@ -337,6 +293,9 @@ def run(config: PretrainConfig, resume: str | None = None,
     model = build_model(resolved.model)
     if hasattr(model, "encoder"):
         model.encoder.gradient_checkpointing = config.train.activation_checkpointing
+    slots = None
+    if hasattr(model, "max_predictions"):  # static MLM slots: no data-dependent shapes in the step
+        slots = model.max_predictions = max_predictions_per_seq(resolved.seq_len, config.data.mask_prob)
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.optim.weight_decay), config=resolved.deepspeed,
@@ -436,7 +395,7 @@ def run(config: PretrainConfig, resume: str | None = None,
                 lr = engine.get_lr()[0]
                 began = time.perf_counter()
                 result = train_step(engine, batches, device, guard, lambda: signals.received is not None,
-                                    resolved.grad_accum, norm_by_hand and log_now, rank)
+                                    resolved.grad_accum, norm_by_hand, rank, world_size, slots, want_norm=log_now)
                 step += 1
                 stall.progress(step)
                 tokens += resolved.tokens_per_step
@@ -453,7 +412,8 @@ def run(config: PretrainConfig, resume: str | None = None,
                                        world_size, flops, peak)
                     last["train"] = {
                         "kind": "train", "step": step, "loss": loss_sum / max(masked, 1),
-                        "accuracy": correct / max(masked, 1), "lr": window.lr, "grad_norm": window.grad_norm,
+                        "accuracy": correct / max(masked, 1), "lr": window.lr,
+                        "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
                         **speed, "memory_gib": memory_gib(device), "tokens": tokens,
                         "epoch": batches.cursor.epoch, "nonfinite_skipped": guard.total,
                         "skipped_steps": int(getattr(engine, "skipped_steps", 0)),

@@ -260,3 +260,70 @@ def test_model_library_imports_no_pipeline_dependency():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("mixer", ["hypermixer", "transformer"])
+def test_static_prediction_slots_match_the_exact_head_and_compile_whole(mixer):
+    from hypermixer import max_predictions_per_seq
+    from hypermixer.mixers.hypermixing import sinusoidal_positions
+
+    torch.manual_seed(0)
+    model = ForMaskedLM(tiny(mixer, dropout=0.0, attention_dropout=0.0))
+    ids = batch(b=3, n=20)
+    mask = (torch.arange(20)[None, :] < torch.tensor([[20], [14], [9]])).long()  # padded rows
+    labels = torch.where((torch.rand(ids.shape) < 0.3) & mask.bool(), ids, torch.full_like(ids, -100))
+    labels[2] = -100  # a row with nothing to predict
+    exact = model(ids, mask, labels=labels)
+    model.max_predictions = int((labels != -100).sum(1).max())  # as many slots as the fullest row needs
+    static = model(ids, mask, labels=labels)
+    assert static.logits.shape == (3, model.max_predictions, VOCAB) and int(static.num_masked) == exact.num_masked
+    torch.testing.assert_close(static.loss, exact.loss)
+    torch.testing.assert_close(static.accuracy, exact.accuracy)
+    static.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and "segment" not in str(p.shape))
+    # One slot too few: each overflowing row keeps its first labelled positions, in order.
+    model.max_predictions -= 1
+    assert int(model(ids, mask, labels=labels).num_masked) < exact.num_masked
+    assert max_predictions_per_seq(128, 0.15) == 52 and max_predictions_per_seq(512, 0.15) == 139
+
+    def loss(ids, mask, labels):
+        out = model(ids, attention_mask=mask, labels=labels)
+        return out.loss, out.accuracy, out.num_masked
+
+    explained = torch._dynamo.explain(loss)(ids, mask, labels)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    table = sinusoidal_positions(20, 32, torch.device("cpu"), torch.float32)
+    assert sinusoidal_positions(20, 32, torch.device("cpu"), torch.float32) is table  # built once per length
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hypermixing_in_half_precision_at_16k_tokens_stays_close_to_fp32(dtype):
+    # W1ᵀ·X sums over all N tokens: it is accumulated in fp32, so bf16/fp16 stay finite and close at N = 16,384.
+    torch.manual_seed(0)
+    module = HyperMixing(tiny("hypermixer", max_seq_len=16384, hypermixer_layer_norm=False))
+    x = torch.randn(1, 16384, 32) * 0.5
+    want = module(x)
+    got = module.to(dtype)(x.to(dtype)).float()
+    assert torch.isfinite(got).all()
+    relative = ((got - want).norm() / want.norm()).item()
+    assert relative < (2e-2 if dtype == torch.bfloat16 else 5e-3), relative
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = module.float()(x).float()
+    assert torch.isfinite(autocast).all() and ((autocast - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mixer", ["hypermixer", "transformer"])
+def test_masked_lm_step_under_autocast_tracks_fp32(mixer, dtype):
+    # fp16 pretraining cannot run on DeepSpeed's CPU accelerator (it refuses it): the model is tested here.
+    torch.manual_seed(0)
+    model = ForMaskedLM(tiny(mixer, dropout=0.0, attention_dropout=0.0))
+    model.max_predictions = 8
+    ids = batch(b=4, n=24)
+    labels = torch.where(torch.rand(ids.shape) < 0.15, ids, torch.full_like(ids, -100))
+    want = model(ids, labels=labels).loss
+    with torch.autocast("cpu", dtype=dtype):
+        got = model(ids, labels=labels).loss
+    got.backward()
+    assert torch.isfinite(got) and abs(got.item() - want.item()) < 2e-2, (got.item(), want.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

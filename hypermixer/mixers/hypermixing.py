@@ -14,6 +14,7 @@ and their input is X + P (the authors' module uses X·sqrt(d) + P). This is our 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,10 @@ class ParallelMLPs(nn.Module):
         return torch.matmul(hidden, self.fc2_weight) + self.fc2_bias
 
 
+@lru_cache(maxsize=32)
 def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The Transformer's sine/cosine table (length x dim), computed on the fly so no length limit applies."""
+    """The Transformer's sine/cosine table (length x dim), built once per (length, dim, device, dtype) and
+    shared by every layer and forward (no length limit applies). The cached tensor is read-only by contract."""
     work = torch.promote_types(dtype, torch.float32)  # at least fp32, even for a bf16 model
     position = torch.arange(length, device=device, dtype=work).unsqueeze(1)
     inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=work) * (-math.log(10000.0) / dim))
@@ -56,6 +59,16 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: tor
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
     return table.to(dtype)
+
+
+def token_sum(w1: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """W1ᵀ·X, summed over the N tokens in at least fp32 whatever the model's dtype (under autocast too): in
+    bf16 or fp16 a sum over 16k tokens would lose most of its bits. Unchanged for an fp32/fp64 model."""
+    work = torch.promote_types(torch.promote_types(w1.dtype, values.dtype), torch.float32)
+    if w1.dtype == work and values.dtype == work and not torch.is_autocast_enabled(w1.device.type):
+        return torch.matmul(w1.transpose(-1, -2), values)
+    with torch.autocast(w1.device.type, enabled=False):
+        return torch.matmul(w1.transpose(-1, -2).to(work), values.to(work))
 
 
 class HyperMixing(nn.Module):
@@ -115,19 +128,21 @@ class HyperMixing(nn.Module):
         query_keep = None if query_mask is None else query_mask.to(x.dtype)[:, None, :, None]
 
         values = self._split_heads(x)
-        w1 = self.hyper_w1(self._split_heads(self._with_positions(x)))  # (B, H, N, d'/H)
+        keys = self._split_heads(self._with_positions(x))  # X + P, computed once
+        w1 = self.hyper_w1(keys)  # (B, H, N, d'/H)
         if self.tied:
             w2 = w1
         else:
-            w2 = self.hyper_w2(self._split_heads(self._with_positions(query)))  # (B, H, M, d'/H)
+            queries = keys if query is x else self._split_heads(self._with_positions(query))
+            w2 = self.hyper_w2(queries)  # (B, H, M, d'/H)
         if key_keep is not None:
             values = values * key_keep
             w1 = w1 * key_keep
         if query_keep is not None:
             w2 = w2 * query_keep
 
-        mixed = F.gelu(torch.matmul(w1.transpose(-1, -2), values))  # (B, H, d'/H, d/H): linear in N
-        out = torch.matmul(w2, mixed)  # (B, H, M, d/H)
+        mixed = F.gelu(token_sum(w1, values))  # (B, H, d'/H, d/H): linear in N
+        out = torch.matmul(w2, mixed.to(w2.dtype))  # (B, H, M, d/H)
         batch, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_size)
         return self.norm(out) if self.norm is not None else out
