@@ -13,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 
 from hypermixer.config import EncoderConfig
 from hypermixer.mixers import build_mixer
-from hypermixer.mixers.hypermixing import HyperMixing
 
 
 class Embeddings(nn.Module):
@@ -102,9 +101,3 @@ def init_weights(module: nn.Module, config: EncoderConfig) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-    # HyperMixing's output is LayerNorm'd to unit scale, where attention's leaves through a projection of
-    # std initializer_range. Starting that norm's gain at initializer_range makes a HyperMixer block
-    # start near the identity, as a transformer block does (`apply` visits the norm first, then this).
-    # Measured with the cpu recipe: the held-out MLM loss ~100 steps ahead at step 400 (docs/pretrain.md).
-    if isinstance(module, HyperMixing) and module.norm is not None:
-        nn.init.constant_(module.norm.weight, config.initializer_range)
