@@ -25,6 +25,9 @@ class EncoderConfig:
     max_seq_len: int = 512
     type_vocab_size: int = 2  # segment embeddings for sentence pairs; 0 disables them
     position_embedding: str = "learned"  # added to token embeddings, identical for every mixer
+    # LayerNorm on the summed embeddings, as BERT has. Without it the pre-LN residual stream starts at the
+    # embeddings' std 0.02 and our transformer sat on the unigram plateau (docs/pretrain.md#quality).
+    embedding_layer_norm: bool = True
     dropout: float = 0.1
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-5
@@ -99,6 +102,12 @@ class EncoderConfig:
         return cls(**values)
 
     @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> "EncoderConfig":
+        """A dict that to_dict() wrote, possibly by an older version: keys added since then take the
+        value that reproduces the model it saved."""
+        return cls.from_dict({**SAVED_BEFORE_THE_KEY_EXISTED, **values})
+
+    @classmethod
     def preset(cls, name: str, **overrides: Any) -> "EncoderConfig":
         if name not in PRESETS:
             raise ValueError(f"EncoderConfig: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
@@ -106,6 +115,10 @@ class EncoderConfig:
 
     def replace(self, **changes: Any) -> "EncoderConfig":
         return EncoderConfig.from_dict({**self.to_dict(), **changes})
+
+
+# Fields added after releases were first written, with the behaviour those releases have.
+SAVED_BEFORE_THE_KEY_EXISTED: dict[str, Any] = {"embedding_layer_norm": False}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

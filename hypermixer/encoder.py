@@ -23,6 +23,7 @@ class Embeddings(nn.Module):
             nn.Embedding(config.max_seq_len, config.hidden_size) if config.position_embedding == "learned" else None
         )
         self.segment = nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.embedding_layer_norm else None
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,6 +36,8 @@ class Embeddings(nn.Module):
         if self.segment is not None:
             # No segment ids means one segment: segment 0, as BERT does, so MLM pretraining trains it.
             x = x + (self.segment.weight[0] if token_type_ids is None else self.segment(token_type_ids))
+        if self.norm is not None:
+            x = self.norm(x)
         return self.dropout(x)
 
 

@@ -67,7 +67,7 @@ def read_release_config(directory: str | os.PathLike) -> dict[str, Any]:
     for key in ("architecture", "encoder"):
         if key not in raw:
             raise ValueError(f"{path}: missing key {key!r}")
-    return {"architecture": raw["architecture"], "encoder": EncoderConfig.from_dict(raw["encoder"]), "head": raw.get("head", {})}
+    return {"architecture": raw["architecture"], "encoder": EncoderConfig.from_saved(raw["encoder"]), "head": raw.get("head", {})}
 
 
 class PretrainedMixin:

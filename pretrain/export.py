@@ -109,7 +109,7 @@ def model_card(state: dict[str, Any], num_parameters: int, checkpoint: Path) -> 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     path = find_checkpoint(checkpoint)
     state = ckpt.read_state(path)
-    model = ForMaskedLM(EncoderConfig.from_dict(state["model"]))
+    model = ForMaskedLM(EncoderConfig.from_saved(state["model"]))
     model.load_state_dict(consolidated_weights(path, int(state["zero_stage"])), strict=True)
 
     data = state["data"]

@@ -212,6 +212,7 @@ class Window:
 def check_resume(resolved: Resolved, state: dict[str, Any], path: Path) -> list[str]:
     """Refuse a resume whose model, data, batch, seed, precision, ZeRO stage or world size changed."""
     old, new = state["fingerprint"], resolved.fingerprint()
+    old = {**old, "model": EncoderConfig.from_saved(old["model"]).to_dict()}  # keys added since it was written
     changed = config_diff(old, new)
     if changed:
         details = []
