@@ -11,7 +11,9 @@ each of ours from its pretrained weights and from random weights.
    depth, heads, FFN size, vocabulary and sequence length (`bench/reference_bert.py`): same shards,
    same masks and labels, same optimizer and schedule; its forward and loss are its own. Held-out MLM
    loss/accuracy against tokens seen and against training time.
-3. learning-rate sweep (`--sweep-lrs`): the two mixers at other peak learning rates, same budget.
+3. ablation: the two mixers without the embedding LayerNorm (`model.embedding_layer_norm=false`, the
+   encoder as it was before this benchmark found the transformer stuck on the unigram plateau), same
+   budget; and a learning-rate sweep (`--sweep-lrs`): the mixers at other peak learning rates.
 4. fine-tuning with `python -m finetune train` on SST-2, CoLA, MRPC and RTE, pretrained and scratch,
    `--seeds` each; mean and std per task beside the majority-class score.
 
@@ -149,7 +151,7 @@ def pretrain_sets(size: Size, data: Path, heldout: Path, run_dir: Path, mixer: s
 
 
 def pretrain(name: str, mixer: str, size: Size, data: Path, heldout: Path, out: Path, steps: int,
-             lr: float | None = None) -> dict:
+             lr: float | None = None, extra_sets: tuple[str, ...] = ()) -> dict:
     """One pretraining run (reused when its run_status says completed); returns its curve."""
     from pretrain.metrics import read_metrics
 
@@ -163,7 +165,8 @@ def pretrain(name: str, mixer: str, size: Size, data: Path, heldout: Path, out: 
                         f"--nproc_per_node={size.procs}", *script]
         else:
             launcher = [sys.executable, "-m" if mixer == "bert-hf" else script[0], *script[1:]]
-        command = [*launcher, "--config", RECIPE, "--set", *pretrain_sets(size, data, heldout, run_dir, mixer, steps, lr)]
+        command = [*launcher, "--config", RECIPE, "--set", *pretrain_sets(size, data, heldout, run_dir, mixer, steps, lr),
+                   *extra_sets]
         log(f"pretraining {name}: {steps} steps ({'$ ' + ' '.join(command)})")
         began = time.monotonic()
         run_command(command, out / "logs" / f"pretrain-{name}.log", threads=2 // size.procs or 1)
@@ -421,6 +424,11 @@ def run(argv: list[str] | None = None) -> int:
     log(f"data: {described}")
 
     curves = {m: pretrain(m, m, size, data, heldout, out, size.steps) for m in args.models}
+    ablation = [pretrain(f"{m}-no-embln", m, size, data, heldout, out, size.steps,
+                         extra_sets=("model.embedding_layer_norm=false",)) for m in OURS if m in args.models]
+    if ablation:
+        plot_curves([curves[m] for m in OURS if m in curves] + [curves[m] for m in ("bert-hf",) if m in curves]
+                    + ablation, out / "ablation.png", f"with and without the embedding LayerNorm, {size.steps} steps")
     sweep = [pretrain(f"{m}-lr{lr:g}", m, size, data, heldout, out, size.sweep_steps, lr)
              for m in OURS if m in args.models for lr in sweep_lrs]
     title = f"{RECIPE} recipe, {described}, {size.steps} steps x {size.global_batch} x 128 tokens"
@@ -450,7 +458,7 @@ def run(argv: list[str] | None = None) -> int:
         "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
         "recipe": f"pretrain/configs/{RECIPE}.json", "size": asdict(size), "corpus": described,
         "cpu_count": os.cpu_count(), "minutes_total": (time.monotonic() - began) / 60,
-        "pretraining": curves, "sweep": sweep, "reference_gap": gap,
+        "pretraining": curves, "ablation": ablation, "sweep": sweep, "reference_gap": gap,
         "finetune_runs": runs, "downstream": summary, "majority": majority,
     }
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -462,6 +470,9 @@ def run(argv: list[str] | None = None) -> int:
         late = [g for g in gap if g["tokens"] > 0.1 * gap[-1]["tokens"]]
         lines += ["", "Our transformer's held-out loss relative to the Hugging Face BERT reference, per evaluation "
                   "after the first 10% of training: " + ", ".join(f"{100 * g['relative']:+.1f}%" for g in late)]
+    if ablation:
+        lines += ["", "## Ablation: no LayerNorm on the embeddings (the encoder before this benchmark)", "",
+                  *pretraining_table(ablation), "", "![ablation](ablation.png)"]
     if sweep:
         lines += ["", "## Learning-rate sweep", "", *pretraining_table(sweep), "", "![sweep](sweep.png)"]
     if summary:

@@ -35,7 +35,7 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     assert len(masked) == 1, masked  # the same held-out masks for all three
     for c in curves.values():
         assert all(0.0 < loss < 20.0 for loss in c["loss"]) and c["tokens_per_s"] > 0
-    assert report["reference_gap"] and len(report["sweep"]) == 4
+    assert report["reference_gap"] and len(report["sweep"]) == 4 and len(report["ablation"]) == 2
     downstream = report["downstream"]
     for model in ("hypermixer", "transformer"):
         for init in ("scratch", "pretrained"):
@@ -43,7 +43,7 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
                 entry = downstream[model][init][task]
                 assert entry["seeds"] == [0, 1] and 0.0 <= entry["mean"] <= 1.0
     assert report["majority"]["SST-2"]["accuracy"] == pytest.approx(444 / 872)
-    for name in ("results.md", "pretraining.png", "sweep.png", "downstream.png"):
+    for name in ("results.md", "pretraining.png", "ablation.png", "sweep.png", "downstream.png"):
         assert (out / name).stat().st_size > 0
     assert "| bert-hf |" in result.stdout and "| majority class |" in result.stdout
 
@@ -105,3 +105,24 @@ def test_the_reference_gets_exactly_our_inputs_masks_and_labels(tmp_path):
     assert streams["ours"] == streams["bert-hf"]
     # and the comparison can fail: another seed masks other positions
     assert streams["ours-seed1"] != streams["ours"]
+
+
+def _bench(args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
+    code = f"{prelude}import sys; from bench.quality import main; sys.exit(main({args!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_missing_inputs_name_the_path_and_the_flag(tmp_path):
+    result = _bench(["--quick", "--heldout", str(tmp_path / "nope.txt")])
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"bench.quality: held-out file {tmp_path / 'nope.txt'} not found (set it with --heldout)"
+    result = _bench(["--quick", "--corpus", str(tmp_path / "none.txt")])
+    assert result.returncode == 2 and "--corpus" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@needs_shared
+def test_without_transformers_the_reference_asks_for_the_extra():
+    result = _bench(["--quick", "--models", "bert-hf"], prelude="import sys; sys.modules['transformers'] = None; ")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "bench.quality: Hugging Face transformers is not installed (the reference model): pip install -e '.[hf]'"]
