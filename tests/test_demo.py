@@ -4,6 +4,7 @@ then the outputs, then a re-run that must reuse every stage, then a re-run that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hypermixer import ForMaskedLM
@@ -30,7 +32,11 @@ def demo(*args: str) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the demo, the deepspeed launcher and its ranks
+        # The whole tree, found before anything dies: torchrun starts each rank in a session of its
+        # own, out of reach of killpg; an orphaned rank would hold our pipe open and hang us.
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         out, err = proc.communicate()
         pytest.fail(f"demo timed out after {TIMEOUT_S}s:\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -9,6 +9,7 @@ its peer for gloo's 30 minutes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "pretrain" / "main.py"
-LAUNCH_TIMEOUT_S = 240  # a fresh machine compiles DeepSpeed's shared-memory op (~50-70 s) in the first run
+LAUNCH_TIMEOUT_S = 420  # a fresh machine compiles DeepSpeed's shared-memory op (~50-70 s) in the first run
 LOSS_TOLERANCE = 1e-5  # fp32 on CPU: ZeRO stages differ only in reduction order
 STEPS = 16
 COMMON = [
@@ -105,7 +107,11 @@ def launch(run_dir: Path, shards: str, *extra: str, launcher: str = "torchrun", 
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # our own process group: the launcher and its ranks
+        # The whole tree, found before anything dies: torchrun starts each rank in a session of its
+        # own, out of reach of killpg; an orphaned rank would hold our pipe open and hang us.
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         output, _ = proc.communicate()
         pytest.fail(f"launch timed out after {timeout}s:\n{output[-4000:]}")
     return Launch(proc.returncode, output, time.monotonic() - began)
