@@ -75,8 +75,9 @@ class Size:
 
 FULL = Size(
     steps=800, global_batch=64, eval_every=100, eval_samples=1024, vocab_size=8192, procs=2,
-    tasks=(TaskRecipe("SST-2", 1e-3, 1, 64, max_train_examples=20_000), TaskRecipe("CoLA", 1e-3, 3, 64),
-           TaskRecipe("MRPC", 5e-4, 3, 128), TaskRecipe("RTE", 5e-4, 3, 128)),
+    tasks=(TaskRecipe("SST-2", 1e-3, 1, 64, max_train_examples=20_000),
+           TaskRecipe("CoLA", 1e-3, 2, 64, max_train_examples=4_000),
+           TaskRecipe("MRPC", 5e-4, 2, 128), TaskRecipe("RTE", 5e-4, 2, 128)),
     seeds=(0, 1, 2), sweep_lrs=(1e-3, 4e-3), sweep_steps=300,
 )
 QUICK = Size(
