@@ -161,11 +161,9 @@ def pretrain(name: str, mixer: str, size: Size, data: Path, heldout: Path, out: 
     if not (status.is_file() and json.loads(status.read_text()).get("status") == "completed"):
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         script = ["--module", "bench.reference_bert"] if mixer == "bert-hf" else [str(ROOT / "pretrain" / "main.py")]
-        if size.procs > 1:
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={size.procs}", *script]
-        else:
-            launcher = [sys.executable, "-m" if mixer == "bert-hf" else script[0], *script[1:]]
+        # torchrun even for one process: --standalone finds its own free port (no race between runs)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={size.procs}", *script]
         command = [*launcher, "--config", RECIPE, "--set", *pretrain_sets(size, data, heldout, run_dir, mixer, steps, lr),
                    *extra_sets]
         log(f"pretraining {name}: {steps} steps ({'$ ' + ' '.join(command)})")

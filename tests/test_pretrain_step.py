@@ -57,7 +57,9 @@ def _engine(model: torch.nn.Module, micro: int, grad_accum: int, world: int, sta
 
     config = {"train_batch_size": micro * grad_accum * world, "train_micro_batch_size_per_gpu": micro,
               "gradient_accumulation_steps": grad_accum, "gradient_clipping": 0.0,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+              # eps 1 makes the first AdamW update about lr * gradient, linear in it: with a small eps a
+              # gradient element near zero flips its update between -lr and +lr on rounding alone.
+              "optimizer": {"type": "AdamW", "params": {"lr": 1.0, "eps": 1.0, "torch_adam": True}},
               "zero_optimization": {"stage": stage}, "steps_per_print": 2**62}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=config)
     return engine

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,26 +48,28 @@ def test_progress_keeps_it_quiet_and_a_timed_out_collective_fires():
     assert exits == [EXIT_STALLED]
 
 
-def test_every_process_group_deepspeed_makes_gets_the_stall_timeout(monkeypatch):
-    deepspeed = pytest.importorskip("deepspeed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(key, value)
-    from torch.distributed import distributed_c10d
+# In a fresh interpreter: DeepSpeed caches its groups per process, so a group an earlier test made in the
+# pytest process would be the one measured.
+_GROUPS = r"""
+import json, os, socket
+import torch, deepspeed
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+from pretrain.watchdog import group_timeouts, set_default_group_timeout
+deepspeed.init_distributed(timeout=set_default_group_timeout(42), verbose=False)
+model = torch.nn.Linear(4, 4)
+deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    "train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    "zero_optimization": {"stage": 2}})
+print(json.dumps(group_timeouts()))
+"""
 
-    saved = distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout
-    try:
-        deepspeed.init_distributed(timeout=set_default_group_timeout(42), verbose=False)
-        model = torch.nn.Linear(4, 4)
-        deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
-            "train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-            "zero_optimization": {"stage": 2}})
-        timeouts = group_timeouts()
-        assert len(timeouts) >= 2 and set(timeouts.values()) == {42.0}, timeouts
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = saved
+
+def test_every_process_group_deepspeed_makes_gets_the_stall_timeout():
+    pytest.importorskip("deepspeed")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", _GROUPS], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    timeouts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(timeouts) >= 2 and set(timeouts.values()) == {42.0}, timeouts
