@@ -37,8 +37,9 @@ from .errors import DataPipelineError
 from .orphans import die_with_parent
 from .packing import Packer
 from .readers import ReadStats, expand_inputs, iter_docs
-from .shards import (FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, ShardWriter, dtype_for_vocab,
-                     sha256_file, write_json_atomic)
+from common.files import write_json_atomic
+
+from .shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, ShardWriter, dtype_for_vocab, sha256_file
 from .tokenizer import BulkEncoder, copy_tokenizer, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from .units import Unit, plan, read_result, result_path
 

@@ -117,7 +117,7 @@ class BuildConfig:
         return Path(self.out_dir) / "_work"
 
     def save(self, path: str | Path | None = None) -> Path:
-        from .shards import write_json_atomic
+        from common.files import write_json_atomic
         path = Path(path) if path else self.out / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, self.to_dict())

@@ -386,18 +386,3 @@ class ShardWriter:
             self._f.close()
             self._f = None
             self._tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write to ``path.tmp`` then rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")

@@ -119,7 +119,7 @@ def special_ids(tok, specials: dict | None = None) -> dict[str, int]:
 def save_tokenizer(tok, out_dir: str | Path, specials: dict | None = None, model_max_length: int | None = None
                    ) -> Path:
     """Write ``tokenizer.json`` (+ transformers side files) into ``out_dir``."""
-    from .shards import write_json_atomic
+    from common.files import write_json_atomic
     specials = dict(specials or BERT_SPECIALS)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def copy_tokenizer(src: str | Path, out_dir: str | Path, specials: dict | None =
     if p.resolve() != dst.resolve():
         shutil.copyfile(p, out_dir / "tokenizer.json.tmp")
         (out_dir / "tokenizer.json.tmp").replace(dst)
-    from .shards import write_json_atomic
+    from common.files import write_json_atomic
     specials = dict(specials or BERT_SPECIALS)
     names = {f"{k}_token": specials[k] for k in SPECIAL_ORDER}
     write_json_atomic(out_dir / "special_tokens_map.json", names)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_path
 from demo.sizes import GLUE_DIR, TASK
 
 
@@ -140,16 +141,15 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     return path
 
 
 def write(results: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     """results.md, results.json, the plots; returns the table and the files written."""
     text = aligned(results)
-    from data_pipeline.shards import write_json_atomic, write_text_atomic
+    from common.files import write_json_atomic, write_text_atomic
 
     write_text_atomic(out / "results.md", f"# Demo results\n\n{markdown(results)}")
     write_json_atomic(out / "results.json", {k: v for k, v in results.items() if k != "curves"})

@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.files import write_json_atomic
+from common.net import free_port
 from demo.sizes import CORPUS, GLUE_DIR, TASK, Size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,6 @@ class Stage:
         """Atomically: a reader sees the old stamp or the new one, never half of one."""
         values = {"stage": self.name, "status": status, "id": uuid.uuid4().hex, "settings": self.settings,
                   "inputs": self.inputs, **extra}
-        from data_pipeline.shards import write_json_atomic
-
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.stamp_path, values)
         return values
@@ -137,12 +136,6 @@ def show(argv: list[str]) -> str:
     return shlex.join(short(a) for a in argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _progress_flag() -> list[str]:
     return ["--progress"] if sys.stdout.isatty() else ["--no-progress"]
 
@@ -184,7 +177,7 @@ def pretrain(out: Path, data: Path, data_id: str, mixer: str, size: Size, force:
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
     run_command([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                 "--master_port", str(_free_port()), *tail],
+                 "--master_port", str(free_port()), *tail],
                 f"DS_ACCELERATOR=cpu OMP_NUM_THREADS={threads} " + show(["deepspeed", "--num_gpus", "2", *tail]),
                 logs / f"{stage.name}.log", env)
     final = _run_status(out).get("status")

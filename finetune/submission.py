@@ -15,6 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from common.files import atomic_path, write_text_atomic
 from finetune.data import STSB_RANGE, find_file, hf_folder, read_split
 from finetune.errors import FinetuneError
 from finetune.model import Runner, load
@@ -38,10 +39,7 @@ def write_predictions(path: str | Path, index: list[str], strings: list[str]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = HEADER + "\n" + "".join(f"{i}\t{p}\n" for i, p in zip(index, strings, strict=True))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def predict_tests(runner: Runner, task: Task, out_dir: str | Path, glue_dir: str | None = None,
@@ -102,11 +100,9 @@ def write_submission(files: list[str | Path], out: str | Path) -> dict:
     rows = {name: len(path.read_text().splitlines()) - 1 for name, path in by_name.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(by_name):
             archive.write(by_name[name], arcname=name)
-    os.replace(tmp, out)
     report = {
         "zip": str(out),
         "files": sorted(by_name),

@@ -21,7 +21,8 @@ from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.errors import FinetuneError
 from finetune.tasks import GLUE_TASKS, get_task, parse_tasks
-from finetune.trainer import RESULT_FILE, train, write_json
+from common.files import write_json_atomic
+from finetune.trainer import RESULT_FILE, train
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = 1
@@ -150,7 +151,7 @@ def aggregate(sweep_dir: str | Path) -> dict:
                                  "MNLI's is the mean of matched and mismatched accuracy; AX not included",
         "models": models,
     }
-    write_json(sweep_dir / "results.json", summary)
+    write_json_atomic(sweep_dir / "results.json", summary)
     (sweep_dir / "results.md").write_text(markdown_table(summary))
     plot(summary, sweep_dir / "results.png")
     return summary
@@ -287,7 +288,7 @@ def _record_plan(sweep_dir: Path, specs: list[RunSpec]) -> None:
                                 f"({', '.join(differ)}); use another sweep folder")
         known[spec.name] = spec
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"format": PLAN_FORMAT, "runs": [spec.to_dict() for spec in known.values()]})
+    write_json_atomic(path, {"format": PLAN_FORMAT, "runs": [spec.to_dict() for spec in known.values()]})
 
 
 def _unique(values: Iterable) -> list:

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.files import write_json_atomic
+from common.optim import lr_scheduler, param_groups
 from hypermixer.hf.release import tokenizer_files
 
 from finetune import metrics
@@ -43,7 +45,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT_FILE).unlink(missing_ok=True)
-    write_json(out / "config.json", config.to_dict())
+    write_json_atomic(out / "config.json", config.to_dict())
     seed_everything(config.seed)
     runner = load(config.release, task.num_labels, config.from_scratch, config.max_seq_len, config.device, config.precision)
     source = dict(glue_dir=config.glue_dir, hf_dataset=config.hf_dataset)
@@ -60,7 +62,8 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
 
     optimizer = make_optimizer(runner.model, config.learning_rate, config.weight_decay, config.adam_eps)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    scheduler = linear_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_ratio)
+    scheduler = lr_scheduler(optimizer, round(config.warmup_ratio * steps_per_epoch * config.epochs),
+                             steps_per_epoch * config.epochs)
     scaler = torch.amp.GradScaler(runner.device.type, enabled=runner.amp_dtype == torch.float16)
     shuffle = torch.Generator().manual_seed(config.seed)
 
@@ -113,7 +116,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "config": config.to_dict(),
     }
-    write_json(out / RESULT_FILE, result)
+    write_json_atomic(out / RESULT_FILE, result)
     return result
 
 
@@ -151,41 +154,12 @@ def evaluate(runner: Runner, task, dev_data: dict[str, Encoded], batch_size: int
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices and embeddings only: not on biases (including the
-    hypernetworks' `fc*_bias`) nor LayerNorm parameters, as BERT does."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            (no_decay if isinstance(module, nn.LayerNorm) or name.endswith("bias") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, eps=eps)
-
-
-def linear_schedule(optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 over warmup_ratio of the steps, then linear decay to 0 at the last step."""
-    warmup = round(warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, eps=eps)
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def write_json(path: Path, value) -> None:
-    """Write under a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _format(dev: dict[str, dict[str, float]]) -> str:

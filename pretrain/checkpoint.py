@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from common.files import write_text_atomic
+
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
@@ -96,15 +98,6 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
     return found
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 EXPORT_NOTE = "EXPORT.txt"
 UNSAFE_CONVERTER = "zero_to_fp32.py"  # DeepSpeed copies it next to every save; it unpickles without restriction
 
@@ -145,8 +138,8 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any], keep_last: i
     failed = _agree(error is not None)  # every rank's files are on disk before the marker says "complete"
     if not failed and rank == 0:
         try:
-            _write_atomic(path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1))
-            _write_atomic(root / LATEST_FILE, path.name)
+            write_text_atomic(path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1))
+            write_text_atomic(root / LATEST_FILE, path.name)
             replace_unsafe_converter(root)
             prune(root, keep_last)
         except OSError as err:
@@ -172,7 +165,7 @@ def replace_unsafe_converter(root: Path) -> None:
     (root / UNSAFE_CONVERTER).unlink(missing_ok=True)
     note = root / EXPORT_NOTE
     if not note.exists():
-        _write_atomic(note, "Release these checkpoints with `python -m pretrain.export <this folder> <out>`: it\n"
+        write_text_atomic(note, "Release these checkpoints with `python -m pretrain.export <this folder> <out>`: it\n"
                             "consolidates every ZeRO stage and reads the files with torch.load(weights_only=True).\n"
                             "(DeepSpeed's zero_to_fp32.py was removed: it unpickles without restriction.)\n")
 

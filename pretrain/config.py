@@ -5,30 +5,39 @@
     world size -> `Resolved` (the model config, batch split, step count and the DeepSpeed config).
 
 Nothing else in the project parses a pretraining config; `main.py`, `trainer.py` and `export.py`
-take the dataclasses built here.
+take the typed config built here (pydantic models on common.config).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import os
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from hypermixer import EncoderConfig, PRESETS
+import pydantic
+from pydantic import Field
+
+from common.config import Section, apply_override, build, read_json_object
+from common.config import parse_value as parse_value  # re-exported for callers of pretrain.config
+from hypermixer import PRESETS, EncoderConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRECISIONS = ("fp32", "bf16", "fp16")
-DECAYS = ("linear", "cosine", "constant")
-WANDB_MODES = ("online", "offline", "disabled")
-OPTIMIZER_IMPLS = ("auto", "torch", "deepspeed")
+Precision = Literal["fp32", "bf16", "fp16"]
+Decay = Literal["linear", "cosine", "constant"]
+WandbMode = Literal["online", "offline", "disabled"]
+OptimizerImpl = Literal["auto", "torch", "deepspeed"]
+Preset = Literal["tiny", "small", "base"]
+PRECISIONS, DECAYS = typing.get_args(Precision), typing.get_args(Decay)
+WANDB_MODES, OPTIMIZER_IMPLS = typing.get_args(WandbMode), typing.get_args(OptimizerImpl)
+assert set(typing.get_args(Preset)) == set(PRESETS), "Preset must list hypermixer.PRESETS"
 # DeepSpeed keys this config derives from its own sections: setting them under "deepspeed" would
 # give two sources of truth, so they are refused with a pointer to the right field.
 DERIVED_DEEPSPEED_KEYS = {
@@ -51,108 +60,158 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- sections
+# Typed sections (pydantic, strict types, unknown keys refused: common/config.py). The comment next
+# to a field is its documentation: `python -m pretrain.reference` copies it into docs/config.md.
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     path: str | None = None  # a data_pipeline build folder or its manifest.json
     validation_path: str | None = None  # None: the same build; else another build (e.g. held-out text)
     validation_split: str = "validation"
-    num_workers: int = 2  # DataLoader worker processes per rank
+    num_workers: int = Field(2, ge=0)  # DataLoader worker processes per rank
     shuffle: bool = True  # per-epoch shard order and in-memory shuffle, seeded by (seed, epoch)
-    shuffle_shards: int = 2  # shards a worker holds in memory and shuffles together
-    mask_prob: float = 0.15  # fraction of (non-special) tokens selected for prediction
-    mask_token_prob: float = 0.8  # of those: replaced by [MASK]
-    random_token_prob: float = 0.1  # of those: replaced by a random token; the rest stay unchanged
+    shuffle_shards: int = Field(2, ge=1)  # shards a worker holds in memory and shuffles together
+    mask_prob: float = Field(0.15, gt=0, lt=1)  # fraction of (non-special) tokens selected for prediction
+    mask_token_prob: float = Field(0.8, ge=0, le=1)  # of those: replaced by [MASK]
+    random_token_prob: float = Field(0.1, ge=0, le=1)  # of those: replaced by a random token; the rest stay unchanged
+
+    def problems(self) -> list[str]:
+        p = []
+        if not self.path:
+            p.append("data.path: required (a data_pipeline build folder or its manifest.json; "
+                     "e.g. --set data.path=/data/shards)")
+        if self.mask_token_prob + self.random_token_prob > 1.0 + 1e-9:
+            p.append("data.mask_token_prob + data.random_token_prob must be <= 1, got "
+                     f"{self.mask_token_prob + self.random_token_prob}")
+        return p
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4  # peak learning rate (AdamW)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
-    warmup_steps: int = 1000  # linear warmup from 0
-    decay: str = "linear"  # after warmup: linear | cosine | constant
-    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
-    total_steps: int | None = None  # give exactly one of total_steps / total_tokens
-    total_tokens: int | None = None  # tokens = sequences * seq_len (padding included)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    implementation: str = "auto"  # torch (torch.optim.AdamW) | deepspeed (FusedAdam / CPUAdam) | auto
+class OptimConfig(Section):
+    lr: float = Field(5e-4, gt=0)  # peak learning rate (AdamW)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.98], min_length=2, max_length=2)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)  # not applied to biases and LayerNorm weights
+    warmup_steps: int = Field(1000, ge=0)  # linear warmup: step s (0-based) runs at lr x (s + 1) / warmup_steps
+    decay: Decay = "linear"  # after warmup: linear | cosine | constant
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the decay ends at lr * min_lr_ratio
+    total_steps: int | None = Field(None, gt=0)  # give exactly one of total_steps / total_tokens
+    total_tokens: int | None = Field(None, gt=0)  # tokens = sequences * seq_len (padding included)
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 disables clipping
+    implementation: OptimizerImpl = "auto"  # torch (torch.optim.AdamW) | deepspeed (FusedAdam / CPUAdam) | auto
+
+    def problems(self) -> list[str]:
+        p = []
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            p.append(f"optim.betas: must be two numbers in [0, 1), got {self.betas}")
+        if (self.total_steps is None) == (self.total_tokens is None):
+            p.append("optim.total_steps: give exactly one of optim.total_steps and optim.total_tokens "
+                     f"(got total_steps={self.total_steps}, total_tokens={self.total_tokens})")
+        if self.total_steps is not None and self.warmup_steps > self.total_steps:
+            p.append(f"optim.warmup_steps ({self.warmup_steps}) must not exceed optim.total_steps ({self.total_steps})")
+        return p
 
 
-@dataclass
-class BatchConfig:
-    global_batch_size: int = 256  # sequences per optimizer step, all ranks together
-    micro_batch_size: int = 32  # sequences per forward pass on one rank; accumulation is derived
+class BatchConfig(Section):
+    global_batch_size: int = Field(256, gt=0)  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = Field(32, gt=0)  # sequences per forward pass on one rank; accumulation is derived
+
+    def problems(self) -> list[str]:
+        if self.global_batch_size % self.micro_batch_size:
+            return [f"batch.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                    f"batch.micro_batch_size ({self.micro_batch_size})"]
+        return []
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     activation_checkpointing: bool = False  # recompute each block in backward (less memory)
     compile: bool = False  # torch.compile through DeepSpeed's engine.compile()
-    max_nonfinite_in_a_row: int = 5  # abort after this many consecutive non-finite losses
+    max_nonfinite_in_a_row: int = Field(5, ge=1)  # abort after this many consecutive non-finite losses
     # Seconds without progress (a step, an evaluation or a checkpoint) before every rank exits with code 75
     # (requeue-able), naming the stalled rank; also the timeout of every process group, DeepSpeed's included.
-    stall_timeout_s: float = 600.0
+    stall_timeout_s: float = Field(600.0, ge=5)
 
 
-@dataclass
-class EvalConfig:
-    every_steps: int = 1000  # 0: only at the end
-    max_samples: int | None = None  # cap on validation sequences (None: the whole split)
-    micro_batch_size: int | None = None  # None: batch.micro_batch_size
+class EvalConfig(Section):
+    every_steps: int = Field(1000, ge=0)  # 0: only at the end
+    max_samples: int | None = Field(None, gt=0)  # cap on validation sequences (None: the whole split)
+    micro_batch_size: int | None = Field(None, gt=0)  # None: batch.micro_batch_size
 
 
-@dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     dir: str | None = None  # None: <output_dir>/checkpoints
-    every_steps: int = 1000  # 0: only at the end and on SIGTERM/SIGUSR1
-    keep_last: int = 3  # older complete checkpoints are deleted
+    every_steps: int = Field(1000, ge=0)  # 0: only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = Field(3, ge=1)  # older complete checkpoints are deleted
 
 
-@dataclass
-class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
+class WandbConfig(Section):
+    mode: WandbMode = "offline"  # online | offline | disabled
     project: str = "hypermixer-pretrain"
     entity: str | None = None
     name: str | None = None  # None: the run name
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class LoggingConfig:
-    every_steps: int = 10
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+class LoggingConfig(Section):
+    every_steps: int = Field(10, ge=1)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
-@dataclass
-class MetricsConfig:
+class MetricsConfig(Section):
     # Peak FLOP/s of one device for MFU. None: a known GPU's dense bf16/fp16 peak; no MFU on CPU.
-    peak_tflops: float | None = None
+    peak_tflops: float | None = Field(None, gt=0)
 
 
-@dataclass
-class PretrainConfig:
+def _model_section() -> type[Section]:
+    """The `model` section, typed from EncoderConfig's own fields (one source of truth): every field
+    optional (unset: the preset's value, else EncoderConfig's default; vocab_size, max_seq_len and
+    pad_token_id: the data's), plus `preset`."""
+    hints = typing.get_type_hints(EncoderConfig)
+    fields: dict[str, Any] = {"preset": (Preset | None, "base")}
+    for f in dataclasses.fields(EncoderConfig):
+        kind = hints[f.name]
+        fields[f.name] = (kind if type(None) in typing.get_args(kind) else kind | None, None)
+    return pydantic.create_model("ModelConfig", __base__=Section, **fields)
+
+
+ModelConfig = _model_section()
+
+
+def _model_problems(model: Any) -> list[str]:
+    # The data fills vocab_size / max_seq_len / pad_token_id later; check the rest now with stand-ins.
+    try:
+        encoder_config(model, vocab_size=model.vocab_size or 30522, seq_len=model.max_seq_len or 8,
+                       pad_id=model.pad_token_id or 0)
+    except ValueError as err:
+        return [f"model: {err}"]
+    return []
+
+
+ModelConfig.problems = _model_problems  # type: ignore[method-assign,assignment]
+
+
+class PretrainConfig(Section):
     name: str | None = None  # None: "<config file stem>-<mixer>"
     output_dir: str | None = None  # None: runs/<name> (relative paths are relative to the working dir)
-    seed: int = 0  # model init, dropout, data order and masks
-    precision: str = "bf16"  # fp32 | bf16 | fp16
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "base"})
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    deepspeed: dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    source: str = ""  # where the config came from (not a setting; filled by load_config)
+    seed: int = Field(0, ge=0)  # model init, dropout, data order and masks
+    precision: Precision = "bf16"  # fp32 | bf16 | fp16
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    source: str = Field("", exclude=True)  # where the config came from (not a setting; filled by load_config)
+
+    def problems(self) -> list[str]:
+        return super().problems() + deepspeed_problems(self.deepspeed)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("source")
+        out = self.model_dump()
+        out["model"] = {k: v for k, v in out["model"].items() if v is not None}  # what was set, as written
         return out
 
     @property
@@ -160,7 +219,7 @@ class PretrainConfig:
         if self.name:
             return self.name
         stem = Path(self.source).stem if self.source else "run"
-        return f"{stem}-{self.model.get('mixer', 'hypermixer')}"
+        return f"{stem}-{self.model.mixer or 'hypermixer'}"
 
     @property
     def run_dir(self) -> Path:
@@ -169,6 +228,24 @@ class PretrainConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+
+def deepspeed_problems(ds: dict[str, Any]) -> list[str]:
+    """The `deepspeed` section passes through to DeepSpeed, except what this config derives."""
+    p = [f"deepspeed.{key}: derived by this config; set {instead} instead"
+         for key, instead in DERIVED_DEEPSPEED_KEYS.items() if key in ds]
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        p.append(f"deepspeed.zero_optimization: expected an object, got {json.dumps(zero)}")
+    elif zero.get("stage", 0) not in (0, 1, 2, 3):
+        p.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
+    for key in PRECISION_KEYS:
+        section = ds.get(key, {})
+        if not isinstance(section, dict):
+            p.append(f"deepspeed.{key}: expected an object, got {json.dumps(section)}")
+        elif "enabled" in section:
+            p.append(f"deepspeed.{key}.enabled: derived by this config; set precision instead")
+    return p
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -186,7 +263,9 @@ def config_path(name_or_path: str) -> Path:
         return CONFIG_DIR / f"{stem}.json"
     path = Path(name_or_path)
     if not path.is_file():
-        raise ConfigError([f"config {name_or_path!r}: no such file, and not a shipped config "
+        close = difflib.get_close_matches(stem, shipped_configs(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError([f"config {name_or_path!r}: no such file, and not a shipped config{hint} "
                            f"(shipped: {', '.join(shipped_configs())})"])
     return path
 
@@ -194,228 +273,34 @@ def config_path(name_or_path: str) -> Path:
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Read a config, apply `--set` overrides, validate. Raises ConfigError listing every mistake."""
     path = config_path(name_or_path)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError([f"{path}: not valid JSON ({err})"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a JSON object"])
+    raw, problem = read_json_object(path)
+    if raw is None:
+        raise ConfigError([str(problem)])
     problems: list[str] = []
+    sources: dict[str, str] = {}
     for item in overrides:
-        problem = apply_override(raw, item)
+        key, problem = apply_override(raw, item)
         if problem:
             problems.append(problem)
-    config = from_dict(raw, problems)
+        else:
+            sources[str(key)] = f"--set {item}"
+    config, found = from_dict(raw, sources, str(path))
     config.source = str(path)
-    # Keys with a structural problem (unknown, wrong type) fell back to defaults: report them once.
-    # (`optim.lrr` unknown does not hide `optim.lr`: keys match whole dotted parts.)
-    flagged = {problem.split(":")[0] for problem in problems}
-    problems += [problem for problem in validate(config)
-                 if not any(key == problem.split(":")[0] or key.startswith(problem.split(":")[0] + ".")
-                            for key in flagged)]
-    if problems:
-        raise ConfigError(problems)
+    if problems + found:
+        raise ConfigError(problems + found)
     return config
 
 
-def parse_value(text: str) -> Any:
-    """`--set` values are JSON where they parse as JSON (numbers, true, null, lists), else strings."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def from_dict(raw: dict[str, Any], sources: dict[str, str] | None = None,
+              default_source: str = "") -> tuple[PretrainConfig, list[str]]:
+    """The config and every mistake in it (mistaken keys keep their defaults, so the rest is still checked)."""
+    return build(PretrainConfig, raw, sources, default_source)
 
 
-def apply_override(raw: dict[str, Any], item: str) -> str | None:
-    """Apply one `a.b.c=value` to the raw config dict; return a problem message or None."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        return f"--set {item!r}: expected section.key=value"
-    parts = key.strip().split(".")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            return f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a section"
-        node = child
-    node[parts[-1]] = parse_value(value)
-    return None
-
-
-def from_dict(raw: dict[str, Any], problems: list[str]) -> PretrainConfig:
-    """Build the dataclasses from a dict, recording unknown keys and wrong types in `problems`
-    (those keys keep their defaults, so the rest can still be checked)."""
-    return _build(PretrainConfig, raw, "", problems)
-
-
-def _build(cls: type, values: Any, where: str, problems: list[str]) -> Any:
-    if not isinstance(values, dict):
-        problems.append(f"{where or 'config'}: expected an object, got {json.dumps(values)}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields:
-            problems.append(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
-            continue
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value, path, problems)
-        elif _type_ok(kind, value):
-            kwargs[key] = copy.deepcopy(value)
-        else:
-            problems.append(f"{path}: expected {_type_name(kind)}, got {json.dumps(value)}")
-    return cls(**kwargs)
-
-
-def _type_ok(kind: Any, value: Any) -> bool:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(arg, value) for arg in args)
-    if kind is type(None):
-        return value is None
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, list) and all(_type_ok(args[0], v) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def _type_name(kind: Any) -> str:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if kind is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    if origin is dict:
-        return "an object"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(kind, str(kind))
-
-
-# ---------------------------------------------------------------------------------------- validation
-
-
-def validate(c: PretrainConfig) -> list[str]:
-    """Every check that needs no data and no world size. One message per mistake."""
-    p: list[str] = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            p.append(message)
-
-    need(c.precision in PRECISIONS, f"precision: must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
-    need(c.seed >= 0, f"seed: must be >= 0, got {c.seed}")
-    p += _model_problems(c.model)
-
-    d = c.data
-    need(bool(d.path), "data.path: required (a data_pipeline build folder or its manifest.json; "
-                       "e.g. --set data.path=/data/shards)")
-    need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
-    need(d.shuffle_shards >= 1, f"data.shuffle_shards: must be >= 1, got {d.shuffle_shards}")
-    need(0.0 < d.mask_prob < 1.0, f"data.mask_prob: must be in (0, 1), got {d.mask_prob}")
-    for name in ("mask_token_prob", "random_token_prob"):
-        value = getattr(d, name)
-        need(0.0 <= value <= 1.0, f"data.{name}: must be in [0, 1], got {value}")
-    need(d.mask_token_prob + d.random_token_prob <= 1.0 + 1e-9,
-         f"data.mask_token_prob + data.random_token_prob must be <= 1, got {d.mask_token_prob + d.random_token_prob}")
-
-    o = c.optim
-    need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
-    need(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
-         f"optim.betas: must be two numbers in [0, 1), got {o.betas}")
-    need(o.eps > 0, f"optim.eps: must be > 0, got {o.eps}")
-    need(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
-    need(o.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
-    need(o.decay in DECAYS, f"optim.decay: must be one of {', '.join(DECAYS)}, got {o.decay!r}")
-    need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
-    need(o.grad_clip >= 0, f"optim.grad_clip: must be >= 0 (0 disables), got {o.grad_clip}")
-    need(o.implementation in OPTIMIZER_IMPLS,
-         f"optim.implementation: must be one of {', '.join(OPTIMIZER_IMPLS)}, got {o.implementation!r}")
-    if (o.total_steps is None) == (o.total_tokens is None):
-        p.append("optim: give exactly one of total_steps and total_tokens "
-                 f"(got total_steps={o.total_steps}, total_tokens={o.total_tokens})")
-    for name in ("total_steps", "total_tokens"):
-        value = getattr(o, name)
-        need(value is None or value > 0, f"optim.{name}: must be > 0, got {value}")
-    if o.total_steps is not None:
-        need(o.warmup_steps <= o.total_steps,
-             f"optim.warmup_steps ({o.warmup_steps}) must not exceed optim.total_steps ({o.total_steps})")
-
-    b = c.batch
-    need(b.global_batch_size > 0, f"batch.global_batch_size: must be > 0, got {b.global_batch_size}")
-    need(b.micro_batch_size > 0, f"batch.micro_batch_size: must be > 0, got {b.micro_batch_size}")
-    if b.global_batch_size > 0 and b.micro_batch_size > 0:
-        need(b.global_batch_size % b.micro_batch_size == 0,
-             f"batch.global_batch_size ({b.global_batch_size}) must be a multiple of "
-             f"batch.micro_batch_size ({b.micro_batch_size})")
-
-    zero = c.deepspeed.get("zero_optimization", {})
-    for key, instead in DERIVED_DEEPSPEED_KEYS.items():
-        need(key not in c.deepspeed, f"deepspeed.{key}: derived by this config; set {instead} instead")
-    if not isinstance(zero, dict):
-        p.append(f"deepspeed.zero_optimization: expected an object, got {json.dumps(zero)}")
-    else:
-        stage = zero.get("stage", 0)
-        need(stage in (0, 1, 2, 3), f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
-    for key in PRECISION_KEYS:
-        section = c.deepspeed.get(key, {})
-        if not isinstance(section, dict):
-            p.append(f"deepspeed.{key}: expected an object, got {json.dumps(section)}")
-        else:
-            need("enabled" not in section, f"deepspeed.{key}.enabled: derived by this config; set precision instead")
-
-    need(c.train.stall_timeout_s >= 5, f"train.stall_timeout_s: must be >= 5 (seconds), got {c.train.stall_timeout_s}")
-    need(c.train.max_nonfinite_in_a_row >= 1,
-         f"train.max_nonfinite_in_a_row: must be >= 1, got {c.train.max_nonfinite_in_a_row}")
-    need(c.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {c.eval.every_steps}")
-    need(c.eval.max_samples is None or c.eval.max_samples > 0,
-         f"eval.max_samples: must be > 0 or null, got {c.eval.max_samples}")
-    need(c.eval.micro_batch_size is None or c.eval.micro_batch_size > 0,
-         f"eval.micro_batch_size: must be > 0 or null, got {c.eval.micro_batch_size}")
-    need(c.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0, got {c.checkpoint.every_steps}")
-    need(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {c.checkpoint.keep_last}")
-    need(c.logging.every_steps >= 1, f"logging.every_steps: must be >= 1, got {c.logging.every_steps}")
-    need(c.logging.wandb.mode in WANDB_MODES,
-         f"logging.wandb.mode: must be one of {', '.join(WANDB_MODES)}, got {c.logging.wandb.mode!r}")
-    need(c.metrics.peak_tflops is None or c.metrics.peak_tflops > 0,
-         f"metrics.peak_tflops: must be > 0 or null, got {c.metrics.peak_tflops}")
-    return p
-
-
-def _model_problems(model: dict[str, Any]) -> list[str]:
-    preset = model.get("preset")
-    if preset is not None and preset not in PRESETS:
-        return [f"model.preset: must be one of {', '.join(PRESETS)} or null, got {preset!r}"]
-    known = {f.name for f in dataclasses.fields(EncoderConfig)} | {"preset"}
-    unknown = sorted(set(model) - known)
-    if unknown:
-        return [f"model.{key}: unknown key (known: {', '.join(sorted(known))})" for key in unknown]
-    # The data fills vocab_size / max_seq_len / pad_token_id later; check the rest now with stand-ins.
-    try:
-        encoder_config(model, vocab_size=model.get("vocab_size") or 30522, seq_len=model.get("max_seq_len") or 8,
-                       pad_id=model.get("pad_token_id", 0))
-    except ValueError as err:
-        return [f"model: {err}"]
-    return []
-
-
-def encoder_config(model: dict[str, Any], vocab_size: int, seq_len: int, pad_id: int) -> EncoderConfig:
+def encoder_config(model: Any, vocab_size: int, seq_len: int, pad_id: int) -> EncoderConfig:
     """The model section on top of its preset; unset vocab_size / max_seq_len / pad_token_id come from the data."""
-    values = dict(PRESETS[model["preset"]]) if model.get("preset") else {}
-    values.update({k: v for k, v in model.items() if k != "preset"})
-    explicit = {k for k in model if k != "preset"}
+    explicit = {k: v for k, v in model.model_dump().items() if v is not None and k != "preset"}
+    values = {**(PRESETS[model.preset] if model.preset else {}), **explicit}
     if "vocab_size" not in explicit:
         values["vocab_size"] = vocab_size
     if "max_seq_len" not in explicit:
@@ -450,12 +335,12 @@ class Resolved:
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the checkpoint (the rest, e.g. logging, may change)."""
         c = self.config
-        data = dataclasses.asdict(c.data)
+        data = c.data.model_dump()
         for free in ("path", "validation_path", "validation_split"):
             data.pop(free)
         return {
             "model": self.model.to_dict(), "data": data, "manifest_sha256": self.manifest_sha256,
-            "seed": c.seed, "precision": c.precision, "batch": dataclasses.asdict(c.batch),
+            "seed": c.seed, "precision": c.precision, "batch": c.batch.model_dump(),
             "zero_stage": self.zero_stage, "world_size": self.world_size,
         }
 

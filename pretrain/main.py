@@ -31,7 +31,8 @@ if __package__ in (None, ""):
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
+
+from common.net import free_port  # noqa: E402
 import time  # noqa: E402
 from typing import Sequence  # noqa: E402
 
@@ -61,12 +62,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_environment() -> None:
     """Single process without a launcher: a one-rank env:// group (else DeepSpeed tries MPI discovery).
     On CPU without OMP_NUM_THREADS: share the cores between the node's ranks (oversubscription is slow)."""
@@ -75,7 +70,7 @@ def prepare_environment() -> None:
             raise SystemExit("pretrain: SLURM started several tasks but no launcher set RANK/WORLD_SIZE; use "
                              "`python -m slurm`, torchrun or deepspeed, or export the torch distributed variables")
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

@@ -15,6 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from common.files import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 # Dense (no sparsity) peak TFLOP/s per device for bf16/fp16 matmuls, from the vendors' datasheets (SXM parts).
@@ -69,9 +71,7 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
         kept = [r for r in read_metrics(run_dir) if resumed_step is not None and r.get("step", 0) <= resumed_step]
         # Rewrite atomically: records after the checkpoint belong to an attempt that was rolled back.
-        tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", buffering=1)
         self.wandb = None
         if wandb_config.mode != "disabled":

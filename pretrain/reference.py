@@ -1,5 +1,5 @@
 """docs/config.md, generated from the code so that it cannot drift: every field of the pretraining
-config dataclasses (pretrain/config.py) and of EncoderConfig (the `model` section), its type, its
+config's typed sections (pretrain/config.py) and of EncoderConfig (the `model` section), its type, its
 default, its value in each shipped config (pretrain/configs/*.json, read by the config's own parser),
 and the comment next to the field in the source as its meaning.
 
@@ -18,12 +18,14 @@ import io
 import json
 import sys
 import tokenize
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.shards import write_text_atomic
+from pydantic import BaseModel
+
+from common import config as common_config
+from common.files import write_text_atomic
 from hypermixer import PRESETS, EncoderConfig
 from hypermixer import config as model_config
 from pretrain import config as cfg
@@ -57,16 +59,7 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def type_text(kind: Any) -> str:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return " \\| ".join(type_text(a) for a in args)
-    if kind is type(None):
-        return "null"
-    if origin is list:
-        return f"list[{type_text(args[0])}]"
-    if origin is dict:
-        return "object"
-    return getattr(kind, "__name__", str(kind))
+    return common_config.type_text(kind).replace("|", "\\|")
 
 
 def cell(text: str) -> str:
@@ -87,14 +80,16 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def shipped() -> dict[str, cfg.PretrainConfig]:
-    """The shipped configs as the config's own parser reads them (no validation: data.path is unset)."""
+    """The shipped configs as the config's own parser reads them (data.path is unset: not an error here)."""
     out = {}
     order = list(PRESETS)  # tiny, small, base: smallest first
     for name in sorted(cfg.shipped_configs(), key=lambda n: (order.index(n) if n in order else len(order), n)):
-        problems: list[str] = []
-        out[name] = cfg.from_dict(json.loads(cfg.config_path(name).read_text()), problems)
+        path = cfg.config_path(name)
+        config, problems = cfg.from_dict(json.loads(path.read_text()), default_source=str(path))
+        problems = [p for p in problems if not p.startswith("data.path:")]
         if problems:
             raise SystemExit(f"pretrain.reference: shipped config {name}: {'; '.join(problems)}")
+        out[name] = config
     return out
 
 
@@ -104,22 +99,25 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def section_rows(cls: type, prefix: str, configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
-    hints, notes = typing.get_type_hints(cls), field_comments(cls)
+def _is_section(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def section_rows(cls: type[BaseModel], prefix: str, configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
+    notes = field_comments(cls)
     rows = []
-    for f in dataclasses.fields(cls):
-        if f.name == "source":
-            continue
-        key = f"{prefix}{f.name}"
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind) or key in ("model", "deepspeed"):
+    for name, f in cls.model_fields.items():
+        if f.exclude:
+            continue  # not a setting (PretrainConfig.source)
+        key = f"{prefix}{name}"
+        if _is_section(f.annotation) or key in ("model", "deepspeed"):
             continue  # their own tables
-        meaning = cell(notes.get(f.name, ""))
+        meaning = cell(notes.get(name, ""))
         if key in CHOICES:
-            if {part.strip() for part in notes.get(f.name, "").split("|")} == set(CHOICES[key]):
+            if {part.strip() for part in notes.get(name, "").split("|")} == set(CHOICES[key]):
                 meaning = ""  # the comment only lists the choices
             meaning = f"one of {', '.join(f'`{c}`' for c in CHOICES[key])}" + (f"; {meaning}" if meaning else "")
-        rows.append([f"`{key}`", type_text(kind), value_text(default_of(f)),
+        rows.append([f"`{key}`", type_text(f.annotation), value_text(f.get_default(call_default_factory=True)),
                      *[value_text(_get(c, key)) for c in configs.values()], meaning])
     return rows
 
@@ -127,14 +125,15 @@ def section_rows(cls: type, prefix: str, configs: dict[str, cfg.PretrainConfig])
 def model_rows(configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
     """`model`: a preset plus EncoderConfig fields; vocab_size, max_seq_len, pad_token_id come from the data."""
     hints, notes = typing.get_type_hints(EncoderConfig), field_comments(EncoderConfig)
-    rows = [["`model.preset`", "str \\| null", value_text(cfg.PretrainConfig().model.get("preset")),
-             *[value_text(c.model.get("preset")) for c in configs.values()],
+    rows = [["`model.preset`", "str \\| null", value_text(cfg.PretrainConfig().model.preset),
+             *[value_text(c.model.preset) for c in configs.values()],
              f"one of {', '.join(f'`{p}`' for p in PRESETS)}: the preset's fields, then the keys below on top"]]
     for f in dataclasses.fields(EncoderConfig):
         values = []
         for c in configs.values():
-            effective = {**PRESETS.get(c.model.get("preset"), {}), **c.model}
-            if f.name in DATA_FILLED and f.name not in c.model:
+            written = {k: v for k, v in c.model.model_dump().items() if v is not None}
+            effective = {**PRESETS.get(c.model.preset or "", {}), **written}
+            if f.name in DATA_FILLED and f.name not in written:
                 values.append("from the data")
             else:
                 values.append(value_text(effective.get(f.name, default_of(f))))
@@ -164,14 +163,13 @@ def table(rows: list[list[str]], names: list[str]) -> str:
 def generate() -> str:
     configs = shipped()
     names = list(configs)
-    sections = [("top level", cfg.PretrainConfig, "")]
-    for f in dataclasses.fields(cfg.PretrainConfig):
-        kind = typing.get_type_hints(cfg.PretrainConfig)[f.name]
-        if dataclasses.is_dataclass(kind):
-            sections.append((f"`{f.name}`", kind, f"{f.name}."))
-            nested = typing.get_type_hints(kind)
-            sections += [(f"`{f.name}.{g.name}`", nested[g.name], f"{f.name}.{g.name}.")
-                         for g in dataclasses.fields(kind) if dataclasses.is_dataclass(nested[g.name])]
+    sections: list[tuple[str, type[BaseModel], str]] = [("top level", cfg.PretrainConfig, "")]
+    for name, f in cfg.PretrainConfig.model_fields.items():
+        kind = f.annotation
+        if _is_section(kind) and name != "model":
+            sections.append((f"`{name}`", kind, f"{name}."))
+            sections += [(f"`{name}.{sub}`", g.annotation, f"{name}.{sub}.")
+                         for sub, g in kind.model_fields.items() if _is_section(g.annotation)]
     parts = [
         "# Pretraining config reference",
         "",

@@ -28,6 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from common.files import write_json_atomic
+from common.optim import lr_scheduler, param_groups
+
 from data_pipeline.errors import DataPipelineError
 from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token, max_predictions_per_seq
 from pretrain import checkpoint as ckpt
@@ -62,35 +65,9 @@ class RunOutcome:
 # ---------------------------------------------------------------------------------------- pieces
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and LayerNorm parameters."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad and id(param) not in seen:  # a tied parameter goes in once
-                seen.add(id(param))
-                exempt = isinstance(module, nn.LayerNorm) or name.endswith("bias")
-                (no_decay if exempt else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then decay."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if decay == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - (1.0 - min_ratio) * progress
-
-
 def make_scheduler(config: PretrainConfig, total_steps: int) -> Callable[[Any], LambdaLR]:
     o = config.optim
-    factor = partial(lr_factor, warmup=o.warmup_steps, total=total_steps, decay=o.decay, min_ratio=o.min_lr_ratio)
-    return lambda optimizer: LambdaLR(optimizer, factor)
+    return lambda optimizer: lr_scheduler(optimizer, o.warmup_steps, total_steps, o.decay, o.min_lr_ratio)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -132,9 +109,7 @@ def compile_problem(device_type: str) -> str | None:
 def write_run_status(run_dir: Path, **values: Any) -> None:
     """run_status.json: what a launcher reads after the process ends ("running" after a crash)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RUN_STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps({**values, "updated_at": time.time()}, indent=1) + "\n")
-    os.replace(tmp, run_dir / RUN_STATUS_FILE)
+    write_json_atomic(run_dir / RUN_STATUS_FILE, {**values, "updated_at": time.time()})
 
 
 def record_failure(record: Callable[[str, str], None], err: BaseException, signal_name: str | None,

@@ -18,8 +18,8 @@ def test_every_config_key_is_documented():
     sections = {"data": cfg.DataConfig, "optim": cfg.OptimConfig, "batch": cfg.BatchConfig, "eval": cfg.EvalConfig,
                 "checkpoint": cfg.CheckpointConfig}
     for prefix, section in sections.items():
-        for f in dataclasses.fields(section):
-            assert f"| `{prefix}.{f.name}` |" in text
+        for name in section.model_fields:
+            assert f"| `{prefix}.{name}` |" in text
     for f in dataclasses.fields(EncoderConfig):
         assert f"| `model.{f.name}` |" in text
     for key in cfg.DERIVED_DEEPSPEED_KEYS:

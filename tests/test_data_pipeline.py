@@ -13,8 +13,8 @@ import pytest
 from data_pipeline import BuildConfig, DataPipelineError
 from data_pipeline.packing import Packer, unpack
 from data_pipeline.readers import ReadStats, expand_inputs, iter_docs
-from data_pipeline.shards import (ShardWriter, decode_sample, dtype_for_vocab, iter_shard, read_manifest,
-                                  shard_urls, write_json_atomic)
+from common.files import write_json_atomic
+from data_pipeline.shards import ShardWriter, decode_sample, dtype_for_vocab, iter_shard, read_manifest, shard_urls
 from data_pipeline.testing import synthetic_docs, write_lines
 from data_pipeline.tokenizer import BulkEncoder, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from data_pipeline.units import Unit, plan

@@ -54,7 +54,7 @@ def test_set_overrides_parse_json_or_strings(shards):
     config = load_config("tiny", [f"data.path={shards}", "optim.lr=3e-4", "model.mixer=transformer",
                                   "deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.overlap_comm=true",
                                   "eval.max_samples=null", "optim.betas=[0.9,0.95]", "seed=7"])
-    assert config.optim.lr == 3e-4 and config.model["mixer"] == "transformer" and config.seed == 7
+    assert config.optim.lr == 3e-4 and config.model.mixer == "transformer" and config.seed == 7
     assert config.deepspeed["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert config.eval.max_samples is None and config.optim.betas == [0.9, 0.95]
 
@@ -75,7 +75,7 @@ def test_every_mistake_gets_its_own_message(tmp_path):
     problems = caught.value.problems
     expected = ["checkpoints: unknown key", "precision: must be one of", "model.hidden_sise: unknown key",
                 "data.path: required", "data.mask_prob", "optim.lr", "optim.decay",
-                "optim: give exactly one of total_steps and total_tokens",
+                "optim.total_steps: give exactly one of optim.total_steps and optim.total_tokens",
                 "batch.global_batch_size (10) must be a multiple of batch.micro_batch_size (4)",
                 "deepspeed.train_batch_size: derived by this config; set batch.global_batch_size",
                 "deepspeed.bf16.enabled: derived", "deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3",
@@ -90,17 +90,21 @@ def test_an_unknown_key_does_not_hide_a_mistake_in_its_namesake(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, {"data": {"path": "x"}, "optim": {"total_steps": 10, "warmup_steps": 1}}),
                     ["optim.lrr=1", "optim.lr=-1"])
-    assert [p.split(":")[0] for p in caught.value.problems] == ["optim.lrr", "optim.lr"], caught.value.problems
+    problems = caught.value.problems
+    assert sorted(p.split(":")[0] for p in problems) == ["optim.lr", "optim.lrr"], problems
+    assert "optim.lr: must be > 0, got -1 (--set optim.lr=-1)" in problems  # key, value, bound and the flag
+    assert any(p.startswith("optim.lrr: unknown key; did you mean 'optim.lr'?") for p in problems)
 
 
 def test_wrong_types_are_named(tmp_path):
+    path = write(tmp_path, {"data": {"path": "x", "num_workers": "2"}, "optim": {"total_steps": 1.5},
+                            "train": {"compile": "yes"}})
     with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path, {"data": {"path": "x", "num_workers": "2"}, "optim": {"total_steps": 1.5},
-                                     "train": {"compile": "yes"}}))
-    assert caught.value.problems == [
-        'data.num_workers: expected an integer, got "2"',
-        "optim.total_steps: expected an integer or null, got 1.5",
-        'train.compile: expected true/false, got "yes"',
+        load_config(path)
+    assert caught.value.problems == [  # the key, what was expected, the value and the file, in one line
+        f'data.num_workers: expected an integer, got "2" (in {path})',
+        f"optim.total_steps: expected an integer or null, got 1.5 (in {path})",
+        f'train.compile: expected true/false, got "yes" (in {path})',
     ]
 
 

@@ -4,7 +4,6 @@ mean over all of a step's masked tokens whatever the accumulation and world size
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 
 import pytest
@@ -12,18 +11,13 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from common.net import free_port
+from common.optim import param_groups
 from hypermixer import EncoderConfig, ForMaskedLM, max_predictions_per_seq
 from pretrain.step import NonFiniteGuard, NonFiniteLossError, train_step
-from pretrain.trainer import param_groups
 
 SEQ, VOCAB, SEQUENCES = 16, 60, 16
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> ForMaskedLM:
@@ -73,7 +67,7 @@ def _process_group(rank: int = 0, world: int = 1, port: int | None = None):
         yield
         return
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or _free_port()))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -104,7 +98,7 @@ def test_a_step_is_the_mean_over_all_its_masked_tokens_whatever_the_split(tmp_pa
         big = _one_step(0, 1, micro=16, grad_accum=1, stage=0)
         accumulated = _one_step(0, 1, micro=4, grad_accum=4, stage=2)
     out = tmp_path / "two_ranks.pt"
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(2, free_port(), str(out)), nprocs=2, join=True)
     two_ranks = torch.load(out, weights_only=True)
     before = _model().state_dict()
     assert not torch.equal(big["transform.weight"], before["transform.weight"])

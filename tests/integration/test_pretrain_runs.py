@@ -15,7 +15,6 @@ import math
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import psutil
 import pytest
 import torch
 
+from common.net import free_port
 from data_pipeline.build import build
 from data_pipeline.config import BuildConfig
 from hypermixer import ForMaskedLM
@@ -77,12 +77,6 @@ class Launch:
     seconds: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(run_dir: Path, shards: str, *extra: str, launcher: str = "torchrun", fault: str | None = None,
            resume: str | None = None, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> Launch:
     sets = [f"data.path={shards}", f"output_dir={run_dir}", *COMMON, *extra]
@@ -92,7 +86,7 @@ def launch(run_dir: Path, shards: str, *extra: str, launcher: str = "torchrun", 
                    str(MAIN), *tail]
     elif launcher == "deepspeed":
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                   "--master_port", str(_free_port()), str(MAIN), *tail]
+                   "--master_port", str(free_port()), str(MAIN), *tail]
     else:
         command = [sys.executable, "-m", "pretrain.main", *tail]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
