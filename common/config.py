@@ -13,6 +13,7 @@ run on a model whose mistaken keys were put back to their defaults, so one mista
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import difflib
 import json
@@ -87,26 +88,29 @@ M = typing.TypeVar("M", bound=BaseModel)
 
 
 def build(cls: type[M], raw: dict[str, Any], sources: dict[str, str] | None = None,
-          default_source: str = "") -> tuple[M, list[str]]:
-    """Validate `raw` as `cls`. Returns the model (mistaken keys back at their defaults) and every
+          default_source: str = "") -> tuple[M | None, list[str]]:
+    """Validate `raw` as `cls`. Returns the model (mistaken keys back at their defaults; None when a
+    required key is missing or mistaken) and every
     problem, one line each: field mistakes first, then the models' cross-field `problems()` for keys
     that had no field mistake. `sources` maps dotted keys to where they were set ("--set x=1",
     "--lr"); the rest were set in `default_source` (a file name; "" names none)."""
     raw = copy.deepcopy(raw)
     problems: list[str] = []
     flagged: list[str] = []
-    for _ in range(1000):  # each round removes at least one key
+    model: M | None = None
+    while model is None:
         try:
             model = cls.model_validate(raw)
-            break
         except ValidationError as err:
+            before = json.dumps(raw, sort_keys=True, default=str)
             for error in err.errors():
                 key, message = describe(cls, error)
-                problems.append(message + where(key, sources or {}, default_source))
-                flagged.append(key)
+                if key not in flagged:
+                    problems.append(message + where(key, sources or {}, default_source))
+                    flagged.append(key)
                 _remove(raw, _field_path(error["loc"]))
-    else:  # pragma: no cover - a model that never validates its own defaults
-        raise RuntimeError(f"{cls.__name__}: defaults do not validate")
+            if json.dumps(raw, sort_keys=True, default=str) == before:  # only required keys are missing
+                return None, problems
     cross = model.problems() if isinstance(model, Section) else []
     problems += [p for p in cross if not any(_covers(key, p.split(":")[0]) for key in flagged)]
     return model, problems
@@ -162,6 +166,9 @@ def describe(cls: type[BaseModel], error: Any) -> tuple[str, str]:
     if kind in bounds:
         limit = next(iter(ctx.values()))
         return key, f"{key}: must be {bounds[kind]} {limit:g}{got}"
+    if kind in ("too_short", "too_long"):
+        limit = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        return key, f"{key}: must have {'at least' if kind == 'too_short' else 'at most'} {limit} item(s){got}"
     if kind == "literal_error":
         return key, f"{key}: must be one of {ctx['expected'].replace(chr(39), '')}{got}"
     annotation = _annotation_at(cls, path)
@@ -237,3 +244,95 @@ def type_text(kind: Any) -> str:
     if origin is dict or kind is dict:
         return "object"
     return getattr(kind, "__name__", str(kind))
+
+
+# ---------------------------------------------------------------------------------------- checked models
+
+
+_BUILDING: contextvars.ContextVar[bool] = contextvars.ContextVar("building", default=False)
+
+
+class Checked(Section):
+    """A section built directly by code or a CLI (`BuildConfig(inputs=..., out_dir=...)`): construction
+    runs `build`, and any mistake raises the stage's own error class (`error`, a one-line message per
+    mistake, joined by "; ")."""
+
+    error: typing.ClassVar[type[Exception]] = ValueError
+    label: typing.ClassVar[str] = "invalid config"
+
+    def __init__(self, /, **values: Any) -> None:
+        if _BUILDING.get():  # called by pydantic's own validation inside `build`: plain construction
+            super().__init__(**values)
+            return
+        sources = values.pop("_sources", None)
+        token = _BUILDING.set(True)
+        try:
+            _, problems = build(type(self), values, sources)
+            if not problems:
+                super().__init__(**values)  # valid: construct (pydantic validates once more; cheap)
+        finally:
+            _BUILDING.reset(token)
+        if problems:
+            raise self.error(f"{self.label}: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "") -> typing.Self:
+        """From a stored dict (e.g. a config.json); mistakes name `source`."""
+        return cls(**values, _sources={key: f"in {source}" for key in values} if source else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> typing.Self:
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+# ---------------------------------------------------------------------------------------- CLI flags
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_flags(parser: Any, cls: type[BaseModel], names: typing.Iterable[str],
+              rename: dict[str, str] | None = None) -> None:
+    """One flag per field of `cls`: its type, choices (a Literal), true/false (`--x/--no-x`) and help (the
+    field's description and default) come from the model, so the CLI cannot drift from the config.
+    Flags not given are absent from the namespace (`config_values` then leaves the model's default)."""
+    import argparse
+
+    for name in names:
+        field = cls.model_fields[name]
+        kind = field.annotation
+        args = typing.get_args(kind)
+        if type(None) in args:
+            kind = next(a for a in args if a is not type(None))
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        text = (field.description or "") + (f" (default: {default})" if default not in (None, "", [], {}) else "")
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.strip() or None}
+        if field.is_required():
+            options["required"] = True
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) is list:
+            options.update(nargs="+", type=typing.get_args(kind)[0])
+        elif kind in (int, float, str):
+            options["type"] = kind
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: no flag for type {kind}")
+        parser.add_argument((rename or {}).get(name, flag_name(name)), **options)
+
+
+def config_values(namespace: Any, cls: type[BaseModel], rename: dict[str, str] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The fields of `cls` given as flags: (values, sources), the sources naming each flag as typed."""
+    values, sources = {}, {}
+    for name in cls.model_fields:
+        if hasattr(namespace, name):
+            value = getattr(namespace, name)
+            values[name] = value
+            flag = (rename or {}).get(name, flag_name(name))
+            sources[name] = f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+    return values, sources

@@ -6,78 +6,59 @@ in distributed runs: hash-units, resolve-duplicates (between plan and run-unit).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from common.config import add_flags, config_values
 
 from .errors import DataPipelineError
 
 PROG = "data_pipeline"
 
 
+INPUT_FIELDS = ("text_field", "txt_mode", "hf_split", "on_error", "unicode_normalization", "min_chars", "dedup")
+TOKENIZER_FIELDS = ("tokenizer_kind", "vocab_size", "lowercase", "min_frequency", "tokenizer_sample_mb")
+PACKING_FIELDS = ("seq_len", "packing", "validation_fraction", "split_salt", "unit_mb", "shard_mb", "batch_docs")
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
+    from .config import BuildConfig
     g = p.add_argument_group("inputs")
     g.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files or globs (.txt[.gz|.zst], .jsonl[.gz|.zst], .parquet), a datasets "
                         "save_to_disk folder (DIR or DIR@SPLIT), or hf:NAME[:CONFIG][@SPLIT] (streamed)")
-    g.add_argument("--text-field", default="text", help="jsonl field / parquet or datasets column (default: text)")
-    g.add_argument("--txt-mode", choices=("line", "block"), default="line",
-                   help=".txt documents: one per line, or blank-line separated blocks (default: line)")
-    g.add_argument("--hf-split", default="train", help="default split for hf: inputs and DatasetDict folders")
-    g.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="bad records / corrupt files: stop with an error, or skip and count (default: fail)")
-    g.add_argument("--unicode-normalization", choices=("NFC", "NFKC", "NFD", "NFKD", "none"), default="NFC")
-    g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (default: 0 = off)")
-    g.add_argument("--dedup", choices=("none", "unit", "global"), default="none",
-                   help="drop exact duplicate documents: within each unit, or across the whole input "
-                        "(global: an extra hash pass before the units; default: none)")
+    add_flags(g, BuildConfig, INPUT_FIELDS)
 
 
 def _add_tokenizer_args(p: argparse.ArgumentParser, with_file: bool = True) -> None:
+    from .config import BuildConfig
     g = p.add_argument_group("tokenizer")
-    if with_file:
-        g.add_argument("--tokenizer", default=None,
-                       help="reuse this tokenizer.json (or a folder holding one) instead of training one")
-    g.add_argument("--tokenizer-kind", choices=("wordpiece", "bpe", "unigram"), default="wordpiece")
-    g.add_argument("--vocab-size", type=int, default=32768)
-    g.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--min-frequency", type=int, default=2)
-    g.add_argument("--tokenizer-sample-mb", type=float, default=512.0,
-                   help="cap on the text streamed into tokenizer training (default: 512)")
+    add_flags(g, BuildConfig, (("tokenizer",) if with_file else ()) + TOKENIZER_FIELDS)
 
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder")
+    from .config import BuildConfig
+    p.add_argument("--out", required=True, dest="out_dir", help="output folder")
     _add_input_args(p)
     _add_tokenizer_args(p)
-    g = p.add_argument_group("packing and shards")
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--packing", choices=("concat", "single"), default="concat",
-                   help="concat: documents joined by [SEP] and cut; single: one document per sequence, padded")
-    g.add_argument("--validation-fraction", type=float, default=0.005)
-    g.add_argument("--split-salt", default="", help="change to draw another (still stable) train/validation split")
-    g.add_argument("--unit-mb", type=float, default=256.0, help="cut big inputs into work units of about this size")
-    g.add_argument("--shard-mb", type=float, default=128.0, help="target shard size")
-    g.add_argument("--batch-docs", type=int, default=2048, help="documents per tokenizer call")
+    add_flags(p.add_argument_group("packing and shards"), BuildConfig, PACKING_FIELDS)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _cfg_from_args(a):
+def config_from_args(a: argparse.Namespace, **fixed: Any):
+    """The BuildConfig of a parsed `build`/`plan`/`train-tokenizer` command line (plus `fixed` values):
+    the flags given, the model's defaults for the rest; a mistake names the flag."""
     from .config import BuildConfig
-    return BuildConfig(
-        inputs=a.inputs, out_dir=a.out, text_field=a.text_field, txt_mode=a.txt_mode, hf_split=a.hf_split,
-        on_error=a.on_error, unicode_normalization=a.unicode_normalization, min_chars=a.min_chars,
-        dedup=a.dedup, tokenizer=a.tokenizer, tokenizer_kind=a.tokenizer_kind, vocab_size=a.vocab_size,
-        lowercase=a.lowercase, min_frequency=a.min_frequency, tokenizer_sample_mb=a.tokenizer_sample_mb,
-        seq_len=a.seq_len, packing=a.packing, validation_fraction=a.validation_fraction,
-        split_salt=a.split_salt, unit_mb=a.unit_mb, shard_mb=a.shard_mb, batch_docs=a.batch_docs)
+    values, sources = config_values(a, BuildConfig, rename={"out_dir": "--out"})
+    return BuildConfig(**{**values, **fixed}, _sources=sources)
 
 
 def cmd_build(a) -> int:
     from .build import build
     from .shards import read_manifest
     from .build import format_report
-    path = build(_cfg_from_args(a), workers=a.workers, progress=not a.no_progress, verify=a.verify)
+    path = build(config_from_args(a), workers=a.workers, progress=not a.no_progress, verify=a.verify)
     m = read_manifest(path)
     print(format_report(m["report"]))
     print(f"manifest: {path}")
@@ -86,8 +67,8 @@ def cmd_build(a) -> int:
 
 def cmd_plan(a) -> int:
     from .build import plan_units
-    units = plan_units(_cfg_from_args(a), progress=not a.no_progress)
-    print(f"{len(units)} units planned in {a.out} (config.json, tokenizer.json, _work/plan.json)")
+    units = plan_units(config_from_args(a), progress=not a.no_progress)
+    print(f"{len(units)} units planned in {a.out_dir} (config.json, tokenizer.json, _work/plan.json)")
     if a.list:
         for u in units:
             print(f"{u.index}\t{u.name}\t{u.describe()}")
@@ -150,17 +131,11 @@ def cmd_finalize(a) -> int:
 def cmd_train_tokenizer(a) -> int:
     import tempfile
     from .build import _training_texts
-    from .config import BuildConfig
     from .readers import expand_inputs
     from .tokenizer import save_tokenizer, train_tokenizer
     from .units import plan
     out = Path(a.out)
-    cfg = BuildConfig(inputs=a.inputs, out_dir=tempfile.gettempdir(), text_field=a.text_field,
-                      txt_mode=a.txt_mode, hf_split=a.hf_split, on_error=a.on_error,
-                      unicode_normalization=a.unicode_normalization, min_chars=a.min_chars,
-                      tokenizer_kind=a.tokenizer_kind, vocab_size=a.vocab_size, lowercase=a.lowercase,
-                      min_frequency=a.min_frequency, tokenizer_sample_mb=a.tokenizer_sample_mb,
-                      validation_fraction=0.0)
+    cfg = config_from_args(a, out_dir=tempfile.gettempdir(), validation_fraction=0.0)
     units = plan(expand_inputs(cfg.inputs, cfg.hf_split), cfg.unit_mb)
     tok = train_tokenizer(_training_texts(cfg, units, not a.no_progress), kind=cfg.tokenizer_kind,
                           vocab_size=cfg.vocab_size, lowercase=cfg.lowercase, min_frequency=cfg.min_frequency,

@@ -1,4 +1,4 @@
-"""One dataclass for every setting, validated in one place and stored as JSON.
+"""One typed model (pydantic, `common.config`) for every setting, validated in one place and stored as JSON.
 
 The config is what makes a build reproducible and distributable: ``plan_units`` writes it
 to ``<out_dir>/config.json``; array tasks (``run-unit``), ``finalize`` and re-runs read it
@@ -7,100 +7,81 @@ The number of workers is deliberately *not* part of it: the output does not depe
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from common.config import Checked
 
 from .errors import DataPipelineError
 
 CONFIG_NAME = "config.json"
-TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")
+TokenizerKind = Literal["wordpiece", "bpe", "unigram"]
+TOKENIZER_KINDS = typing.get_args(TokenizerKind)
+SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask")
 
 
-@dataclass
-class BuildConfig:
+class BuildConfig(Checked):
+    """Every setting of a build; the flags of `python -m data_pipeline build|plan|train-tokenizer` are
+    made from these fields (`common.config.add_flags`), their descriptions are the flags' help."""
+
+    error = DataPipelineError
+    label = "invalid config"
+
     # -- inputs: paths, globs, `hf:NAME[:CONFIG][@SPLIT]`, or a `save_to_disk` folder
-    inputs: list[str]
+    inputs: list[str] = Field(min_length=1)
     out_dir: str
-    text_field: str = "text"          # jsonl field / parquet column / datasets column
-    txt_mode: str = "line"            # .txt: "line" = one document per line, "block" = blank-line separated
-    hf_split: str = "train"           # default split for `hf:` inputs and DatasetDict folders
-    on_error: str = "fail"            # structural input errors: "fail" or "skip" (and count)
-    # -- normalise / filter
-    unicode_normalization: str = "NFC"  # "NFC", "NFKC", "NFD", "NFKD" or "none"
-    min_chars: int = 0                # drop documents shorter than this (after normalising); 0 = off
-    dedup: str = "none"               # exact duplicates (blake2b): "none", "unit" (within a unit), "global"
+    text_field: str = Field("text", min_length=1, description="jsonl field / parquet or datasets column")
+    txt_mode: Literal["line", "block"] = Field(
+        "line", description=".txt documents: one per line, or blank-line separated blocks")
+    hf_split: str = Field("train", description="default split for hf: inputs and DatasetDict folders")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="bad records / corrupt files: stop with an error, or skip and count")
+    unicode_normalization: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFC"
+    min_chars: int = Field(0, ge=0, description="drop documents shorter than this (after normalising); 0 = off")
+    dedup: Literal["none", "unit", "global"] = Field(
+        "none", description="drop exact duplicate documents: within each unit, or across the whole input "
+                            "(global: an extra hash pass before the units)")
     # -- tokenizer: a tokenizer.json (or a folder holding one) to reuse, or None to train one
-    tokenizer: str | None = None
-    tokenizer_kind: str = "wordpiece"
-    vocab_size: int = 32768
+    tokenizer: str | None = Field(
+        None, description="reuse this tokenizer.json (or a folder holding one) instead of training one")
+    tokenizer_kind: TokenizerKind = "wordpiece"
+    vocab_size: int = Field(32768, ge=16)
     lowercase: bool = True
-    min_frequency: int = 2
-    tokenizer_sample_mb: float = 512.0  # cap on the text streamed into tokenizer training
-    special_tokens: dict = field(default_factory=lambda: {
+    min_frequency: int = Field(2, ge=1)
+    tokenizer_sample_mb: float = Field(512.0, gt=0, description="cap on the text streamed into tokenizer training")
+    special_tokens: dict[str, str] = Field(default_factory=lambda: {
         "pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"})
     # -- packing
-    seq_len: int = 128
-    packing: str = "concat"           # "concat" (documents joined by [SEP]) or "single" (one per sequence, padded)
+    seq_len: int = Field(128, ge=3, description="tokens per sequence, [CLS] and [SEP] included")
+    packing: Literal["concat", "single"] = Field(
+        "concat", description="concat: documents joined by [SEP] and cut; single: one document per sequence, padded")
     # -- split: a document goes to validation when its hash falls below this fraction
-    validation_fraction: float = 0.005
-    split_salt: str = ""              # change to draw a different (still stable) split
+    validation_fraction: float = Field(0.005, ge=0, lt=1)
+    split_salt: str = Field("", description="change to draw another (still stable) train/validation split")
     # -- work units and shards
-    unit_mb: float = 256.0            # big inputs are cut into units of about this much input
-    shard_mb: float = 128.0           # target tar size
-    batch_docs: int = 2048            # documents per tokenizer call
+    unit_mb: float = Field(256.0, gt=0, description="cut big inputs into work units of about this size")
+    shard_mb: float = Field(128.0, gt=0, description="target shard size")
+    batch_docs: int = Field(2048, ge=1, description="documents per tokenizer call")
 
-    def __post_init__(self):
-        if isinstance(self.inputs, str):
-            self.inputs = [self.inputs]
-        self.inputs = [str(x) for x in self.inputs]
-        self.out_dir = str(self.out_dir)
-        if self.tokenizer is not None:
-            self.tokenizer = str(self.tokenizer)
-        self.validate()
-
-    def validate(self) -> None:
-        def bad(msg):
-            raise DataPipelineError(f"invalid config: {msg}")
-        if not self.inputs:
-            bad("no inputs given")
-        choices = {"txt_mode": ("line", "block"), "on_error": ("fail", "skip"),
-                   "unicode_normalization": ("NFC", "NFKC", "NFD", "NFKD", "none"),
-                   "dedup": ("none", "unit", "global"), "tokenizer_kind": TOKENIZER_KINDS,
-                   "packing": ("concat", "single")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                bad(f"{name}={getattr(self, name)!r}, expected one of {list(allowed)}")
-        if not isinstance(self.seq_len, int) or self.seq_len < 3:
-            bad(f"seq_len={self.seq_len!r} must be an integer >= 3 ([CLS] + 1 token + [SEP])")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            bad(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
-        for name in ("unit_mb", "shard_mb", "tokenizer_sample_mb"):
-            if not getattr(self, name) > 0:
-                bad(f"{name} must be positive")
-        if self.vocab_size < 16:
-            bad(f"vocab_size={self.vocab_size} is too small")
-        if self.min_chars < 0 or self.batch_docs < 1 or self.min_frequency < 1:
-            bad("min_chars must be >= 0, batch_docs and min_frequency >= 1")
-        missing = [k for k in ("pad", "unk", "cls", "sep", "mask") if not self.special_tokens.get(k)]
-        if missing:
-            bad(f"special_tokens lacks {missing}")
-        if not self.text_field:
-            bad("text_field is empty")
-
-    # -- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+    @field_validator("inputs", mode="before")
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataPipelineError(f"invalid config: unknown settings {unknown}")
-        return cls(**d)
+    def _inputs_as_list(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            value = [value]
+        return [str(x) if isinstance(x, Path) else x for x in value] if isinstance(value, (list, tuple)) else value
+
+    @field_validator("out_dir", "tokenizer", mode="before")
+    @classmethod
+    def _path_as_str(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+    def problems(self) -> list[str]:
+        missing = [k for k in SPECIAL_TOKENS if not self.special_tokens.get(k)]
+        return [f"special_tokens: lacks {missing}"] if missing else []
 
     def output_affecting(self) -> dict[str, Any]:
         """Everything except where the output goes: equal for a legitimate re-run."""
@@ -135,7 +116,7 @@ def load_config(path_or_out_dir: str | Path) -> BuildConfig:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataPipelineError(f"{p}: corrupt config, not valid JSON ({e})") from None
-    cfg = BuildConfig.from_dict(d)
+    if not isinstance(d, dict):
+        raise DataPipelineError(f"{p}: corrupt config, not a JSON object")
     # A folder that was moved still works: the config's out_dir follows the file.
-    cfg.out_dir = str(p.parent)
-    return cfg
+    return BuildConfig.from_dict({**d, "out_dir": str(p.parent)}, source=str(p))

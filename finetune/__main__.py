@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
+from common.config import add_flags, config_values
 from finetune.config import PRECISIONS, FinetuneConfig
 from finetune.data import HF_HUB_NAME
 from finetune.errors import FinetuneError
 
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+# Flags whose spelling is not the field's name (kept as users type them).
+FLAG_NAMES = {"learning_rate": "--lr", "save_model": "--save-model", "predict_test": "--predict"}
+TRAINING_FIELDS = ("epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "adam_eps", "max_seq_len",
+                   "max_train_examples", "eval_batch_size", "device", "precision", "save_model", "predict_test")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,13 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune one release on one task",
                                 description="Fine-tune a release on a GLUE task: dev evaluation after each epoch, the "
                                 "best epoch kept in <output-dir>/model, test predictions in <output-dir>/predictions.")
-    train.add_argument("--release", required=True, help="release folder (config.json, model.safetensors, tokenizer.json)")
-    train.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE or WNLI")
-    train.add_argument("--output-dir", required=True, help="the run folder")
-    train.add_argument("--from-scratch", action="store_true", help="the release's config and tokenizer, random weights")
-    train.add_argument("--lr", type=float, dest="learning_rate", help=_default("learning_rate"))
-    train.add_argument("--batch-size", type=int, help=_default("batch_size"))
-    train.add_argument("--seed", type=int, help=_default("seed"))
+    add_flags(train, FinetuneConfig, ("release", "task", "output_dir", "from_scratch", "learning_rate", "batch_size",
+                                      "seed"), rename=FLAG_NAMES)
     _data_args(train)
     _training_args(train)
     train.set_defaults(func=cmd_train)
@@ -119,37 +117,24 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, help=_default("epochs"))
-    parser.add_argument("--warmup-ratio", type=float, help=_default("warmup_ratio"))
-    parser.add_argument("--weight-decay", type=float, help=_default("weight_decay"))
-    parser.add_argument("--max-grad-norm", type=float, help=_default("max_grad_norm", "0: no clipping"))
-    parser.add_argument("--adam-eps", type=float, help=_default("adam_eps"))
-    parser.add_argument("--max-seq-len", type=int, help="truncate to this many tokens (default: the release's max_seq_len)")
-    parser.add_argument("--max-train-examples", type=int, help="train on a seeded random subset of this size")
-    parser.add_argument("--eval-batch-size", type=int, help=_default("eval_batch_size"))
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto = cuda if available)")
-    parser.add_argument("--precision", choices=PRECISIONS, help="default: auto = bf16 autocast on a GPU that has it, "
-                        "fp16 on older GPUs, fp32 on CPU")
-    parser.add_argument("--no-save-model", dest="save_model", action="store_false", default=None,
-                        help="do not write the best weights to <run>/model")
-    parser.add_argument("--no-predict", dest="predict_test", action="store_false", default=None,
-                        help="do not predict the test sets")
+    add_flags(parser, FinetuneConfig, TRAINING_FIELDS, rename=FLAG_NAMES)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar per epoch (default: only on a terminal)")
 
 
-CONFIG_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)}
-
-
-def _settings(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
-    """The FinetuneConfig fields given on the command line; the rest keep the dataclass defaults."""
-    return {k: v for k, v in vars(args).items() if k in CONFIG_KEYS and k not in skip and v is not None}
+def _settings(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The FinetuneConfig fields given on the command line (the rest keep the model's defaults), and
+    the flag each came from (so a mistake names it)."""
+    values, sources = config_values(args, FinetuneConfig, rename=FLAG_NAMES)
+    return ({k: v for k, v in values.items() if k not in skip and v is not None},
+            {k: v for k, v in sources.items() if k not in skip})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from finetune.trainer import train
 
-    config = FinetuneConfig(**_settings(args))
+    values, sources = _settings(args)
+    config = FinetuneConfig(**values, _sources=sources)
     result = train(config, progress=args.progress)
     print(json.dumps({"task": result["task"], "score": result["score"], "dev": result["dev"],
                       "best_epoch": result["best_epoch"], "output_dir": config.output_dir}, indent=2))
@@ -159,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from finetune.sweep import plan_sweep, run_sweep
 
-    settings = _settings(args, skip=("learning_rate", "batch_size", "seed"))
+    settings, _ = _settings(args, skip=("learning_rate", "batch_size", "seed"))
     specs = plan_sweep(args.sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings)
     print(f"finetune: planned {len(specs)} runs in {Path(args.sweep_dir) / 'plan.json'}")
     if args.plan_only:
@@ -258,9 +243,6 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         print(f"{task.name:6} {labels:36} {metrics:18} {' '.join(files)}")
     return 0
 
-
-def _default(name: str, note: str = "") -> str:
-    return f"default: {DEFAULTS[name]}" + (f"; {note}" if note else "")
 
 
 def _floats(text: str) -> list[float]:

@@ -25,7 +25,8 @@ from finetune.model import load
 from finetune.submission import SUBMISSION_FILES, write_submission
 from finetune.sweep import aggregate, load_plan, plan_sweep, run_one, run_sweep
 from finetune.tasks import GLUE_TASKS, TASKS, get_task, parse_tasks
-from finetune.trainer import linear_schedule, make_optimizer, train
+from common.optim import lr_scheduler
+from finetune.trainer import make_optimizer, train
 from hypermixer import MIXERS, EncoderConfig, ForMaskedLM, ForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
@@ -374,14 +375,15 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 def test_linear_warmup_then_decay():
+    # The schedule pretraining uses too (common.optim): the first step already moves the weights.
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = linear_schedule(optimizer, total_steps=10, warmup_ratio=0.2)
+    schedule = lr_scheduler(optimizer, warmup=2, total=10)
     lrs = []
     for _ in range(10):
         lrs.append(schedule.get_last_lr()[0])
         optimizer.step()
         schedule.step()
-    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
 
 
 # ---- training, prediction, submission ------------------------------------------------------------------
@@ -468,7 +470,7 @@ def test_cli_errors_exit_2_without_traceback(releases, glue, tmp_path, capsys):
     base = ["train", "--release", str(releases["hypermixer"]), "--output-dir", str(tmp_path / "o"), "--glue-dir", str(glue)]
     cases = [
         (base + ["--task", "SST-5"], "finetune: error: unknown task 'SST-5' (choose from CoLA, SST-2"),
-        (base + ["--task", "RTE", "--lr", "-1"], "finetune: error: learning_rate must be a number > 0, got -1.0"),
+        (base + ["--task", "RTE", "--lr", "-1"], "finetune: error: invalid fine-tuning config: learning_rate: must be > 0, got -1.0 (--lr -1.0)"),
         (["train", "--release", str(tmp_path), "--task", "RTE", "--output-dir", "o", "--glue-dir", str(glue)],
          f"finetune: error: {tmp_path}/config.json: no such file"),
         (["train", "--release", str(releases["hypermixer"]), "--task", "RTE", "--output-dir", "o", "--glue-dir",

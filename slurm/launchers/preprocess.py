@@ -143,10 +143,10 @@ class MergeJob(_PipelineJob):
 def parse_build_args(stage_args: list[str]) -> tuple[Any, Any]:
     """The `python -m data_pipeline build` arguments, parsed by its own parser, and the BuildConfig they
     make (the same function the local command uses, so a SLURM build and a local one share config.json)."""
-    from data_pipeline.__main__ import _cfg_from_args, make_parser
+    from data_pipeline.__main__ import config_from_args, make_parser
 
     args = make_parser().parse_args(["build", *stage_args])  # argparse prints its own error and exits 2
-    return args, _cfg_from_args(args)
+    return args, config_from_args(args)
 
 
 def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list[Step]:
