@@ -130,6 +130,12 @@ def _settings(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> tuple[dic
             {k: v for k, v in sources.items() if k not in skip})
 
 
+def sweep_settings(args: argparse.Namespace) -> dict:
+    """The FinetuneConfig settings a parsed `sweep` command line gives every run of the grid (the grid's
+    own axes, learning rate, batch size and seed, excluded). Public: the SLURM launcher plans with it."""
+    return _settings(args, skip=("learning_rate", "batch_size", "seed"))[0]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from finetune.trainer import train
 
@@ -144,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from finetune.sweep import plan_sweep, run_sweep
 
-    settings, _ = _settings(args, skip=("learning_rate", "batch_size", "seed"))
+    settings = sweep_settings(args)
     specs = plan_sweep(args.sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings)
     print(f"finetune: planned {len(specs)} runs in {Path(args.sweep_dir) / 'plan.json'}")
     if args.plan_only:

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from common.config import type_text
 from slurm import submit as sub
 from slurm.jobs import STAGES, Stage, StageError
 from slurm.options import FIELDS, ClusterOptions, OptionsError, load_json, merge
@@ -21,10 +22,11 @@ def _flag(name: str) -> str:
 def _add_option_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster options (override --config)")
     for name, f in FIELDS.items():
-        help, kind = f.metadata["help"].replace("%", "%%"), f.type.split(" |")[0]  # argparse formats help
+        help = (f.description or "").replace("%", "%%")  # argparse formats help
+        kind = type_text(f.annotation).split(" |")[0]
         if kind == "bool":
             g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        elif name == "sbatch_args":
+        elif name == "sbatch_args":  # object
             g.add_argument("--sbatch-arg", dest=name, action="append", metavar="KEY[=VALUE]",
                            default=argparse.SUPPRESS, help=help + "; repeatable")
         elif kind == "list[str]":
@@ -35,6 +37,7 @@ def _add_option_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(_flag(name), type={"int": int, "float": float}.get(kind, str),
                            default=argparse.SUPPRESS,
                            help=(help + f" (default {f.default!r})".replace("%", "%%")) if f.default is not None else help)
+
 
 
 def build_parser() -> argparse.ArgumentParser:

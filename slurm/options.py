@@ -2,21 +2,17 @@
 onto `submitit.AutoExecutor` in one function (`executor_kwargs`)."""
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field
+
+from common.config import Checked
 
 
 class OptionsError(ValueError):
     """A bad cluster option; its message is one line meant for the user."""
-
-
-def _opt(default: Any = None, help: str = "", **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=type(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
 
 
 # Signals the job may get before its limit. USR1 is out: some NCCL versions catch it (submitit moved to
@@ -25,28 +21,42 @@ def _opt(default: Any = None, help: str = "", **kw: Any) -> Any:
 ALLOWED_SIGNALS = ("USR2", "HUP")
 
 
-@dataclass
-class ClusterOptions:
-    partition: str | None = _opt(None, "partition (-p)")
-    account: str | None = _opt(None, "account to charge (-A)")
-    qos: str | None = _opt(None, "quality of service")
-    time_min: int = _opt(60, "time limit in minutes")
-    nodes: int = _opt(1, "number of nodes")
-    gpus_per_node: int = _opt(0, "GPUs per node (0: CPU job)")
-    tasks_per_node: int | None = _opt(None, "tasks (ranks) per node; default one per GPU, or 1 on CPU")
-    cpus_per_task: int | None = _opt(None, "CPUs per task (data loader workers + 1 is a good start)")
-    mem_gb: float | None = _opt(None, "memory per node in GB; default: the cluster's")
-    constraint: str | None = _opt(None, "node feature constraint (-C), e.g. a100")
-    exclusive: bool = _opt(False, "whole nodes only")
-    sbatch_args: dict[str, Any] = _opt({}, "extra #SBATCH options, e.g. mail-type=END (flag alone: true)")
-    srun_args: list[str] = _opt([], "extra srun arguments, e.g. --srun-arg=--cpu-bind=none")
-    setup: list[str] = _opt([], "shell line run before srun, e.g. 'module load cuda'")
-    job_folder: str = _opt("runs/slurm/%j", "folder for submitit's pickles and logs; %j is the job id")
-    job_name: str | None = _opt(None, "job name; default: the stage's name")
-    array_parallelism: int | None = _opt(None, "at most this many array tasks at once")
-    max_requeues: int = _opt(3, "requeues allowed after hitting the time limit (preemptions do not count)")
-    signal: str = _opt("USR2", f"signal sent before the time limit: {' or '.join(ALLOWED_SIGNALS)}")
-    signal_lead_s: int = _opt(120, "seconds before the limit to send it (SLURM may send it up to 60 s early)")
+class ClusterOptions(Checked):
+    """The cluster options of `python -m slurm`: a typed section like every other config; the CLI flags
+    are made from these fields and their descriptions."""
+
+    error = OptionsError
+    label = "invalid cluster options"
+
+    partition: str | None = Field(None, description="partition (-p)")
+    account: str | None = Field(None, description="account to charge (-A)")
+    qos: str | None = Field(None, description="quality of service")
+    time_min: int = Field(60, ge=1, description="time limit in minutes")
+    nodes: int = Field(1, ge=1, description="number of nodes")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0: CPU job)")
+    tasks_per_node: int | None = Field(None, ge=1, description="tasks (ranks) per node; default one per GPU, or 1 on CPU")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per task (data loader workers + 1 is a good start)")
+    mem_gb: float | None = Field(None, gt=0, description="memory per node in GB; default: the cluster's")
+    constraint: str | None = Field(None, description="node feature constraint (-C), e.g. a100")
+    exclusive: bool = Field(False, description="whole nodes only")
+    sbatch_args: dict[str, Any] = Field(default_factory=dict,
+                                        description="extra #SBATCH options, e.g. mail-type=END (flag alone: true)")
+    srun_args: list[str] = Field(default_factory=list, description="extra srun arguments, e.g. --srun-arg=--cpu-bind=none")
+    setup: list[str] = Field(default_factory=list, description="shell line run before srun, e.g. 'module load cuda'")
+    job_folder: str = Field("runs/slurm/%j", description="folder for submitit's pickles and logs; %j is the job id")
+    job_name: str | None = Field(None, description="job name; default: the stage's name")
+    array_parallelism: int | None = Field(None, ge=1, description="at most this many array tasks at once")
+    max_requeues: int = Field(3, ge=0, description="requeues allowed after hitting the time limit "
+                                                   "(preemptions do not count)")
+    signal: str = Field("USR2", description=f"signal sent before the time limit: {' or '.join(ALLOWED_SIGNALS)}")
+    signal_lead_s: int = Field(120, ge=0, description="seconds before the limit to send it "
+                                                      "(SLURM may send it up to 60 s early)")
+
+    def problems(self) -> list[str]:
+        if signal_name(self) not in ALLOWED_SIGNALS:
+            return [f"signal: {self.signal!r} is not allowed, use one of {', '.join(ALLOWED_SIGNALS)} "
+                    "(USR1 can be swallowed by NCCL; TERM/USR1 are the training's own stop signals)"]
+        return []
 
     @property
     def ntasks_per_node(self) -> int:
@@ -54,37 +64,14 @@ class ClusterOptions:
             return self.tasks_per_node
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
-    def validate(self) -> "ClusterOptions":
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), f.type.split(" |")[0]
-            want = {"str": str, "int": int, "float": (int, float), "bool": bool,
-                    "dict[str, Any]": dict, "list[str]": list}[kind]
-            if value is None and "None" in f.type:
-                continue
-            if not isinstance(value, want) or (kind in ("int", "float") and isinstance(value, bool)):
-                raise OptionsError(f"cluster option {f.name!r} must be {kind.split('[')[0]}, got {value!r}")
-        for name in ("time_min", "nodes", "tasks_per_node", "cpus_per_task", "array_parallelism"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise OptionsError(f"cluster option {name!r} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("gpus_per_node", "max_requeues", "signal_lead_s"):
-            if getattr(self, name) < 0:
-                raise OptionsError(f"cluster option {name!r} must be >= 0, got {getattr(self, name)!r}")
-        if signal_name(self) not in ALLOWED_SIGNALS:
-            raise OptionsError(
-                f"cluster option 'signal': {self.signal!r} is not allowed, use one of {', '.join(ALLOWED_SIGNALS)} "
-                "(USR1 can be swallowed by NCCL; TERM/USR1 are the training's own stop signals)")
-        return self
 
-
-FIELDS = {f.name: f for f in dataclasses.fields(ClusterOptions)}
+FIELDS = ClusterOptions.model_fields
 
 
 def merge(base: ClusterOptions, overrides: dict[str, Any], source: str) -> ClusterOptions:
-    """A copy of `base` with `overrides` applied; an unknown key is a one-line error naming it."""
-    for key in overrides:
-        if key not in FIELDS:
-            raise OptionsError(f"{source}: unknown cluster option {key!r} (known: {', '.join(FIELDS)})")
-    return dataclasses.replace(base, **overrides).validate()
+    """A copy of `base` with `overrides` applied; each mistake (an unknown key with a did-you-mean, a wrong
+    type or value) is named with `source` in one line."""
+    return ClusterOptions(**{**base.model_dump(), **overrides}, _sources={key: source for key in overrides})
 
 
 def load_json(path: str | Path, base: ClusterOptions | None = None) -> ClusterOptions:
@@ -95,7 +82,7 @@ def load_json(path: str | Path, base: ClusterOptions | None = None) -> ClusterOp
         raise OptionsError(f"cannot read cluster config {path}: {e}") from None
     if not isinstance(data, dict):
         raise OptionsError(f"cluster config {path}: expected a JSON object of option: value")
-    return merge(base or ClusterOptions(), data, f"cluster config {path}")
+    return merge(base or ClusterOptions(), data, f"in cluster config {path}")
 
 
 def signal_name(opts: ClusterOptions) -> str:
@@ -109,7 +96,6 @@ def executor_kwargs(opts: ClusterOptions, stage: str) -> tuple[dict[str, Any], d
     """
     from submitit.core.job_environment import JobEnvironment
 
-    opts.validate()
     ctor: dict[str, Any] = {"folder": opts.job_folder, "slurm_max_num_timeout": opts.max_requeues}
     params: dict[str, Any] = {
         "name": opts.job_name or stage,

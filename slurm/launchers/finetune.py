@@ -68,10 +68,10 @@ def parse_sweep_args(stage_args: list[str]) -> Any:
 def plan(args: Any, sweep_dir: Path) -> list[Any]:
     """plan_sweep into sweep_dir, exactly as `python -m finetune sweep` does; the whole plan (earlier
     plannings into the same folder included)."""
-    from finetune.__main__ import _settings
+    from finetune.__main__ import sweep_settings
     from finetune.sweep import load_plan, plan_sweep
 
-    settings = _settings(args, skip=("learning_rate", "batch_size", "seed"))
+    settings = sweep_settings(args)
     plan_sweep(sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings)
     return load_plan(sweep_dir)
 

@@ -195,13 +195,13 @@ def test_unknown_config_key_is_a_one_line_error_naming_it(tmp_path):
     proc = run_cli("pretrain", "--config", str(config), "--dry-run")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert "unknown cluster option 'gpu_per_node'" in proc.stderr and str(config) in proc.stderr
+    assert "gpu_per_node: unknown key; did you mean 'gpus_per_node'?" in proc.stderr and str(config) in proc.stderr
 
 
 def test_bad_values_are_rejected():
-    with pytest.raises(OptionsError, match="'nodes' must be int"):
+    with pytest.raises(OptionsError, match='nodes: expected an integer, got "2" \\(test\\)'):
         merge(ClusterOptions(), {"nodes": "2"}, "test")
-    with pytest.raises(OptionsError, match="'time_min' must be >= 1"):
+    with pytest.raises(OptionsError, match="time_min: must be >= 1, got 0"):
         merge(ClusterOptions(), {"time_min": 0}, "test")
     with pytest.raises(OptionsError, match="USR1 can be swallowed by NCCL"):
         merge(ClusterOptions(), {"signal": "USR1"}, "test")
