@@ -170,7 +170,7 @@ def test_finetune_dry_run_plans_in_a_scratch_folder(tmp_path, capsys):
     assert "--gpus-per-node" not in aggregate and "--kill-on-invalid-dep" not in aggregate  # runs whatever happened
     assert not sweep.exists(), "a dry run plans nothing into the sweep folder"
     assert main([*args, "--epochs", "0"]) == 2
-    assert "epochs must be a positive integer" in capsys.readouterr().err
+    assert "epochs: must be > 0, got 0" in capsys.readouterr().err
 
 
 def test_stage_without_launcher_says_so_and_exits_non_zero(monkeypatch, capsys):
