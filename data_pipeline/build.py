@@ -25,89 +25,30 @@ import sys
 import threading
 import time
 import unicodedata
+from common.files import write_json_atomic
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing.managers import SyncManager
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import BuildConfig, load_config
+from .config import BuildConfig, as_config, load_config
+from .documents import DocFilter
 from .dedup import dups_path, hash_unit, load_drop_set, resolve_duplicates
 from .errors import DataPipelineError
 from .orphans import die_with_parent
 from .packing import Packer
 from .readers import ReadStats, expand_inputs, iter_docs
-from common.files import write_json_atomic
-
 from .shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, ShardWriter, dtype_for_vocab, sha256_file
+from .testing import crash_hook
 from .tokenizer import BulkEncoder, copy_tokenizer, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from .units import Unit, plan, read_result, result_path
 
 PLAN_NAME = "plan.json"
 RESULT_VERSION = 1
-_KILL_ENV = "DATA_PIPELINE_TEST_KILL_AFTER_SHARDS"  # test hook: SIGKILL self after N shards
-
-
-# --------------------------------------------------------------------------- documents
-
-
-class DocFilter:
-    """normalise -> filter (empty, too short, duplicate) -> train/validation by stable hash.
-
-    ``drop``: 64-bit hashes (``doc_hash64``) that earlier units already hold (global dedup).
-    """
-
-    def __init__(self, cfg: BuildConfig, dedup: bool | None = None, drop: set[int] | None = None):
-        self.form = None if cfg.unicode_normalization == "none" else cfg.unicode_normalization
-        self.min_chars = cfg.min_chars
-        self.dedup = (cfg.dedup != "none") if dedup is None else dedup
-        self.drop = drop or None
-        self.seen: set[bytes] = set()
-        self.key = cfg.split_salt.encode("utf-8")[:64]
-        self.val_threshold = round(cfg.validation_fraction * 1_000_000)
-        self.dropped = {"empty": 0, "too_short": 0, "duplicate": 0}
-
-    def kept(self, texts: Iterator[str]) -> Iterator[tuple[str, bytes]]:
-        """``(normalised text, 16-byte blake2b digest)`` of documents passing the
-        empty / too-short filters (no dedup)."""
-        form, min_chars, key = self.form, self.min_chars, self.key
-        blake2b, is_normalized, normalize = hashlib.blake2b, unicodedata.is_normalized, unicodedata.normalize
-        dropped = self.dropped
-        for t in texts:
-            t = t.strip()
-            if form and not t.isascii() and not is_normalized(form, t):
-                t = normalize(form, t).strip()
-            if not t:
-                dropped["empty"] += 1
-                continue
-            if len(t) < min_chars:
-                dropped["too_short"] += 1
-                continue
-            # surrogatepass: lone surrogates from JSON escapes must not crash the hash
-            yield t, blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16, key=key).digest()
-
-    def __call__(self, texts: Iterator[str]) -> Iterator[tuple[str, bool]]:
-        """Yield ``(text, is_validation)`` for the documents kept."""
-        dedup, seen, drop, thr, dropped = self.dedup, self.seen, self.drop, self.val_threshold, self.dropped
-        for t, d in self.kept(texts):
-            h = int.from_bytes(d[:8], "little")
-            if dedup:
-                if d in seen or (drop is not None and h in drop):
-                    dropped["duplicate"] += 1
-                    continue
-                seen.add(d)
-            yield t, (h % 1_000_000) < thr
 
 
 # --------------------------------------------------------------------------- plan
-
-
-def _as_cfg(cfg) -> BuildConfig:
-    if isinstance(cfg, BuildConfig):
-        return cfg
-    if isinstance(cfg, dict):
-        return BuildConfig.from_dict(cfg)
-    return load_config(cfg)
 
 
 def _plan_file(cfg: BuildConfig) -> Path:
@@ -151,7 +92,7 @@ def plan_units(cfg: BuildConfig, progress: bool = False) -> list[Unit]:
     cheap and returns the same units (the tokenizer is not retrained); a different config or
     changed inputs are refused, so a resumed build cannot mix two plans.
     """
-    cfg = _as_cfg(cfg)
+    cfg = as_config(cfg)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.json"
@@ -208,7 +149,7 @@ def _read_plan_file(p: Path) -> dict:
 
 def load_plan(cfg) -> list[Unit]:
     """The units written by :func:`plan_units` (for array tasks)."""
-    cfg = _as_cfg(cfg)
+    cfg = as_config(cfg)
     p = _plan_file(cfg)
     if not p.is_file():
         raise DataPipelineError(f"{p}: no plan (run `python -m data_pipeline plan` first)")
@@ -240,24 +181,6 @@ def _remove_unit_files(cfg: BuildConfig, unit: Unit) -> None:
                 p.unlink()
 
 
-_shards_done_in_process = 0
-
-
-def _kill_hook():
-    """Test hook: with DATA_PIPELINE_TEST_KILL_AFTER_SHARDS=N the process SIGKILLs itself
-    right after renaming its N-th shard (counted over all units), i.e. mid-unit."""
-    n = int(os.environ.get(_KILL_ENV, "0") or 0)
-    if n <= 0:
-        return None
-
-    def hook(_rec):
-        global _shards_done_in_process
-        _shards_done_in_process += 1
-        if _shards_done_in_process >= n:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return hook
-
-
 def run_unit(cfg, unit: Unit, progress: Callable[[int], None] | None = None) -> dict:
     """Process one unit into its shards and write its done-marker; idempotent.
 
@@ -266,7 +189,7 @@ def run_unit(cfg, unit: Unit, progress: Callable[[int], None] | None = None) -> 
     shards are written under ``.tmp`` names and renamed when complete, and the result JSON
     (the done-marker) is written atomically last.  ``progress`` receives input characters read.
     """
-    cfg = _as_cfg(cfg)
+    cfg = as_config(cfg)
     done = read_result(cfg.work_dir, unit)
     if done is not None:
         return done
@@ -293,7 +216,7 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     _remove_unit_files(cfg, unit)
 
     shard_bytes = int(cfg.shard_mb * (1 << 20))
-    hook = _kill_hook()
+    hook = crash_hook()  # None unless a test asked for a crash (data_pipeline/testing.py)
     packers = {s: Packer(cfg.seq_len, sids["cls"], sids["sep"], sids["pad"], cfg.packing) for s in SPLITS}
     writers = {s: ShardWriter(cfg.out, s, unit.name, dtype, cfg.seq_len, sids["pad"], shard_bytes,
                               on_shard_done=hook) for s in SPLITS}
@@ -395,7 +318,7 @@ def finalize(cfg, wall_seconds: float | None = None, verify: bool = False) -> Pa
     Refuses, naming them, if some units are unfinished.  Checks that every listed shard
     exists with the recorded size (``verify=True`` re-hashes them too).
     """
-    cfg = _as_cfg(cfg)
+    cfg = as_config(cfg)
     units = load_plan(cfg)
     plan_info = _read_plan_file(_plan_file(cfg))
     results, missing = [], []
@@ -510,7 +433,7 @@ def build(cfg, workers: int = 1, progress: bool = True, verify: bool = False) ->
     The output does not depend on ``workers``.  Killed at any point and called again with
     the same config, it skips finished units and redoes the others.
     """
-    cfg = _as_cfg(cfg)
+    cfg = as_config(cfg)
     if workers < 1:
         raise DataPipelineError(f"workers must be >= 1, got {workers}")
     t0 = time.perf_counter()

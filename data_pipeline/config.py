@@ -105,6 +105,15 @@ class BuildConfig(Checked):
         return path
 
 
+def as_config(cfg: BuildConfig | dict[str, Any] | str | Path) -> BuildConfig:
+    """A BuildConfig, a dict of its fields, or a config file / build folder -> a BuildConfig."""
+    if isinstance(cfg, BuildConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return BuildConfig.from_dict(cfg)
+    return load_config(cfg)
+
+
 def load_config(path_or_out_dir: str | Path) -> BuildConfig:
     """Read a config JSON (the file, or the build folder holding ``config.json``)."""
     p = Path(path_or_out_dir)

@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import atomic_path
+
+from .config import as_config
+from .documents import DocFilter
 from .errors import DataPipelineError
 from .readers import ReadStats, iter_docs
 
@@ -36,16 +40,13 @@ def dups_path(cfg, unit) -> Path:
 
 def _save_atomic(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    tmp.replace(path)
 
 
 def hash_unit(cfg, unit) -> Path:
     """Write the unit's sorted unique document hashes (skips if already there)."""
-    from .build import DocFilter, _as_cfg
-    cfg = _as_cfg(cfg)
+    cfg = as_config(cfg)
     p = hashes_path(cfg, unit)
     if p.is_file():
         return p
@@ -58,8 +59,7 @@ def hash_unit(cfg, unit) -> Path:
 
 def resolve_duplicates(cfg, units, bucket_hashes: int = 50_000_000) -> None:
     """Write every unit's list of hashes already held by an earlier unit."""
-    from .build import _as_cfg
-    cfg = _as_cfg(cfg)
+    cfg = as_config(cfg)
     missing = [u.name for u in units if not hashes_path(cfg, u).is_file()]
     if missing:
         raise DataPipelineError(f"{cfg.out}: {len(missing)} units not hashed yet ({', '.join(missing[:5])}); "

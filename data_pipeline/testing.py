@@ -7,9 +7,31 @@ compare it with what decoding the shards gives.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import signal
 import unicodedata
 from pathlib import Path
+
+# The one fault hook in production code: a build process SIGKILLs itself right after renaming its N-th
+# shard (counted over all units, so mid-unit) when this variable is N > 0; the crash-resume tests use it.
+CRASH_AFTER_SHARDS_ENV = "DATA_PIPELINE_TEST_KILL_AFTER_SHARDS"
+_shards_done_in_process = 0
+
+
+def crash_hook():
+    """The shard-written callback that crashes on purpose, or None (the normal case)."""
+    n = int(os.environ.get(CRASH_AFTER_SHARDS_ENV, "0") or 0)
+    if n <= 0:
+        return None
+
+    def hook(_record):
+        global _shards_done_in_process
+        _shards_done_in_process += 1
+        if _shards_done_in_process >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this "
          "be or has had first one their its new after who they two been have more also time but not "
