@@ -1,10 +1,11 @@
-"""docs/config.md is generated from the config code (python -m pretrain.reference); it must match."""
+"""docs/config.md is generated from the typed configs (python -m common.reference); it must match."""
 
 import dataclasses
 
 from hypermixer import EncoderConfig
 from pretrain import config as cfg
-from pretrain.reference import DOC, REGENERATE, field_comments, generate
+from common.reference import DOC, REGENERATE, generate
+from pretrain.reference import field_comments
 
 
 def test_docs_config_md_is_up_to_date():
@@ -32,3 +33,14 @@ def test_field_comments_come_from_the_source():
     notes = field_comments(cfg.DataConfig)
     assert notes["num_workers"] == "DataLoader worker processes per rank"
     assert field_comments(cfg.MetricsConfig)["peak_tflops"].startswith("Peak FLOP/s")  # a comment above the field
+
+
+def test_every_stage_config_key_is_documented():
+    from data_pipeline.config import BuildConfig
+    from finetune.config import FinetuneConfig
+    from slurm.options import ClusterOptions
+
+    text = generate()
+    for model in (BuildConfig, FinetuneConfig, ClusterOptions):
+        for name in model.model_fields:
+            assert f"| `{name}` |" in text, (model.__name__, name)
