@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Self
 
 
 class Section(BaseModel):
@@ -250,6 +251,7 @@ def type_text(kind: Any) -> str:
 
 
 _BUILDING: contextvars.ContextVar[bool] = contextvars.ContextVar("building", default=False)
+_SOURCES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("sources", default=None)
 
 
 class Checked(Section):
@@ -264,7 +266,7 @@ class Checked(Section):
         if _BUILDING.get():  # called by pydantic's own validation inside `build`: plain construction
             super().__init__(**values)
             return
-        sources = values.pop("_sources", None)
+        sources = _SOURCES.get()
         token = _BUILDING.set(True)
         try:
             _, problems = build(type(self), values, sources)
@@ -276,14 +278,23 @@ class Checked(Section):
             raise self.error(f"{self.label}: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "") -> typing.Self:
+    def with_sources(cls, values: dict[str, Any], sources: dict[str, str] | None) -> Self:
+        """`cls(**values)`, a mistake naming where its key was set (`sources`: key -> "--lr 3", "in x.json")."""
+        token = _SOURCES.set(sources)
+        try:
+            return cls(**values)
+        finally:
+            _SOURCES.reset(token)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "") -> Self:
         """From a stored dict (e.g. a config.json); mistakes name `source`."""
-        return cls(**values, _sources={key: f"in {source}" for key in values} if source else None)
+        return cls.with_sources(values, {key: f"in {source}" for key in values} if source else None)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
-    def replace(self, **changes: Any) -> typing.Self:
+    def replace(self, **changes: Any) -> Self:
         return type(self)(**{**self.model_dump(), **changes})
 
 

@@ -20,7 +20,9 @@ DECAYS = ("linear", "cosine", "constant")
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups as BERT has them: weight decay on weight matrices and embeddings only, not on biases
     (the hypernetworks' `fc*_bias` included) nor LayerNorm parameters. A tied parameter goes in once."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if param.requires_grad and id(param) not in seen:

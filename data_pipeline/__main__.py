@@ -51,7 +51,7 @@ def config_from_args(a: argparse.Namespace, **fixed: Any):
     the flags given, the model's defaults for the rest; a mistake names the flag."""
     from .config import BuildConfig
     values, sources = config_values(a, BuildConfig, rename={"out_dir": "--out"})
-    return BuildConfig(**{**values, **fixed}, _sources=sources)
+    return BuildConfig.with_sources({**values, **fixed}, sources)
 
 
 def cmd_build(a) -> int:

@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from finetune.trainer import train
 
     values, sources = _settings(args)
-    config = FinetuneConfig(**values, _sources=sources)
+    config = FinetuneConfig.with_sources(values, sources)
     result = train(config, progress=args.progress)
     print(json.dumps({"task": result["task"], "score": result["score"], "dev": result["dev"],
                       "best_epoch": result["best_epoch"], "output_dir": config.output_dir}, indent=2))

@@ -14,8 +14,9 @@ def mixer_forward_flops_per_token(config: EncoderConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one layer's token mixer at sequence length seq_len."""
     d, heads = config.hidden_size, config.num_heads
     if config.mixer == "hypermixer":
-        hyper_hidden = config.hypermixer_hypernet_hidden_size
-        mixing = config.hypermixer_token_mixing_size
+        # None resolves to hidden_size in EncoderConfig.__post_init__; `or d` says so to a type checker too.
+        hyper_hidden = config.hypermixer_hypernet_hidden_size or d
+        mixing = config.hypermixer_token_mixing_size or d
         # Per head: (d/H -> hidden/H -> d'/H) for every token; summed over heads this is d*hidden/H + hidden*d'/H.
         one_hypernet = 2 * (d * hyper_hidden + hyper_hidden * mixing) / heads
         hypernets = one_hypernet * (1 if config.hypermixer_tied else 2)
@@ -28,7 +29,7 @@ def mixer_forward_flops_per_token(config: EncoderConfig, seq_len: int) -> float:
         return projections + scores_and_values
     if config.mixer == "mlpmixer":
         # Over the N used positions (the weights are sliced to N): 2 * N * T per feature, twice, per sequence.
-        return 2 * 2 * config.mlpmixer_token_mixing_size * d
+        return 2 * 2 * (config.mlpmixer_token_mixing_size or config.max_seq_len) * d
     if config.mixer == "fnet":
         # A complex FFT of size n costs ~5 n log2 n; the 2-D FFT of N x d, divided over N tokens.
         return 5 * d * math.log2(max(seq_len * d, 2))

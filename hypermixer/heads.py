@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,7 @@ class ForMaskedLM(PretrainedMixin, nn.Module):
         if labels is None:
             return MaskedLMOutput(logits=self._logits(hidden))
         if self.max_predictions is not None:
-            return self._static_slots_loss(hidden, labels)
+            return self._static_slots_loss(hidden, labels, self.max_predictions)
         # Project only the masked positions: ~15% of tokens, and the V-wide projection dominates the head.
         selected = labels != IGNORE_INDEX
         targets = labels[selected]
@@ -109,8 +110,8 @@ class ForMaskedLM(PretrainedMixin, nn.Module):
         accuracy = (logits.argmax(dim=-1) == targets).float().mean()
         return MaskedLMOutput(logits=logits, loss=loss, accuracy=accuracy, num_masked=int(targets.numel()))
 
-    def _static_slots_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> MaskedLMOutput:
-        positions, targets = prediction_slots(labels, self.max_predictions)
+    def _static_slots_loss(self, hidden: torch.Tensor, labels: torch.Tensor, slots: int) -> MaskedLMOutput:
+        positions, targets = prediction_slots(labels, slots)
         picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, k, d)
         logits = self._logits(picked)
         valid = targets != IGNORE_INDEX
@@ -163,18 +164,18 @@ class ForSequenceClassification(PretrainedMixin, nn.Module):
         return ClassifierOutput(logits=logits, loss=loss)
 
 
-# The head computations, as functions of any module holding the head's submodules under these names:
-# the library's classes above and the Hugging Face wrappers (hypermixer.hf) share them.
+# The head computations, as functions of any module holding the head's submodules under these names
+# (duck-typed, hence `head: Any`): the library's classes above and the Hugging Face wrappers share them.
 
 
-def masked_lm_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def masked_lm_logits(head: Any, hidden: torch.Tensor) -> torch.Tensor:
     """MLM logits from hidden states (..., d): transform, GELU, LayerNorm, then the tied embedding matrix."""
     h = head.transform_norm(F.gelu(head.transform(hidden)))
     return F.linear(h, head.encoder.embeddings.token.weight, head.output_bias)
 
 
 def classifier_logits(
-    head: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
+    head: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
 ) -> torch.Tensor:
     """Classifier logits (B, num_labels): pool (mean over real tokens, or the first token), tanh pooler, classifier."""
     if pooling == "cls":

@@ -74,10 +74,11 @@ class PretrainedMixin:
     """Adds save_pretrained/from_pretrained to a model with `.config`, `.encoder` and `head_config()`."""
 
     def save_pretrained(self, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+        model: Any = self  # the nn.Module this mixin is part of (duck-typed: .config, .state_dict(), ...)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        config = release_config(type(self).__name__, self.config.to_dict(), self.head_config())
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+        config = release_config(type(self).__name__, model.config.to_dict(), model.head_config())
         # Write under temporary names, then rename: a crash never leaves a half-written file; config.json
         # comes last, so a folder that has one is complete.
         _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
@@ -96,7 +97,7 @@ class PretrainedMixin:
         state = load_file(str(weights), device=map_location)
         same_architecture = release["architecture"] == cls.__name__
         kwargs = {**release["head"], **head_kwargs} if same_architecture else head_kwargs
-        model = cls(release["encoder"], **kwargs)
+        model: Any = cls(release["encoder"], **kwargs)  # type: ignore[call-arg]  # the nn.Module subclass's init
         if same_architecture and all(release["head"].get(k) == v for k, v in head_kwargs.items()):
             model.load_state_dict(state, strict=True)
         else:

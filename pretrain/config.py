@@ -173,7 +173,10 @@ def _model_section() -> type[Section]:
     return pydantic.create_model("ModelConfig", __base__=Section, **fields)
 
 
-ModelConfig = _model_section()
+if typing.TYPE_CHECKING:  # built at run time from EncoderConfig's fields; a type checker sees Any
+    ModelConfig = Any
+else:
+    ModelConfig = _model_section()
 
 
 def _model_problems(model: Any) -> list[str]:
@@ -186,7 +189,7 @@ def _model_problems(model: Any) -> list[str]:
     return []
 
 
-ModelConfig.problems = _model_problems  # type: ignore[method-assign,assignment]
+ModelConfig.problems = _model_problems
 
 
 class PretrainConfig(Section):
@@ -194,7 +197,7 @@ class PretrainConfig(Section):
     output_dir: str | None = None  # None: runs/<name> (relative paths are relative to the working dir)
     seed: int = Field(0, ge=0)  # model init, dropout, data order and masks
     precision: Precision = "bf16"  # fp32 | bf16 | fp16
-    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
@@ -294,7 +297,10 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 def from_dict(raw: dict[str, Any], sources: dict[str, str] | None = None,
               default_source: str = "") -> tuple[PretrainConfig, list[str]]:
     """The config and every mistake in it (mistaken keys keep their defaults, so the rest is still checked)."""
-    return build(PretrainConfig, raw, sources, default_source)
+    config, problems = build(PretrainConfig, raw, sources, default_source)
+    if config is None:  # unreachable: every key has a default (kept for the type checker)
+        raise ConfigError(problems)
+    return config, problems
 
 
 def encoder_config(model: Any, vocab_size: int, seq_len: int, pad_id: int) -> EncoderConfig:
@@ -355,6 +361,8 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
     from data_pipeline.shards import MANIFEST_NAME, read_manifest
 
     problems: list[str] = []
+    if not config.data.path:
+        raise ConfigError(["data.path: required (a data_pipeline build folder or its manifest.json)"])
     try:
         manifest = read_manifest(config.data.path)
     except DataPipelineError as err:
@@ -417,10 +425,10 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
             f"({b.micro_batch_size}) x world size ({world_size}) = {per_step}")
         grad_accum = 1
     o = config.optim
-    total_steps = o.total_steps or math.ceil(o.total_tokens / (b.global_batch_size * seq_len))
+    total_steps = o.total_steps or math.ceil((o.total_tokens or 0) / (b.global_batch_size * seq_len))
     if o.warmup_steps > total_steps:
         problems.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds the run's {total_steps} steps")
-    if problems:
+    if problems or model is None:
         raise ConfigError(problems)
     return Resolved(
         config=config, model=model, manifest=manifest, manifest_sha256=manifest_sha256,

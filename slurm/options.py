@@ -71,7 +71,7 @@ FIELDS = ClusterOptions.model_fields
 def merge(base: ClusterOptions, overrides: dict[str, Any], source: str) -> ClusterOptions:
     """A copy of `base` with `overrides` applied; each mistake (an unknown key with a did-you-mean, a wrong
     type or value) is named with `source` in one line."""
-    return ClusterOptions(**{**base.model_dump(), **overrides}, _sources={key: source for key in overrides})
+    return ClusterOptions.with_sources({**base.model_dump(), **overrides}, {key: source for key in overrides})
 
 
 def load_json(path: str | Path, base: ClusterOptions | None = None) -> ClusterOptions:

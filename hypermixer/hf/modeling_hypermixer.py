@@ -22,6 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 from hypermixer.encoder import Encoder, init_weights
+from hypermixer.encoder import Encoder
 from hypermixer.heads import IGNORE_INDEX, ForMaskedLM, ForSequenceClassification, classifier_logits, masked_lm_logits
 from hypermixer.hf.configuration_hypermixer import HyperMixerConfig
 from hypermixer.hf.release import missing_tokenizer_files, write_release_code
@@ -36,6 +37,7 @@ class HyperMixerPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True  # Encoder.gradient_checkpointing
     _no_split_modules = ["Block"]
+    encoder: Encoder  # adopted from the library model (`_adopt`); declared for type checkers
 
     def _adopt(self, library_model: nn.Module) -> None:
         """Take the library model's submodules and parameters as this model's own, under the same names."""
@@ -59,15 +61,18 @@ class HyperMixerPreTrainedModel(PreTrainedModel):
             if getattr(module, "position_table", None) is not None:
                 init.normal_(module.position_table, std=config.initializer_range)
         elif module is self:
-            if isinstance(getattr(self, "output_bias", None), nn.Parameter):
-                init.zeros_(self.output_bias)
+            bias = getattr(self, "output_bias", None)
+            if isinstance(bias, nn.Parameter):
+                init.zeros_(bias)
         else:
             init_weights(module, config)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.embeddings.token
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if not isinstance(value, nn.Embedding):
+            raise TypeError(f"set_input_embeddings: expected an nn.Embedding, got {type(value).__name__}")
         self.encoder.embeddings.token = value
 
     @classmethod
@@ -175,8 +180,8 @@ class HyperMixerForSequenceClassification(HyperMixerPreTrainedModel):
 
     def __init__(self, config: HyperMixerConfig) -> None:
         super().__init__(config)
-        self.num_labels = config.num_labels
-        self._adopt(ForSequenceClassification(config.encoder_config(), num_labels=config.num_labels))
+        self.num_labels = len(config.id2label or {})  # Hugging Face's definition of num_labels
+        self._adopt(ForSequenceClassification(config.encoder_config(), num_labels=self.num_labels))
         self.post_init()
 
     def forward(

@@ -251,4 +251,5 @@ def _special_tokens_in(tokenizer_json: str, path: Path) -> set[str]:
         spec = json.loads(tokenizer_json)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return {t.get("content") for t in spec.get("added_tokens") or [] if isinstance(t, dict) and t.get("special")}
+    return {str(t["content"]) for t in spec.get("added_tokens") or []
+            if isinstance(t, dict) and t.get("special") and "content" in t}

@@ -19,8 +19,9 @@ class MLPMixing(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.max_seq_len = config.max_seq_len
-        self.fc1 = nn.Linear(config.max_seq_len, config.mlpmixer_token_mixing_size)
-        self.fc2 = nn.Linear(config.mlpmixer_token_mixing_size, config.max_seq_len)
+        mixing = config.mlpmixer_token_mixing_size or config.max_seq_len  # None: max_seq_len (EncoderConfig)
+        self.fc1 = nn.Linear(config.max_seq_len, mixing)
+        self.fc2 = nn.Linear(mixing, config.max_seq_len)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         length = x.shape[1]
