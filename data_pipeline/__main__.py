@@ -58,6 +58,8 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-salt", default="", help="change to draw another (still stable) train/validation split")
     g.add_argument("--unit-mb", type=float, default=256.0, help="cut big inputs into work units of about this size")
     g.add_argument("--shard-mb", type=float, default=128.0, help="target shard size")
+    g.add_argument("--block-sequences", type=int, default=1024,
+                   help="sequences per tar member (one .npy block; default: 1024)")
     g.add_argument("--batch-docs", type=int, default=2048, help="documents per tokenizer call")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -70,7 +72,8 @@ def _cfg_from_args(a):
         dedup=a.dedup, tokenizer=a.tokenizer, tokenizer_kind=a.tokenizer_kind, vocab_size=a.vocab_size,
         lowercase=a.lowercase, min_frequency=a.min_frequency, tokenizer_sample_mb=a.tokenizer_sample_mb,
         seq_len=a.seq_len, packing=a.packing, validation_fraction=a.validation_fraction,
-        split_salt=a.split_salt, unit_mb=a.unit_mb, shard_mb=a.shard_mb, batch_docs=a.batch_docs)
+        split_salt=a.split_salt, unit_mb=a.unit_mb, shard_mb=a.shard_mb, block_sequences=a.block_sequences,
+        batch_docs=a.batch_docs)
 
 
 def cmd_build(a) -> int:
@@ -180,7 +183,7 @@ def cmd_inspect(a) -> int:
     from .tokenizer import load_tokenizer
     m = read_manifest(a.path)
     root = Path(m["_root"])
-    print(f"{root}: format {m['format_version']}, seq_len {m['seq_len']}, vocab {m['vocab_size']:,} "
+    print(f"{root}: format {m['format_version']} ({m.get('block_sequences', 1)} sequences per tar member), seq_len {m['seq_len']}, vocab {m['vocab_size']:,} "
           f"({m['dtype']}), packing {m['packing']}")
     for s, info in m["splits"].items():
         print(f"  {s:<11} {len(info['shards']):>6} shards {info['samples']:>12,} sequences {info['tokens']:>14,} tokens")

@@ -50,6 +50,7 @@ class BuildConfig:
     # -- work units and shards
     unit_mb: float = 256.0            # big inputs are cut into units of about this much input
     shard_mb: float = 128.0           # target tar size
+    block_sequences: int = 1024       # sequences per tar member (one .npy block); a shard holds whole blocks
     batch_docs: int = 2048            # documents per tokenizer call
 
     def __post_init__(self):
@@ -84,6 +85,8 @@ class BuildConfig:
             bad(f"vocab_size={self.vocab_size} is too small")
         if self.min_chars < 0 or self.batch_docs < 1 or self.min_frequency < 1:
             bad("min_chars must be >= 0, batch_docs and min_frequency >= 1")
+        if not isinstance(self.block_sequences, int) or self.block_sequences < 1:
+            bad(f"block_sequences={self.block_sequences!r} must be an integer >= 1")
         missing = [k for k in ("pad", "unk", "cls", "sep", "mask") if not self.special_tokens.get(k)]
         if missing:
             bad(f"special_tokens lacks {missing}")
