@@ -176,7 +176,8 @@ def run_shards(a, tmp: Path) -> dict:
     builds = {"format 1 (before): one member per sequence":
               read_manifest(write_format1_copy(first["_root"], tmp / "format1")), **builds}
     print(f"shards: {size / 1e6:.1f} MB of WikiText-2 (repeated), vocab {a.vocab_size}, seq_len {a.seq_len}, "
-          f"shards of ~{a.shard_mb} MB (format 2), {first['splits']['train']['samples']:,} sequences", flush=True)
+          f"shards of ~{a.shard_mb} MB (format 2), {first['splits']['train']['samples']:,} sequences; "
+          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
     rounds = {name: [] for name in builds}
     for round_ in range(a.rounds):  # interleaved, so that other load on the machine hits every format alike
         for name, m in builds.items():
@@ -204,8 +205,9 @@ def run_shards(a, tmp: Path) -> dict:
     for preset, r in steps.items():
         print(f"| {preset} | {r['micro_batch']} | {r['step_s']:.3f} | {r['sequences_per_s']:,.1f} | "
               f"{r['torch_threads']} |")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return {"corpus_bytes": size, "seq_len": a.seq_len, "vocab_size": a.vocab_size, "shard_mb": a.shard_mb,
-            "cpus": os.cpu_count(), "rows": rows, "steps": steps}
+            "cpus": os.cpu_count(), "load_average_end": os.getloadavg()[0], "rows": rows, "steps": steps}
 
 
 def main(argv=None) -> int:
