@@ -14,11 +14,11 @@ from .build import build, finalize, format_report, load_plan, plan_units, run_un
 from .config import BuildConfig, load_config
 from .dedup import hash_unit, resolve_duplicates
 from .errors import DataPipelineError
-from .shards import decode_sample, read_manifest, shard_urls
+from .shards import decode_block, read_manifest, shard_urls
 from .tokenizer import load_tokenizer, train_tokenizer
 from .units import Unit
 
-__all__ = ["BuildConfig", "DataPipelineError", "Unit", "build", "decode_sample", "finalize", "format_report",
+__all__ = ["BuildConfig", "DataPipelineError", "Unit", "build", "decode_block", "finalize", "format_report",
            "hash_unit", "load_config", "load_plan", "load_tokenizer", "plan_units", "read_manifest",
            "resolve_duplicates", "run_unit",
            "shard_urls", "train_tokenizer"]

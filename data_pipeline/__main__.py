@@ -19,7 +19,8 @@ PROG = "data_pipeline"
 
 INPUT_FIELDS = ("text_field", "txt_mode", "hf_split", "on_error", "unicode_normalization", "min_chars", "dedup")
 TOKENIZER_FIELDS = ("tokenizer_kind", "vocab_size", "lowercase", "min_frequency", "tokenizer_sample_mb")
-PACKING_FIELDS = ("seq_len", "packing", "validation_fraction", "split_salt", "unit_mb", "shard_mb", "batch_docs")
+PACKING_FIELDS = ("seq_len", "packing", "validation_fraction", "split_salt", "unit_mb", "shard_mb", "block_sequences",
+                  "batch_docs")
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -155,7 +156,7 @@ def cmd_inspect(a) -> int:
     from .tokenizer import load_tokenizer
     m = read_manifest(a.path)
     root = Path(m["_root"])
-    print(f"{root}: format {m['format_version']}, seq_len {m['seq_len']}, vocab {m['vocab_size']:,} "
+    print(f"{root}: format {m['format_version']} ({m.get('block_sequences', 1)} sequences per tar member), seq_len {m['seq_len']}, vocab {m['vocab_size']:,} "
           f"({m['dtype']}), packing {m['packing']}")
     for s, info in m["splits"].items():
         print(f"  {s:<11} {len(info['shards']):>6} shards {info['samples']:>12,} sequences {info['tokens']:>14,} tokens")

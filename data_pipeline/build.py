@@ -219,7 +219,7 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     hook = crash_hook()  # None unless a test asked for a crash (data_pipeline/testing.py)
     packers = {s: Packer(cfg.seq_len, sids["cls"], sids["sep"], sids["pad"], cfg.packing) for s in SPLITS}
     writers = {s: ShardWriter(cfg.out, s, unit.name, dtype, cfg.seq_len, sids["pad"], shard_bytes,
-                              on_shard_done=hook) for s in SPLITS}
+                              block_sequences=cfg.block_sequences, on_shard_done=hook) for s in SPLITS}
     stats = ReadStats()
     filt = DocFilter(cfg, drop=load_drop_set(cfg, unit) if cfg.dedup == "global" else None)
     per_split = {s: {"docs": 0, "doc_tokens": 0} for s in SPLITS}
@@ -365,6 +365,7 @@ def finalize(cfg, wall_seconds: float | None = None, verify: bool = False) -> Pa
     vocab = tok.get_vocab_size()
     manifest = {
         "format_version": FORMAT_VERSION,
+        "block_sequences": cfg.block_sequences,
         "seq_len": cfg.seq_len,
         "vocab_size": vocab,
         "dtype": dtype_for_vocab(vocab),

@@ -65,6 +65,8 @@ class BuildConfig(Checked):
     # -- work units and shards
     unit_mb: float = Field(256.0, gt=0, description="cut big inputs into work units of about this size")
     shard_mb: float = Field(128.0, gt=0, description="target shard size")
+    block_sequences: int = Field(1024, ge=1, description="sequences per tar member (one .npy block); a shard holds "
+                                                         "whole blocks")
     batch_docs: int = Field(2048, ge=1, description="documents per tokenizer call")
 
     @field_validator("inputs", mode="before")

@@ -7,17 +7,23 @@ Layout of a build's output folder::
     train/{unit}-{k:05d}.tar
     validation/{unit}-{k:05d}.tar
 
-Each tar is plain (uncompressed) webdataset input: one sample per packed sequence,
-``__key__ = f"{unit}-{seq_index:08d}"`` (no dots) and one member ``{key}.ids.u16`` (or
-``.ids.u32`` when the vocabulary does not fit in 16 bits) holding ``seq_len`` token ids as
-raw little-endian bytes.  Tars are byte-deterministic: fixed mtime/uid/gid/mode, members in
-sequence order, USTAR headers, so a re-run of a unit reproduces its shards bit for bit.
+Format 2 (written since issue 17): each tar is plain (uncompressed) webdataset input whose samples are
+*blocks* of up to ``block_sequences`` packed sequences: ``__key__ = f"{unit}-{first:08d}"`` (the unit's
+index of the block's first sequence; no dots) and one member ``{key}.ids.npy``, a ``.npy`` (version 1.0)
+array of shape ``(n, seq_len)``, ``<u2`` (``<u4`` when the vocabulary does not fit in 16 bits). Every
+block of a shard holds ``block_sequences`` sequences except a unit's last one; a reader needs only the
+``.npy`` header (128 bytes) to skip a block. About 2.0 bytes per uint16 id on disk, where format 1 (one
+member ``{key}.ids.u16`` per sequence, a 512-byte header and padding each) took 8.
 
-Readers (``pretrain``) need only :func:`read_manifest`, :func:`shard_urls` and
-:func:`decode_sample`::
+Tars are byte-deterministic: fixed mtime/uid/gid/mode, USTAR headers, members in sequence order, blocks
+cut at fixed sequence counts, so a re-run of a unit reproduces its shards bit for bit. Both formats are
+read (the member's suffix says which); only format 2 is written.
+
+Readers (``pretrain``) use :func:`read_manifest`, :func:`shard_urls` and :func:`read_shard` (checked,
+seekable); plain webdataset works too, one block per sample::
 
     m = read_manifest("out/")
-    ds = webdataset.WebDataset(shard_urls(m, "train")).map(decode_sample)
+    ds = webdataset.WebDataset(shard_urls(m, "train"), shardshuffle=False).map(decode_block)  # int64 (n, seq_len)
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,10 @@ import numpy as np
 
 from .errors import DataPipelineError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 1 (one member per sequence) is still read
+READABLE_FORMATS = (1, 2)
+BLOCK_SEQUENCES = 1024  # default sequences per tar member (see docs/data_pipeline.md for the measurement)
+BLOCK_FIELD = "ids.npy"
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 SPLITS = ("train", "validation")
@@ -41,7 +51,6 @@ DTYPES = {"uint16": ("u16", np.dtype("<u2")), "uint32": ("u32", np.dtype("<u4"))
 FIELD_TO_DTYPE = {"ids." + ext: dt for ext, dt in DTYPES.values()}
 SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
 _BLOCK = tarfile.BLOCKSIZE  # 512
-_RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to a multiple of this
 _MTIME = 0  # fixed so that tars are byte-identical across runs
 
 
@@ -97,8 +106,11 @@ def read_manifest(path_or_dir: str | os.PathLike) -> dict:
 def _manifest_problem(m: Any) -> str | None:
     if not isinstance(m, dict):
         return "top level is not an object"
-    if m.get("format_version") != FORMAT_VERSION:
-        return f"format_version is {m.get('format_version')!r}, this reader knows {FORMAT_VERSION}"
+    if m.get("format_version") not in READABLE_FORMATS:
+        return (f"format_version is {m.get('format_version')!r}, this reader knows {list(READABLE_FORMATS)}; "
+                "rebuild the shards with this version (`python -m data_pipeline build ...`)")
+    if m["format_version"] >= 2 and not (isinstance(m.get("block_sequences"), int) and m["block_sequences"] > 0):
+        return "missing or mistyped field 'block_sequences'"
     for k, t in (("seq_len", int), ("vocab_size", int), ("dtype", str), ("tokenizer", dict),
                  ("special_ids", dict), ("packing", str), ("splits", dict)):
         if not isinstance(m.get(k), t):
@@ -132,33 +144,97 @@ def shard_urls(manifest: dict, split: str) -> list[str]:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_sample(sample: dict, seq_len: int | None = None) -> np.ndarray:
-    """A webdataset sample (dict with ``ids.u16`` or ``ids.u32`` bytes) -> int64 ids.
+def _corrupt(where_: str, what: str) -> DataPipelineError:
+    return DataPipelineError(f"{where_}: {what}; the shard is corrupt; rebuild or restore it")
 
-    With ``seq_len`` the length is checked too.  Raises :class:`DataPipelineError` naming
-    the sample's key and shard on a malformed sample.
-    """
-    key = sample.get("__key__", "?") if isinstance(sample, dict) else "?"
-    src = sample.get("__url__", "") if isinstance(sample, dict) else ""
-    where_ = f"{src}: sample {key!r}" if src else f"sample {key!r}"
-    if not isinstance(sample, dict):
-        raise DataPipelineError(f"{where_}: expected a dict, got {type(sample).__name__}")
-    fields = [f for f in FIELD_TO_DTYPE if f in sample]
-    if len(fields) != 1:
-        raise DataPipelineError(
-            f"{where_}: expected exactly one of {sorted(FIELD_TO_DTYPE)}, found fields "
-            f"{sorted(k for k in sample if not k.startswith('__'))}")
-    raw = sample[fields[0]]
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise DataPipelineError(f"{where_}: field {fields[0]} is {type(raw).__name__}, expected raw bytes "
-                                "(open the dataset without a decoder)")
-    dt = FIELD_TO_DTYPE[fields[0]]
+
+def _block_header(f, where_: str, seq_len: int | None) -> tuple[int, np.dtype]:
+    """Read a ``.npy`` block's header from `f` (left at the first id): (sequences, dtype), checked."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version != (1, 0):
+            raise ValueError(f"npy version {version}, expected (1, 0)")
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    except (ValueError, SyntaxError, EOFError) as e:
+        raise _corrupt(where_, f"not a .npy block ({e})") from None
+    if dtype.str not in ("<u2", "<u4") or fortran or len(shape) != 2 or shape[0] < 1:
+        raise _corrupt(where_, f".npy block of {dtype.str} {shape}{' (fortran order)' if fortran else ''}, "
+                               "expected little-endian uint16/uint32 (sequences, seq_len)")
+    if seq_len is not None and shape[1] != seq_len:
+        raise _corrupt(where_, f"{shape[1]} ids per sequence, expected seq_len={seq_len}")
+    return shape[0], dtype
+
+
+def _block_body(f, n: int, dtype: np.dtype, where_: str, seq_len: int | None) -> np.ndarray:
+    """The ids after a block's header -> int64 (n, seq_len)."""
+    raw = f.read()
+    width = seq_len if seq_len is not None else len(raw) // max(n * dtype.itemsize, 1)
+    if len(raw) != n * width * dtype.itemsize or width == 0:
+        raise _corrupt(where_, f"{len(raw)} bytes of ids, the header says {n} sequences of {dtype.str}")
+    return np.frombuffer(raw, dtype=dtype).reshape(n, width).astype(np.int64)
+
+
+def _legacy_row(raw: bytes, field: str, where_: str, seq_len: int | None) -> np.ndarray:
+    """Format 1: one sequence as raw little-endian bytes -> int64 (1, seq_len)."""
+    dt = FIELD_TO_DTYPE[field]
     if len(raw) == 0 or len(raw) % dt.itemsize:
         raise DataPipelineError(f"{where_}: {len(raw)} bytes is not a whole number of {dt.name} ids")
     ids = np.frombuffer(raw, dtype=dt).astype(np.int64)
     if seq_len is not None and ids.shape[0] != seq_len:
         raise DataPipelineError(f"{where_}: {ids.shape[0]} ids, expected seq_len={seq_len}")
-    return ids
+    return ids[None]
+
+
+def _unknown_field(where_: str, fields) -> DataPipelineError:
+    return DataPipelineError(f"{where_}: expected exactly one of {[BLOCK_FIELD, *sorted(FIELD_TO_DTYPE)]}, found "
+                             f"fields {sorted(fields)}")
+
+
+def decode_block(sample: dict, seq_len: int | None = None) -> np.ndarray:
+    """A webdataset sample (dict with ``ids.npy`` bytes, or format 1's ``ids.u16``/``ids.u32``) -> int64
+    ids of shape ``(sequences, seq_len)``. With ``seq_len`` the length is checked too. Raises
+    :class:`DataPipelineError` naming the sample's key and shard on a malformed sample."""
+    key = sample.get("__key__", "?") if isinstance(sample, dict) else "?"
+    src = sample.get("__url__", "") if isinstance(sample, dict) else ""
+    where_ = f"{src}: sample {key!r}" if src else f"sample {key!r}"
+    if not isinstance(sample, dict):
+        raise DataPipelineError(f"{where_}: expected a dict, got {type(sample).__name__}")
+    fields = [f for f in (BLOCK_FIELD, *FIELD_TO_DTYPE) if f in sample]
+    if len(fields) != 1:
+        raise _unknown_field(where_, (k for k in sample if not k.startswith("__")))
+    raw = sample[fields[0]]
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise DataPipelineError(f"{where_}: field {fields[0]} is {type(raw).__name__}, expected raw bytes "
+                                "(open the dataset without a decoder)")
+    if fields[0] != BLOCK_FIELD:
+        return _legacy_row(bytes(raw), fields[0], where_, seq_len)
+    f = io.BytesIO(raw)
+    n, dtype = _block_header(f, where_, seq_len)
+    return _block_body(f, n, dtype, where_, seq_len)
+
+
+def _blocks(tf: tarfile.TarFile, path: str, seq_len: int | None, start: int = 0
+            ) -> Iterator[tuple[str, int, int, np.ndarray | None]]:
+    """``(member name, index of its first sequence in the shard, sequences, ids)`` per member, in order;
+    ids is None for a block that ends before sample `start`: only its header is read, its ids are not
+    decoded (their bytes still stream through the reader, and its hash)."""
+    index = 0
+    for member in tf:
+        if not member.isfile():
+            continue
+        field = member.name.partition(".")[2]
+        where_ = f"{path}: member {member.name!r}"
+        f = tf.extractfile(member)
+        if field == BLOCK_FIELD:
+            n, dtype = _block_header(f, where_, seq_len)
+            ids = _block_body(f, n, dtype, where_, seq_len) if index + n > start else None
+        elif field in FIELD_TO_DTYPE:  # format 1: one member per sequence
+            n = 1
+            ids = _legacy_row(f.read(), field, f"{where_} (sample {index})", seq_len) if index >= start else None
+        else:
+            raise _unknown_field(where_, [field])
+        yield member.name, index, n, ids
+        index += n
 
 
 class _HashingReader:
@@ -178,49 +254,52 @@ class _HashingReader:
         return self.hash.hexdigest()
 
 
-def check_ids(ids: np.ndarray, vocab_size: int, where_: str) -> None:
-    """Every id must be < vocab_size: a corrupt id would index past the embedding table."""
-    if ids.size and int(ids.max()) >= vocab_size:
-        bad = int(np.argmax(ids >= vocab_size))
-        raise DataPipelineError(f"{where_}: id {int(ids[bad])} at position {bad} is outside the vocabulary "
-                                f"({vocab_size} ids): the shard is corrupt; rebuild or restore it")
+def check_ids(ids: np.ndarray, vocab_size: int, where_: str, first: int = 0) -> None:
+    """Every id of a block (int64, (n, seq_len)) must be < vocab_size: a corrupt id would index past the
+    embedding table. `first` is the shard's index of the block's first sequence (named on failure)."""
+    bad = ids >= vocab_size
+    if bad.any():
+        row, position = divmod(int(np.argmax(bad.ravel())), ids.shape[1])
+        raise DataPipelineError(f"{where_} (sample {first + row}): id {int(ids[row, position])} at position "
+                                f"{position} is outside the vocabulary ({vocab_size} ids): the shard is corrupt; "
+                                "rebuild or restore it")
 
 
 def read_shard(path: str | os.PathLike, *, seq_len: int | None = None, vocab_size: int | None = None,
-               sha256: str | None = None, stop: int | None = None):
-    """Yield the ids (int64) of a shard's first `stop` samples (all without `stop`), in order, checked:
-    the length (`seq_len`), every id against the vocabulary (`vocab_size`), and the whole file against
-    the manifest's `sha256`, hashed as it is read (after the last wanted sample the rest of the file is
+               sha256: str | None = None, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the ids (int64, one sequence each) of a shard's samples [start, stop) (to the end without
+    `stop`), in order, checked: the length (`seq_len`), every id of each decoded block against the
+    vocabulary (`vocab_size`), and the whole file against the manifest's `sha256`, hashed as it is read
+    (blocks before `start` pass through the hash but are not decoded; after `stop` the rest of the file is
     read too). The last sample is yielded only once the hash matched, so a reader that buffers what it
     reads (pretrain's shuffle chunks) never hands out a sample of a corrupt shard. Errors are one
-    DataPipelineError line naming the shard, the member and the sample index."""
+    DataPipelineError line naming the shard, the member and the sample index. Reads formats 1 and 2."""
     path = str(path)
-    if stop is not None and stop <= 0:
+    if start < 0 or (stop is not None and stop <= start):
         return
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
         pending, index = None, 0
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tf:
-                for member in tf:
-                    if not member.isfile():
+                for name, first, n, ids in _blocks(tf, path, seq_len, start):
+                    index = first + n
+                    if ids is None:
                         continue
-                    key, _, field = member.name.partition(".")
-                    where_ = f"{path}: member {member.name!r} (sample {index})"
-                    data = tf.extractfile(member).read()
-                    ids = decode_sample({"__key__": key, "__url__": path, field: data}, seq_len)
                     if vocab_size is not None:
-                        check_ids(ids, vocab_size, where_)
-                    if pending is not None:
-                        yield pending
-                    pending, index = ids, index + 1
-                    if stop is not None and index == stop:
+                        check_ids(ids, vocab_size, f"{path}: member {name!r}", first)
+                    for row in ids[max(start - first, 0):n if stop is None else min(n, stop - first)]:
+                        if pending is not None:
+                            yield pending
+                        pending = row
+                    if stop is not None and index >= stop:
                         break
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataPipelineError(f"{path}: unreadable tar after sample {index} ({type(e).__name__}: {e}); "
                                     "the shard is corrupt or truncated; rebuild or restore it") from None
-        if stop is not None and index < stop:
-            raise DataPipelineError(f"{path}: {index} samples, but the manifest says at least {stop}")
+        needed = start if stop is None else stop
+        if index < needed:
+            raise DataPipelineError(f"{path}: {index} samples, but the manifest says at least {needed}")
         if sha256 is not None:
             digest = reader.drain()
             if digest != sha256:
@@ -230,15 +309,16 @@ def read_shard(path: str | os.PathLike, *, seq_len: int | None = None, vocab_siz
         yield pending
 
 
-def iter_shard(path: str | os.PathLike, seq_len: int | None = None):
-    """Yield ``(key, ids)`` from one shard with the standard library (no webdataset needed)."""
+def iter_shard(path: str | os.PathLike, seq_len: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, ids)`` per sequence of one shard, unchecked, with the standard library (no webdataset
+    needed); a sequence's key is ``sample_key(unit, index in the unit)`` in both formats."""
     with tarfile.open(path, "r:") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, _, field = member.name.partition(".")
-            data = tf.extractfile(member).read()
-            yield key, decode_sample({"__key__": key, "__url__": str(path), field: data}, seq_len)
+        for name, _, _, ids in _blocks(tf, str(path), seq_len):
+            unit, _, first = name.partition(".")[0].rpartition("-")
+            if not first.isdigit():
+                raise DataPipelineError(f"{path}: member {name!r} is not named {{unit}}-{{index:08d}}.{BLOCK_FIELD}")
+            for row, sequence in enumerate(ids):
+                yield sample_key(unit, int(first) + row), sequence
 
 
 # --------------------------------------------------------------------------- writing
@@ -252,41 +332,51 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _tar_header(name: str, size: int) -> bytes:
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode = size, _MTIME, 0o444
     ti.uid = ti.gid = 0
     ti.uname = ti.gname = ""
     ti.type = tarfile.REGTYPE
-    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+    return ti
+
+
+def block_bytes(rows: np.ndarray) -> bytes:
+    """A block's ``.npy`` bytes (version 1.0, no pickle: the same bytes for the same rows)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, rows, version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
 
 
 class ShardWriter:
-    """Writes one unit's sequences of one split into size-capped, deterministic tar shards.
+    """Writes one unit's sequences of one split into size-capped, deterministic tar shards (format 2).
 
-    Each shard is written as ``<final>.tmp`` and renamed to its final name only once it is
+    Sequences are cut into blocks of ``block_sequences`` (the unit's last block may be shorter), one
+    ``.npy`` tar member each; a shard takes whole blocks while it stays under ``shard_bytes`` (and at
+    least one). Each shard is written as ``<final>.tmp`` and renamed to its final name only once it is
     complete (flushed and fsynced), so a killed process never leaves a truncated ``.tar``.
     ``close()`` returns the shard records ``{"path", "samples", "tokens", "sha256", "bytes"}``.
     """
 
     def __init__(self, out_dir: str | os.PathLike, split: str, unit_name: str, dtype: str,
-                 seq_len: int, pad_id: int, shard_bytes: int, *, on_shard_done=None):
+                 seq_len: int, pad_id: int, shard_bytes: int, *, block_sequences: int = BLOCK_SEQUENCES,
+                 on_shard_done=None):
         check_unit_name(unit_name)
         if dtype not in DTYPES:
             raise DataPipelineError(f"unknown dtype {dtype!r}")
+        if block_sequences < 1:
+            raise DataPipelineError(f"block_sequences must be >= 1, got {block_sequences}")
         self.out_dir, self.split, self.unit_name = Path(out_dir), split, unit_name
-        self.ext, self.np_dtype = DTYPES[dtype]
+        self.np_dtype = DTYPES[dtype][1]
         self.seq_len, self.pad_id = seq_len, pad_id
+        self.block_sequences = block_sequences
         self.shard_bytes = max(int(shard_bytes), 1)
         self.on_shard_done = on_shard_done  # test/debug hook: called with the record after each rename
-        data_size = seq_len * self.np_dtype.itemsize
-        self._padding = b"\0" * (-data_size % _BLOCK)
-        self._sample_bytes = _BLOCK + data_size + len(self._padding)
         self.records: list[dict] = []
-        self.seq_index = 0
+        self.seq_index = 0  # sequences of the unit already in blocks
+        self._held = np.zeros((0, seq_len), dtype=self.np_dtype)  # fewer than block_sequences, not yet written
         self._k = 0
-        self._f = None
-        self._tmpl = None
+        self._tar = None
         (self.out_dir / split).mkdir(parents=True, exist_ok=True)
 
     # -- one shard file
@@ -295,94 +385,63 @@ class ShardWriter:
         self._rel, self._final = rel, self.out_dir / rel
         self._tmp = self._final.with_name(self._final.name + ".tmp")
         self._f = open(self._tmp, "wb")
-        self._hash = hashlib.sha256()
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
         self._bytes = self._samples = self._tokens = 0
 
-    def _write(self, b: bytes):
-        self._f.write(b)
-        self._hash.update(b)
-        self._bytes += len(b)
-
     def _finish(self):
-        # end of archive: two zero blocks, then pad to a whole record (as GNU tar / tarfile do)
-        end = 2 * _BLOCK
-        end += -(self._bytes + end) % _RECORD
-        self._write(b"\0" * end)
+        self._tar.close()  # end of archive: two zero blocks, padded to a whole 10 KiB record
+        self._tar = None
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        self._f = None
         os.replace(self._tmp, self._final)
         rec = {"path": self._rel, "samples": self._samples, "tokens": self._tokens,
-               "sha256": self._hash.hexdigest(), "bytes": self._bytes}
+               "sha256": sha256_file(self._final), "bytes": self._final.stat().st_size}
         self.records.append(rec)
         self._k += 1
         if self.on_shard_done is not None:
             self.on_shard_done(rec)
 
-    def _template(self):
-        """The 512-byte header of sample 0 and what varies per sample: the 8 key digits
-        in the name, and the checksum (computed as tarfile does: header bytes summed with
-        the checksum field as spaces, written as six octal digits, NUL, space)."""
-        if getattr(self, "_tmpl", None) is None:
-            name = f"{sample_key(self.unit_name, 0)}.ids.{self.ext}"
-            hdr = np.frombuffer(_tar_header(name, self.seq_len * self.np_dtype.itemsize), dtype=np.uint8).copy()
-            self._digits_at = len(self.unit_name) + 1
-            base = hdr.astype(np.int64)
-            base[148:156] = 32
-            self._chk_base = int(base.sum()) - 8 * ord("0")
-            self._tmpl = hdr
-        return self._tmpl
-
-    def _records(self, rows: np.ndarray, first_index: int) -> bytes:
-        """Tar members (header + data + padding) for consecutive sequences, vectorised."""
-        n = rows.shape[0]
-        if first_index + n > 10 ** 8:
+    def _add_block(self, rows: np.ndarray) -> None:
+        if self.seq_index + rows.shape[0] > 10 ** 8:
             raise DataPipelineError(f"unit {self.unit_name}: more than 10**8 sequences; use a smaller unit_mb")
-        tmpl = self._template()
-        buf = np.zeros((n, self._sample_bytes), dtype=np.uint8)
-        buf[:, :_BLOCK] = tmpl
-        idx = np.arange(first_index, first_index + n, dtype=np.int64)
-        digits = (idx[:, None] // (10 ** np.arange(7, -1, -1, dtype=np.int64))) % 10 + ord("0")
-        buf[:, self._digits_at:self._digits_at + 8] = digits
-        chk = self._chk_base + digits.sum(axis=1)
-        buf[:, 148:154] = (chk[:, None] >> (3 * np.arange(5, -1, -1))) % 8 + ord("0")
-        buf[:, 154] = 0
-        buf[:, 155] = ord(" ")
-        data = rows.view(np.uint8).reshape(n, -1)
-        buf[:, _BLOCK:_BLOCK + data.shape[1]] = data
-        return buf.tobytes()
+        data = block_bytes(rows)
+        member = _BLOCK + -(-len(data) // _BLOCK) * _BLOCK
+        # a block joins the shard if the shard is empty or the shard still fits under the target with it
+        if self._tar is not None and self._samples and self._bytes + member + 2 * _BLOCK > self.shard_bytes:
+            self._finish()
+        if self._tar is None:
+            self._open()
+        name = f"{sample_key(self.unit_name, self.seq_index)}.{BLOCK_FIELD}"
+        self._tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+        self._bytes += member
+        self._samples += rows.shape[0]
+        self._tokens += int((rows != self.pad_id).sum())
+        self.seq_index += rows.shape[0]
 
     def write(self, seqs: np.ndarray) -> None:
-        """Append a ``(n, seq_len)`` array of packed sequences (any integer dtype)."""
-        seqs = np.ascontiguousarray(seqs, dtype=self.np_dtype)
+        """Append a ``(n, seq_len)`` array of packed sequences (any integer dtype). Blocks are cut at
+        fixed sequence counts, so the output does not depend on how the sequences are batched."""
+        seqs = np.asarray(seqs)
         if seqs.ndim != 2 or seqs.shape[1] != self.seq_len:
             raise ValueError(f"expected (n, {self.seq_len}) sequences, got {seqs.shape}")
-        nonpad = (seqs != self.pad_id).sum(axis=1)
-        i, n = 0, seqs.shape[0]
-        while i < n:
-            if self._f is None:
-                self._open()
-            # a sample joins the shard if the shard is empty or it still fits under the target
-            fit = (self.shard_bytes - 2 * _BLOCK - self._bytes) // self._sample_bytes
-            take = min(n - i, max(fit, 0 if self._samples else 1))
-            if take <= 0:
-                self._finish()
-                continue
-            self._write(self._records(seqs[i:i + take], self.seq_index))
-            self._samples += take
-            self._tokens += int(nonpad[i:i + take].sum())
-            self.seq_index += take
-            i += take
+        seqs = np.concatenate([self._held, seqs.astype(self.np_dtype, copy=False)])
+        full = seqs.shape[0] - seqs.shape[0] % self.block_sequences
+        for i in range(0, full, self.block_sequences):
+            self._add_block(seqs[i:i + self.block_sequences])
+        self._held = seqs[full:].copy()
 
     def close(self) -> list[dict]:
-        if self._f is not None:
+        if self._held.shape[0]:
+            self._add_block(self._held)
+            self._held = self._held[:0]
+        if self._tar is not None:
             self._finish()
         return self.records
 
     def abort(self) -> None:
         """Drop the shard being written (its .tmp file); finished shards stay."""
-        if self._f is not None:
+        if self._tar is not None:
             self._f.close()
-            self._f = None
+            self._tar = None
             self._tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ compare it with what decoding the shards gives.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import signal
@@ -94,3 +95,32 @@ def reference_documents(texts, tokenizer_file, *, validation_fraction: float, sa
         split = "validation" if int.from_bytes(d[:8], "little") % 1_000_000 < thr else "train"
         out[split].append(ids)
     return out
+
+
+def write_format1_copy(build_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy a finished build as format 1 (one tar member ``{key}.ids.u16`` per sequence, as written
+    before issue 17), with its own manifest: for the tests that old shards are still read, and for
+    ``bench.data_pipeline``'s before/after bytes per token. Returns the copy's manifest path."""
+    import shutil
+    import tarfile
+
+    from .shards import DTYPES, iter_shard, read_manifest, sha256_file, write_json_atomic
+    m = read_manifest(build_dir)
+    src, out = Path(m.pop("_root")), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / m["tokenizer"]["file"], out / m["tokenizer"]["file"])
+    ext, dtype = DTYPES[m["dtype"]]
+    for info in m["splits"].values():
+        for rec in info["shards"]:
+            (out / rec["path"]).parent.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(out / rec["path"], "w", format=tarfile.USTAR_FORMAT) as tf:
+                for key, ids in iter_shard(src / rec["path"], m["seq_len"]):
+                    data = ids.astype(dtype).tobytes()
+                    ti = tarfile.TarInfo(f"{key}.ids.{ext}")
+                    ti.size, ti.mode = len(data), 0o444
+                    tf.addfile(ti, io.BytesIO(data))
+            rec["sha256"], rec["bytes"] = sha256_file(out / rec["path"]), (out / rec["path"]).stat().st_size
+    m["format_version"] = 1
+    m.pop("block_sequences", None)
+    write_json_atomic(out / "manifest.json", m)
+    return out / "manifest.json"

@@ -169,13 +169,10 @@ def stream_pieces(shards: list[Shard], layout: Layout, stream: int, seed: int, e
 
 
 def read_piece(piece: Piece, seq_len: int, vocab_size: int | None = None) -> Iterator[np.ndarray]:
-    """The piece's samples in shard order, checked (ids, the shard's sha256: see `read_shard`). Samples
-    before `start` are read and dropped (a tar is sequential)."""
-    samples = read_shard(piece.shard.url, seq_len=seq_len, vocab_size=vocab_size, sha256=piece.shard.sha256,
-                         stop=piece.stop)
-    for seen, ids in enumerate(samples):
-        if seen >= piece.start:
-            yield ids
+    """The piece's samples in shard order, checked (ids, the shard's sha256: see `read_shard`). Blocks
+    that end before `start` stream through the hash without being decoded."""
+    yield from read_shard(piece.shard.url, seq_len=seq_len, vocab_size=vocab_size, sha256=piece.shard.sha256,
+                          start=piece.start, stop=piece.stop)
 
 
 def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:

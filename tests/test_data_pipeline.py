@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from data_pipeline import BuildConfig, DataPipelineError
 from data_pipeline.packing import Packer, unpack
 from data_pipeline.readers import ReadStats, expand_inputs, iter_docs
 from common.files import write_json_atomic
-from data_pipeline.shards import ShardWriter, decode_sample, dtype_for_vocab, iter_shard, read_manifest, shard_urls
+from data_pipeline.shards import (ShardWriter, decode_block, dtype_for_vocab, iter_shard, read_manifest, read_shard,
+                                  shard_urls)
 from data_pipeline.testing import synthetic_docs, write_lines
 from data_pipeline.tokenizer import BulkEncoder, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from data_pipeline.units import Unit, plan
@@ -34,9 +36,11 @@ def tok_dir(tmp_path_factory):
 # --------------------------------------------------------------------------- shard format
 
 
-def _write(tmp, rows, dtype="uint16", seq_len=8, shard_bytes=4096, name="u000000"):
-    w = ShardWriter(tmp, "train", name, dtype, seq_len, 0, shard_bytes)
-    w.write(np.asarray(rows))
+def _write(tmp, rows, dtype="uint16", seq_len=8, shard_bytes=4096, name="u000000", block_sequences=3, batch=None):
+    w = ShardWriter(tmp, "train", name, dtype, seq_len, 0, shard_bytes, block_sequences=block_sequences)
+    rows = np.asarray(rows)
+    for i in range(0, len(rows), batch or len(rows)):
+        w.write(rows[i:i + (batch or len(rows))])
     return w.close()
 
 
@@ -44,15 +48,19 @@ def test_shards_roundtrip_through_webdataset_and_are_byte_deterministic(tmp_path
     import webdataset as wds
     rows = np.arange(1, 8 * 13 + 1).reshape(13, 8)
     rows[-1, 5:] = 0                                   # padding
-    recs = _write(tmp_path / "a", rows)
-    assert len(recs) > 1 and sum(r["samples"] for r in recs) == 13
+    recs = _write(tmp_path / "a", rows, shard_bytes=3200)  # 2 blocks of 3 (1 KiB each) per shard, then the last 1
+    assert [r["samples"] for r in recs] == [6, 6, 1]
     assert sum(r["tokens"] for r in recs) == 13 * 8 - 3
     urls = [str(tmp_path / "a" / r["path"]) for r in recs]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
-    assert [s["__key__"] for s in samples] == [f"u000000-{i:08d}" for i in range(13)]
-    got = np.stack([decode_sample(s, seq_len=8) for s in samples])
+    assert [s["__key__"] for s in samples] == [f"u000000-{i:08d}" for i in (0, 3, 6, 9, 12)]  # one per block
+    got = np.concatenate([decode_block(s, seq_len=8) for s in samples])
     assert got.dtype == np.int64 and (got == rows).all()
-    recs2 = _write(tmp_path / "b", rows)
+    decoded = list(wds.WebDataset(urls, shardshuffle=False).decode())  # webdataset's own .npy decoder
+    assert (np.concatenate([s["ids.npy"] for s in decoded]) == rows).all()
+    assert [k for u in urls for k, _ in iter_shard(u)] == [f"u000000-{i:08d}" for i in range(13)]
+    recs2 = _write(tmp_path / "b", rows, shard_bytes=3200, batch=2)  # other batching, same bytes
+    assert [r["sha256"] for r in recs] == [r["sha256"] for r in recs2]
     for r1, r2 in zip(recs, recs2):
         assert (tmp_path / "a" / r1["path"]).read_bytes() == (tmp_path / "b" / r2["path"]).read_bytes()
     assert not list((tmp_path / "a").rglob("*.tmp"))
@@ -66,16 +74,79 @@ def test_uint32_when_vocab_does_not_fit_16_bits(tmp_path):
     assert key == "u000000-00000000" and ids.tolist() == [70000, 5, 100000, 0]
 
 
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("sample, msg", [
     ({"__key__": "k", "txt": b"x"}, "expected exactly one of"),
-    ({"__key__": "k", "ids.u16": b"\x01\x00\x02"}, "not a whole number"),
-    ({"__key__": "k", "ids.u16": b""}, "not a whole number"),
-    ({"__key__": "k", "ids.u16": "text"}, "expected raw bytes"),
+    ({"__key__": "k", "ids.npy": b"not npy at all"}, "not a .npy block"),
+    ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 5), "<u2"))}, "expected seq_len=4"),
+    ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 4), "<i8"))}, "expected little-endian uint16/uint32"),
+    ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 4), "<u2"))[:-3]}, "the header says 2 sequences"),
+    ({"__key__": "k", "ids.npy": "text"}, "expected raw bytes"),
+    ({"__key__": "k", "ids.u16": b"\x01\x00\x02"}, "not a whole number"),  # format 1 members
     ({"__key__": "k", "ids.u16": b"\x01\x00" * 5}, "expected seq_len=4"),
 ])
-def test_decode_sample_rejects_malformed(sample, msg):
-    with pytest.raises(DataPipelineError, match=msg):
-        decode_sample(sample, seq_len=4)
+def test_decode_block_rejects_malformed(sample, msg):
+    with pytest.raises(DataPipelineError, match=msg) as caught:
+        decode_block(sample, seq_len=4)
+    assert "\n" not in str(caught.value)
+
+
+def test_read_shard_starts_at_any_sample_without_decoding_the_blocks_before(tmp_path):
+    rows = np.random.default_rng(0).integers(1, 90, size=(23, 8))
+    [rec] = _write(tmp_path, rows, shard_bytes=1 << 20, block_sequences=5)  # blocks of 5, 5, 5, 5, 3
+    path = tmp_path / rec["path"]
+
+    def read(start, stop=None, vocab_size=100):
+        return np.array(list(read_shard(path, seq_len=8, vocab_size=vocab_size, sha256=rec["sha256"],
+                                        start=start, stop=stop))).reshape(-1, 8)
+    for start in range(23):
+        for stop in (start + 1, start + 4, 23, None):
+            if stop is None or stop <= 23:
+                assert (read(start, stop) == rows[start:stop]).all(), (start, stop)
+    with pytest.raises(DataPipelineError, match="23 samples, but the manifest says at least 24"):
+        read(20, 24)
+    # ids of the first block beyond a smaller vocabulary: reading from sample 5 on never decodes that block,
+    # so never sees them; from sample 4 on it must decode it, and names the sample
+    rows[0, 3] = 95
+    [rec] = _write(tmp_path / "b", rows, shard_bytes=1 << 20, block_sequences=5)
+    path = tmp_path / "b" / rec["path"]
+    assert (np.array(list(read_shard(path, seq_len=8, vocab_size=91, start=5))) == rows[5:]).all()
+    with pytest.raises(DataPipelineError, match=r"u000000-00000000.ids.npy' \(sample 0\): id 95 at position 3"):
+        list(read_shard(path, seq_len=8, vocab_size=91, start=4))
+
+
+def test_format_1_shards_are_still_read(tmp_path):
+    """Format 1 (one member per sequence) reads through the same functions, `start` included."""
+    from data_pipeline.build import build
+    from data_pipeline.testing import write_format1_copy
+    write_lines(tmp_path / "c.txt", synthetic_docs(200, seed=3))
+    new = read_manifest(build(BuildConfig(inputs=[str(tmp_path / "c.txt")], out_dir=str(tmp_path / "v2"),
+                                          vocab_size=80, min_frequency=1, seq_len=16, shard_mb=0.002,
+                                          block_sequences=8, validation_fraction=0.0), progress=False))
+    old = read_manifest(write_format1_copy(tmp_path / "v2", tmp_path / "v1"))
+    assert (new["format_version"], new["block_sequences"], old["format_version"]) == (2, 8, 1)
+    for rec_new, rec_old in zip(new["splits"]["train"]["shards"], old["splits"]["train"]["shards"]):
+        for start in (0, 3, rec_new["samples"] - 1):
+            a = list(read_shard(Path(new["_root"]) / rec_new["path"], seq_len=16, vocab_size=80,
+                                sha256=rec_new["sha256"], start=start))
+            b = list(read_shard(Path(old["_root"]) / rec_old["path"], seq_len=16, vocab_size=80,
+                                sha256=rec_old["sha256"], start=start))
+            assert len(a) == rec_new["samples"] - start and (np.array(a) == np.array(b)).all()
+    from data_pipeline.verify import verify_build
+    assert verify_build(old) == [] and verify_build(new) == []
+
+
+def test_a_newer_format_is_refused_with_one_line_saying_to_rebuild(tmp_path):
+    write_json_atomic(tmp_path / "manifest.json", {"format_version": 3})
+    with pytest.raises(DataPipelineError) as caught:
+        read_manifest(tmp_path)
+    line = str(caught.value)
+    assert "\n" not in line and "format_version is 3" in line and "python -m data_pipeline build" in line
 
 
 def test_read_manifest_errors(tmp_path):
@@ -344,21 +415,6 @@ def test_cli_help_for_every_subcommand():
         assert sp.format_help().startswith("usage:")
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--workers" in r.stdout and "--on-error" in r.stdout
-
-
-def test_vectorised_tar_headers_equal_tarfile_output(tmp_path):
-    """The writer builds headers with numpy; they must be exactly what tarfile writes."""
-    import io
-    import tarfile
-    rows = np.random.default_rng(0).integers(0, 60000, size=(1234, 7))
-    recs = _write(tmp_path, rows, seq_len=7, shard_bytes=1 << 30, name="u0042")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for i, r in enumerate(rows.astype("<u2")):
-            ti = tarfile.TarInfo(f"u0042-{i:08d}.ids.u16")
-            ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = 14, 0, 0o444, "", ""
-            tf.addfile(ti, io.BytesIO(r.tobytes()))
-    assert (tmp_path / recs[0]["path"]).read_bytes() == buf.getvalue()
 
 
 def test_bulk_encoder_fast_path_is_exact_for_every_bmp_character(tok_dir):

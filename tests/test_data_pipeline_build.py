@@ -40,7 +40,7 @@ def corpus(tmp_path_factory):
 
 def _cfg(inputs, out, tok_file, **kw):
     base = dict(inputs=inputs, out_dir=str(out), tokenizer=str(tok_file), seq_len=32, unit_mb=0.05,
-                shard_mb=0.02, validation_fraction=0.2, batch_docs=64)
+                shard_mb=0.004, block_sequences=8, validation_fraction=0.2, batch_docs=64)
     base.update(kw)
     return BuildConfig(**base)
 
@@ -108,8 +108,8 @@ def test_filters_dedup_and_single_packing(tmp_path, tok_file):
 
 def _cli(out, inputs, tok_file, env=None, extra=()):
     cmd = [sys.executable, "-m", "data_pipeline", "build", *inputs, "--out", str(out), "--tokenizer", str(tok_file),
-           "--seq-len", "32", "--unit-mb", "0.05", "--shard-mb", "0.02", "--validation-fraction", "0.2",
-           "--batch-docs", "64", "--no-progress", *extra]
+           "--seq-len", "32", "--unit-mb", "0.05", "--shard-mb", "0.004", "--block-sequences", "8",
+           "--validation-fraction", "0.2", "--batch-docs", "64", "--no-progress", *extra]
     return cmd, {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
 
 

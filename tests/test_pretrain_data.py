@@ -38,7 +38,8 @@ def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     (root / "corpus.txt").write_text(corpus(1500))
     path = build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=100,
-                             seq_len=16, shard_mb=0.02, validation_fraction=0.1), workers=1, progress=False)
+                             seq_len=16, shard_mb=0.006, block_sequences=16, validation_fraction=0.1), workers=1,
+                 progress=False)
     return read_manifest(path)
 
 
@@ -104,6 +105,22 @@ def test_resume_from_any_cursor_continues_the_same_stream(manifest, masking, wor
         resumed = take(TrainBatches(manifest, layout, masking, 5, True, 2, cursor), 6)
         for got, want in zip(resumed, expected[consumed:consumed + 6]):
             assert all(torch.equal(got[k], want[k]) for k in want), f"resume at {consumed} differs"
+
+
+def test_format_1_shards_give_the_same_batches_as_format_2(manifest, masking, tmp_path):
+    """The same build as format 1 (one tar member per sequence) trains on exactly the same batches; the
+    streams' pieces start inside blocks (format 2 seeks to them) as well as at block starts."""
+    from data_pipeline.testing import write_format1_copy
+    old = read_manifest(write_format1_copy(manifest["_root"], tmp_path / "format1"))
+    assert (manifest["format_version"], old["format_version"]) == (2, 1)
+    layout = Layout(1, 2, 0, micro_batch_size=4)
+    starts = {p.start % manifest["block_sequences"] for stream in range(layout.streams)
+              for p in stream_pieces(shards_of(manifest, "train"), layout, stream, seed=5, epoch=0, shuffle=True)}
+    assert 0 in starts and len(starts) > 1
+    a = TrainBatches(manifest, layout, masking, seed=5, shuffle=True, shuffle_shards=2)
+    b = TrainBatches(old, layout, masking, seed=5, shuffle=True, shuffle_shards=2)
+    for got, want in zip(take(b, a.batches_per_epoch + 2), take(a, a.batches_per_epoch + 2)):
+        assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_epochs_differ_in_order_and_masks(manifest, masking):

@@ -15,7 +15,7 @@ from data_pipeline.shards import read_manifest
 from pretrain.data import Layout, Masking, TrainBatches
 from test_pretrain_data import corpus
 
-HEADER = 512  # a tar member's header; the member's data follows it
+HEADER = 512  # a tar member's header; the member's data (a .npy block) follows it
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def clean(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     (root / "corpus.txt").write_text(corpus(600))
     return build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=100,
-                             seq_len=16, shard_mb=0.02, validation_fraction=0.1), workers=1, progress=False).parent
+                             seq_len=16, shard_mb=0.004, block_sequences=8, validation_fraction=0.1), workers=1,
+                 progress=False).parent
 
 
 def corrupted(clean, tmp_path, flip) -> tuple[dict, str]:
@@ -32,7 +33,10 @@ def corrupted(clean, tmp_path, flip) -> tuple[dict, str]:
     manifest = read_manifest(out)
     shard = out / manifest["splits"]["train"]["shards"][1]["path"]
     data = bytearray(shard.read_bytes())
-    start = 3 * (HEADER + 512) + HEADER  # the ids of the shard's 4th sample (16 x uint16 = one 512-byte block)
+    # the shard's first member is a block of 8 sequences: tar header, .npy header (magic, version, its length,
+    # the dict), then 8 x 16 uint16 ids; the ids of the 4th sample (index 3) start 3 x 32 bytes in
+    npy_header = 10 + int.from_bytes(data[HEADER + 8:HEADER + 10], "little")
+    start = HEADER + npy_header + 3 * 16 * 2
     flip(data, start)
     shard.write_bytes(bytes(data))
     return manifest, str(shard)
@@ -68,7 +72,7 @@ def test_a_flipped_shard_stops_the_loader_with_one_line(clean, tmp_path, flip, e
     line = str(caught.value).strip().splitlines()[-1]  # a DataLoader worker's error comes wrapped
     assert shard in line and expected in line and "rebuild or restore it" in line, line
     if flip is sixteen_bytes:
-        assert "sample 3" in line and ".ids.u16" in line, line
+        assert "sample 3" in line and ".ids.npy" in line, line
     print(f"{flip.__name__}: {line}")
 
 

@@ -64,9 +64,10 @@ def corpus(lines: int, seed: int = 0) -> str:
 def shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("pretrain_shards")
     (root / "corpus.txt").write_text(corpus(260))
-    # ~200 train sequences: each rank's epoch (2 workers x 2 ranks) ends mid-run, so resume crosses an epoch
+    # ~200 train sequences: each rank's epoch (2 workers x 2 ranks) ends mid-run, so resume crosses an epoch;
+    # blocks of 16 sequences, so that streams start inside shards and inside blocks
     build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=80, seq_len=16,
-                      shard_mb=0.01, validation_fraction=0.15), workers=1, progress=False)
+                      shard_mb=0.01, block_sequences=16, validation_fraction=0.15), workers=1, progress=False)
     return str(root / "out")
 
 
