@@ -104,7 +104,9 @@ def write_format1_copy(build_dir: str | Path, out_dir: str | Path) -> Path:
     import shutil
     import tarfile
 
-    from .shards import DTYPES, iter_shard, read_manifest, sha256_file, write_json_atomic
+    from common.files import write_json_atomic
+
+    from .shards import DTYPES, iter_shard, read_manifest, sha256_file
     m = read_manifest(build_dir)
     src, out = Path(m.pop("_root")), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
