@@ -22,7 +22,6 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 from hypermixer.encoder import Encoder, init_weights
-from hypermixer.encoder import Encoder
 from hypermixer.heads import IGNORE_INDEX, ForMaskedLM, ForSequenceClassification, classifier_logits, masked_lm_logits
 from hypermixer.hf.configuration_hypermixer import HyperMixerConfig
 from hypermixer.hf.release import missing_tokenizer_files, write_release_code
