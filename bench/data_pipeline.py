@@ -86,7 +86,7 @@ def run_baseline(corpus: Path, tok_file: Path, out: Path, seq_len: int) -> dict:
     sp = {k: tok.convert_tokens_to_ids(v) for k, v in
           {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]"}.items()}
     # not timed: the baseline gets its documents read and stripped, in memory
-    lines = [s for s in (l.strip() for l in corpus.read_text(encoding="utf-8").split("\n")) if s]
+    lines = [s for s in (line.strip() for line in corpus.read_text(encoding="utf-8").split("\n")) if s]
     ds = datasets.Dataset.from_dict({"text": lines})
     del lines
     c0, t0 = _cpu(), time.perf_counter()
@@ -165,7 +165,7 @@ def run_shards(a, tmp: Path) -> dict:
     from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
     corpus = tmp / "shards_corpus.txt"
     size = make_corpus(a.corpus, a.shards_mb, corpus)
-    sample = [l for l in (a.corpus / "valid.txt").read_text(encoding="utf-8").split("\n") if l.strip()]
+    sample = [line for line in (a.corpus / "valid.txt").read_text(encoding="utf-8").split("\n") if line.strip()]
     tok_file = save_tokenizer(train_tokenizer(sample, vocab_size=a.vocab_size), tmp / "shards_tok")
     builds = {}
     for block in a.blocks:
@@ -259,7 +259,7 @@ def run_build(a, tmp: Path) -> dict:
     corpus = tmp / "wikitext2_repeated.txt"
     size = make_corpus(a.corpus, a.mb, corpus)
     unit_mb = a.unit_mb or max(0.5, size / (1 << 20) / 8)
-    sample = [l for l in (a.corpus / "valid.txt").read_text(encoding="utf-8").split("\n") if l.strip()]
+    sample = [line for line in (a.corpus / "valid.txt").read_text(encoding="utf-8").split("\n") if line.strip()]
     tok_file = save_tokenizer(train_tokenizer(sample, vocab_size=a.vocab_size), tmp / "tok")
     print(f"corpus: {size / 1e6:.1f} MB ({corpus.name}), WordPiece vocab {a.vocab_size}, seq_len {a.seq_len}, "
           f"units of {unit_mb:.1f} MB, cpus {os.cpu_count()}, RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}",

@@ -192,8 +192,7 @@ def _zst_lines(path: str) -> Iterator[bytes]:
     for chunk in _zst_chunks(path):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
-        for line in lines:
-            yield line
+        yield from lines
     if rest:
         yield rest
 

@@ -231,7 +231,7 @@ def _best_predictions(sweep_dir: Path, model: str | None) -> list[Path]:
     if model not in models:
         raise FinetuneError(f"{sweep_dir}: no model {model!r} (found: {', '.join(models)})")
     files = []
-    for task, entry in models[model]["tasks"].items():
+    for entry in models[model]["tasks"].values():
         found = prediction_files(sweep_dir / "runs" / entry["best"]["run"] / "predictions")
         if not found:
             print(f"finetune: warning: {entry['best']['run']} has no test predictions", file=sys.stderr)

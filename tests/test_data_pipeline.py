@@ -240,10 +240,10 @@ def test_bulk_encoder_matches_per_document_encoding(tok_dir):
 def test_bulk_encoder_matches_on_wikitext(tok_dir):
     if not WIKITEXT.is_dir():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT} (../shared is absent)")
-    tok = train_tokenizer((l for l in (WIKITEXT / "valid.txt").open(encoding="utf-8")), vocab_size=3000)
+    tok = train_tokenizer((line for line in (WIKITEXT / "valid.txt").open(encoding="utf-8")), vocab_size=3000)
     enc = BulkEncoder(tok)
     tok.encode_special_tokens = True
-    lines = [l.strip() for l in (WIKITEXT / "test.txt").open(encoding="utf-8") if l.strip()]
+    lines = [line.strip() for line in (WIKITEXT / "test.txt").open(encoding="utf-8") if line.strip()]
     flat, lengths = enc.encode(lines)
     expected = [tok.encode(t, add_special_tokens=False).ids for t in lines]
     assert flat.tolist() == [i for e in expected for i in e]
@@ -411,7 +411,7 @@ def test_cli_help_for_every_subcommand():
     sub = next(a for a in p._actions if a.dest == "cmd")
     assert set(sub.choices) == {"build", "plan", "run-unit", "finalize", "train-tokenizer", "inspect",
                                 "hash-units", "resolve-duplicates"}
-    for name, sp in sub.choices.items():
+    for sp in sub.choices.values():
         assert sp.format_help().startswith("usage:")
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--workers" in r.stdout and "--on-error" in r.stdout
