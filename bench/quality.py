@@ -372,6 +372,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
     parser.add_argument("--tasks", default=None, help="subset of the fine-tuning tasks, comma-separated")
     parser.add_argument("--no-finetune", action="store_true", help="stop after pretraining")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the runs without the embedding LayerNorm")
+    parser.add_argument("--unlabeled", default="",
+                        help="GLUE tasks whose training sentences, without their labels, are added to the pretraining "
+                             "corpus (task-adaptive pretraining, Gururangan et al. 2020), comma-separated, e.g. SST-2")
     args = parser.parse_args(argv)
     corpus = args.corpus or [DEFAULT_CORPUS]
     for path in corpus:
@@ -395,6 +399,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise BenchError("Hugging Face transformers is not installed (the reference model): "
                              "pip install -e '.[hf]'") from None
     return args
+
+
+def unlabeled_text(glue_dir: Path, task: str, out: Path) -> Path:
+    """The training sentences of a GLUE task (both sentences of a pair), one per line, labels dropped:
+    in-domain text for pretraining. Only train.tsv is read; dev (what fine-tuning reports) never is."""
+    from finetune.data import read_split
+    from finetune.tasks import get_task
+
+    spec = get_task(task)
+    if spec.train is None:
+        raise BenchError(f"--unlabeled: {spec.name} has no training data")
+    examples = read_split(spec, spec.train, glue_dir=str(glue_dir))
+    lines = examples.text_a + (examples.text_b or [])
+    path = out / f"unlabeled-{spec.name}-train.txt"
+    path.write_text("\n".join(" ".join(t.split()) for t in lines if t.strip()) + "\n", encoding="utf-8")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,14 +444,17 @@ def run(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
 
-    data, heldout = build_data(args.corpus, args.heldout, out, size)
-    described = (f"{', '.join(p.name for p in args.corpus)} -> held out {args.heldout.name}; "
+    corpus = list(args.corpus) + [unlabeled_text(args.glue_dir, task.strip(), out)
+                                  for task in args.unlabeled.split(",") if task.strip()]
+    data, heldout = build_data(corpus, args.heldout, out, size)
+    described = (f"{', '.join(p.name for p in corpus)} -> held out {args.heldout.name}; "
                  f"{json.loads((data / 'manifest.json').read_text())['splits']['train']['tokens']:,} training tokens")
     log(f"data: {described}")
 
     curves = {m: pretrain(m, m, size, data, heldout, out, size.steps) for m in args.models}
     ablation = [pretrain(f"{m}-no-embln", m, size, data, heldout, out, size.steps,
-                         extra_sets=("model.embedding_layer_norm=false",)) for m in OURS if m in args.models]
+                         extra_sets=("model.embedding_layer_norm=false",))
+                for m in OURS if m in args.models and not args.no_ablation]
     if ablation:
         plot_curves([curves[m] for m in OURS if m in curves] + [curves[m] for m in ("bert-hf",) if m in curves]
                     + ablation, out / "ablation.png", f"with and without the embedding LayerNorm, {size.steps} steps")
