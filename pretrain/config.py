@@ -59,6 +59,9 @@ class DataConfig:
     validation_path: str | None = None  # None: the same build; else another build (e.g. held-out text)
     validation_split: str = "validation"
     num_workers: int = 2  # DataLoader worker processes per rank
+    # virtual streams of the global sample order (pretrain/data.py); world size x max(1, num_workers) must
+    # divide it, and a resume may change both under that rule. Each rank holds streams / world size chunks
+    streams: int = 16
     shuffle: bool = True  # per-epoch shard order and in-memory shuffle, seeded by (seed, epoch)
     shuffle_shards: int = 2  # shards a worker holds in memory and shuffles together
     mask_prob: float = 0.15  # fraction of (non-special) tokens selected for prediction
@@ -130,6 +133,9 @@ class LoggingConfig:
 class MetricsConfig:
     # Peak FLOP/s of one device for MFU. None: a known GPU's dense bf16/fp16 peak; no MFU on CPU.
     peak_tflops: float | None = None
+    # Write <run>/sample_ids/rank_NNNNN.jsonl: each step's training sequences as [shard, index] rows
+    # (an audit of the data order: no sequence skipped or repeated across resumes)
+    sample_ids: bool = False
 
 
 @dataclass
@@ -324,6 +330,7 @@ def validate(c: PretrainConfig) -> list[str]:
                        "e.g. --set data.path=/data/shards)")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
     need(d.shuffle_shards >= 1, f"data.shuffle_shards: must be >= 1, got {d.shuffle_shards}")
+    need(d.streams >= 1, f"data.streams: must be >= 1, got {d.streams}")
     need(0.0 < d.mask_prob < 1.0, f"data.mask_prob: must be in (0, 1), got {d.mask_prob}")
     for name in ("mask_token_prob", "random_token_prob"):
         value = getattr(d, name)
@@ -451,12 +458,12 @@ class Resolved:
         """What a resumed run must share with the checkpoint (the rest, e.g. logging, may change)."""
         c = self.config
         data = dataclasses.asdict(c.data)
-        for free in ("path", "validation_path", "validation_split"):
+        for free in ("path", "validation_path", "validation_split", "num_workers"):  # the order ignores them
             data.pop(free)
         return {
             "model": self.model.to_dict(), "data": data, "manifest_sha256": self.manifest_sha256,
             "seed": c.seed, "precision": c.precision, "batch": dataclasses.asdict(c.batch),
-            "zero_stage": self.zero_stage, "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
         }
 
     @property
@@ -518,12 +525,14 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
         from pretrain.data import Layout
 
         train_samples = sum(int(s["samples"]) for s in manifest["splits"]["train"]["shards"])
-        layout = Layout(0, world_size, config.data.num_workers, b.micro_batch_size)
-        if train_samples and layout.batches_per_epoch(train_samples) == 0:
+        layout = Layout(0, world_size, config.data.num_workers, b.micro_batch_size, config.data.streams)
+        if layout.problem():
+            problems.append(f"{layout.problem()}; set data.num_workers or data.streams (at the run's start)")
+        elif train_samples and layout.batches_per_epoch(train_samples) == 0:
             problems.append(
                 f"data.path: the train split has {train_samples} sequences, fewer than one micro-batch "
-                f"({b.micro_batch_size}) for each of the {layout.streams} streams ({world_size} ranks x "
-                f"{layout.workers} workers); lower batch.micro_batch_size or data.num_workers")
+                f"({b.micro_batch_size}) for each of the {layout.streams} streams (data.streams); lower "
+                "batch.micro_batch_size or data.streams")
     per_step = b.micro_batch_size * world_size
     grad_accum = b.global_batch_size // per_step if per_step else 0
     if grad_accum < 1 or b.global_batch_size % per_step:
