@@ -288,18 +288,36 @@ def to_universal(path: Path) -> Path:
     return out
 
 
+def per_group_settings(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters that differ between groups (e.g. weight_decay)."""
+    keys = {key for group in groups for key in group if key != "params"}
+    differing = [key for key in keys if len({repr(group.get(key)) for group in groups}) > 1]
+    return [{key: group[key] for key in differing if key in group} for group in groups]
+
+
 def load(engine: Any, path: Path, universal: bool = False) -> tuple[dict[str, Any], bool]:
     """Collective: restore the engine (weights, optimizer, scheduler) and this rank's RNG; return our state
     and whether this rank's RNG was in the checkpoint. universal: read `path/universal` (made by rank 0 with
     `to_universal`; the engine was built with checkpoint.load_universal) and delete it once every rank has."""
     state = read_state(path)
     source = path / UNIVERSAL_DIR if universal else path
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO
+    own = per_group_settings(optimizer.param_groups)
     with weights_only_loads(source):
         loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"{source}: DeepSpeed could not load this checkpoint")
     if universal:
+        # Two slips of DeepSpeed's ZeRO-3 universal load, undone: every param group gets the first group's
+        # hyperparameters (weight decay on biases and LayerNorms, here): put back what differs between
+        # groups; and every group's Adam `step` is one shared tensor, which torch's AdamW increments in place
+        # once per group, so bias correction would run ahead: give each its own.
+        for group, settings in zip(optimizer.param_groups, own):
+            group.update(settings)
+        for param_state in optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
         dist.barrier()
         if dist.get_rank() == 0:
             shutil.rmtree(source, ignore_errors=True)
