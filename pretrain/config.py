@@ -59,8 +59,9 @@ class DataConfig:
     validation_path: str | None = None  # None: the same build; else another build (e.g. held-out text)
     validation_split: str = "validation"
     num_workers: int = 2  # DataLoader worker processes per rank
-    # virtual streams of the global sample order (pretrain/data.py); world size x max(1, num_workers) must
-    # divide it, and a resume may change both under that rule. Each rank holds streams / world size chunks
+    # Virtual streams of the global sample order (pretrain/data.py): world size x max(1, num_workers) must
+    # divide it, at the start and at every resume. Memory: a rank holds streams / world size x shuffle_shards
+    # shard pieces; an epoch drops under one micro-batch per stream. Fixed for the run (part of the data order)
     streams: int = 16
     shuffle: bool = True  # per-epoch shard order and in-memory shuffle, seeded by (seed, epoch)
     shuffle_shards: int = 2  # shards a worker holds in memory and shuffles together
@@ -133,8 +134,8 @@ class LoggingConfig:
 class MetricsConfig:
     # Peak FLOP/s of one device for MFU. None: a known GPU's dense bf16/fp16 peak; no MFU on CPU.
     peak_tflops: float | None = None
-    # Write <run>/sample_ids/rank_NNNNN.jsonl: each step's training sequences as [shard, index] rows
-    # (an audit of the data order: no sequence skipped or repeated across resumes)
+    # Append each step's training sequences, all ranks, as [shard, index] rows to <run>/sample_ids.jsonl
+    # (rank 0 writes; an audit of the data order: nothing skipped or repeated across resumes)
     sample_ids: bool = False
 
 
