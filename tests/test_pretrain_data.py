@@ -209,3 +209,27 @@ def test_validation_is_fixed_and_split_evenly_over_ranks(manifest, masking):
     assert len(halves[0]) == len(halves[1]) == validation_samples(manifest, "validation", 2, None)
     assert torch.equal(torch.cat(halves), whole[:2 * len(halves[0])])  # masks do not depend on the world size
     assert len(rows(0, 1, max_samples=7)) == 7
+
+
+def test_the_sample_audit_counts_repeats_and_misses(manifest, tmp_path):
+    import json
+
+    from pretrain.config import load_config
+    from pretrain.sample_audit import count
+    from pretrain.trainer import SAMPLE_IDS_FILE
+
+    config = load_config("tiny", [f"data.path={manifest['_root']}", "batch.global_batch_size=16",
+                                  "batch.micro_batch_size=4", "seed=5"])
+    order = global_order(shards_of(manifest, "train"), Layout(0, 1, 0, 4, 16), 5, 0, True, 2)
+    steps = [[row for mb in order[i:i + 4] for row in mb] for i in range(0, len(order), 4)]
+
+    def log(step_rows):
+        (tmp_path / SAMPLE_IDS_FILE).write_text("".join(
+            json.dumps({"step": i + 1, "world_size": 2, "samples": rows}) + "\n" for i, rows in enumerate(step_rows)))
+        return count(tmp_path, config)
+
+    whole = log(steps)
+    assert (whole.epoch_sequences, whole.repeated, whole.missing, whole.in_order, whole.ok) == (
+        len(order) * 4, 0, 0, True, True)
+    repeated = log([steps[0], steps[0], *steps[2:]])  # step 2 trained on step 1's sequences again
+    assert (repeated.repeated, repeated.missing, repeated.in_order, repeated.ok) == (16, 16, False, False)

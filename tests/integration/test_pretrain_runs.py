@@ -34,6 +34,8 @@ from pretrain import checkpoint as ckpt
 from pretrain.export import check_release, consolidated_weights, export
 from pretrain.main import EXIT_CONFIG, EXIT_DIVERGED
 from pretrain.metrics import read_metrics
+from pretrain.sample_audit import audit
+from pretrain.trainer import read_sample_ids
 
 pytestmark = pytest.mark.slow
 
@@ -356,22 +358,6 @@ def unresized(shards, tmp_path_factory) -> Path:
     return completed(run_dir, launch(run_dir, shards, *RESIZE, "deepspeed.zero_optimization.stage=2"))
 
 
-def sample_count(run_dir: Path, shards: str) -> tuple[int, int, int, bool]:
-    """(sequences trained on in epoch 0, repeated, missing, every step took what the global order says)."""
-    from data_pipeline.shards import read_manifest
-    from pretrain.data import Layout, global_order, shards_of
-    from pretrain.trainer import read_sample_ids
-
-    train, layout = shards_of(read_manifest(shards), "train"), Layout(0, 1, 0, micro_batch_size=4)
-    epochs = [[row for mb in global_order(train, layout, 0, epoch, True, 2) for row in mb] for epoch in (0, 1)]
-    taken = read_sample_ids(run_dir)
-    assert list(taken) == list(range(1, RESIZE_STEPS + 1))
-    seen = [row for rows in taken.values() for row in rows]
-    first = seen[:len(epochs[0])]
-    return len(first), len(first) - len(set(first)), len(set(epochs[0]) - set(first)), \
-        seen == (epochs[0] + epochs[1])[:len(seen)]
-
-
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_on_another_world_size_continues_the_same_samples_and_losses(shards, unresized, stage, tmp_path):
     run_dir, sets = tmp_path / "run", (*RESIZE, f"deepspeed.zero_optimization.stage={stage}")
@@ -385,14 +371,15 @@ def test_resume_on_another_world_size_continues_the_same_samples_and_losses(shar
     completed(run_dir, grown)
     assert grown.output.count("resume: changed world size: 1 -> 2") == 1, grown.output[-4000:]  # rank 0 only
 
-    sequences, repeated, missing, in_order = sample_count(run_dir, shards)
-    assert (sequences, repeated, missing, in_order) == (256, 0, 0, True)
-    assert sample_count(unresized, shards) == (256, 0, 0, True)
+    counted = audit(run_dir)  # python -m pretrain.sample_audit: the log against pretrain.data.global_order
+    assert (counted.steps, counted.sequences, counted.ordered) == (RESIZE_STEPS, RESIZE_STEPS * 16, 256)
+    assert (counted.epoch_sequences, counted.repeated, counted.missing, counted.in_order) == (256, 0, 0, True)
+    assert read_sample_ids(run_dir) == read_sample_ids(unresized)
 
     reference, other = losses(unresized, "train") + losses(unresized, "eval"), \
         losses(run_dir, "train") + losses(run_dir, "eval")
     assert [s for s, _, _ in other] == [s for s, _, _ in reference]
     worst = max(abs(a[1] - b[1]) for a, b in zip(reference, other))
-    print(f"ZeRO-{stage}, 2 -> 1 -> 2 ranks: epoch 0 {sequences} sequences, {repeated} repeated, {missing} missing; "
-          f"worst loss difference from the uninterrupted 2-rank run {worst:.2e}")
+    print(f"ZeRO-{stage}, 2 -> 1 -> 2 ranks: {counted.line()}; worst loss difference from the uninterrupted "
+          f"2-rank run {worst:.2e}")
     assert worst < LOSS_TOLERANCE, (worst, reference, other)  # as between ZeRO stages
