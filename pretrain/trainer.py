@@ -241,7 +241,9 @@ def check_resume(resolved: Resolved, state: dict[str, Any], path: Path) -> list[
     change, one line each (world size, loader workers, any other setting)."""
     old, new = state["fingerprint"], resolved.fingerprint()
     old = {**old, "model": EncoderConfig.from_saved(old["model"]).to_dict()}  # keys added since it was written
-    old.pop("world_size", None)  # recorded by checkpoints written before the order stopped depending on it
+    if "streams" not in old["data"]:
+        raise ConfigError([f"cannot resume from {path}: it was written with the per-world-size data order (before "
+                           "data.streams), which this version cannot continue; start a new run in another output_dir"])
     changed = config_diff(old, new)
     if changed:
         details = []

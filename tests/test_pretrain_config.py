@@ -150,6 +150,10 @@ def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
         "(model, data, batch, seed, precision and ZeRO stage must match; start a new run in another output_dir "
         "to change them)",
     ]
+    old = {**state["fingerprint"], "world_size": 2, "data": {**state["fingerprint"]["data"], "num_workers": 2}}
+    del old["data"]["streams"]  # a checkpoint of the per-world-size order
+    with pytest.raises(ConfigError, match="written with the per-world-size data order"):
+        check_resume(written, {**state, "fingerprint": old}, shards)
 
 
 def test_resolve_derives_accumulation_steps_and_deepspeed_config(shards):
