@@ -262,8 +262,8 @@ UNIVERSAL_DIR = "universal"
 
 
 def partitioned_optimizer(path: Path) -> bool:
-    """Whether the checkpoint's optimizer state is split by rank (ZeRO 1-3, or bf16's optimizer): what a
-    change of world size must re-partition. ZeRO-0 in fp32 keeps one whole copy, readable on any world size."""
+    """Whether the checkpoint's optimizer state is split by rank (ZeRO 1-3): what a change of world size must
+    re-partition. ZeRO-0 keeps one whole copy in mp_rank_00_model_states.pt, readable on any world size."""
     return any(path.glob("*optim_states.pt"))
 
 
