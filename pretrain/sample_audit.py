@@ -49,7 +49,8 @@ def count(run_dir: Path, config: PretrainConfig) -> SampleCount:
     taken = read_sample_ids(run_dir)
     seen = [row for rows in taken.values() for row in rows]
     def epoch(index: int) -> list[tuple[int, int]]:
-        return [row for mb in global_order(train, layout, config.seed, index, d.shuffle, d.shuffle_shards) for row in mb]
+        order = global_order(train, layout, config.seed, index, d.shuffle, d.shuffle_shards)
+        return [row for mb in order for row in mb]
 
     first_epoch = epoch(0)
     expected = list(first_epoch)
@@ -76,7 +77,8 @@ def audit(run_dir: Path, checkpoints: Path | None = None) -> SampleCount:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.sample_audit", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run's output_dir (trained with metrics.sample_ids=true)")
-    parser.add_argument("--checkpoints", type=Path, default=None, help="its checkpoint dir (default RUN_DIR/checkpoints)")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="its checkpoint dir (default RUN_DIR/checkpoints)")
     args = parser.parse_args(argv)
     if not (args.run_dir / SAMPLE_IDS_FILE).is_file():
         print(f"{args.run_dir}: no {SAMPLE_IDS_FILE} (train with --set metrics.sample_ids=true)", file=sys.stderr)

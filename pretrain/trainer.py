@@ -243,7 +243,7 @@ def check_resume(resolved: Resolved, state: dict[str, Any], path: Path) -> list[
     old = {**old, "model": EncoderConfig.from_saved(old["model"]).to_dict()}  # keys added since it was written
     if "streams" not in old["data"]:
         raise ConfigError([f"cannot resume from {path}: it was written with the per-world-size data order (before "
-                           "data.streams), which this version cannot continue; start a new run in another output_dir"])
+                           f"data.streams), which this version cannot continue; start a new run in another output_dir"])
     changed = config_diff(old, new)
     if changed:
         details = []

@@ -123,8 +123,8 @@ def test_resolve_checks_against_data_and_world_size(shards):
         resolve(load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=48", "batch.micro_batch_size=16",
                                      "data.num_workers=2"]),
                 world_size=3)
-    assert caught.value.problems == ["data.streams (16) must be a multiple of world size x loader workers (3 x 2 = 6); "
-                                     "set data.num_workers or data.streams (at the run's start)"]
+    assert caught.value.problems == [("data.streams (16) must be a multiple of world size x loader workers "
+                                      "(3 x 2 = 6); set data.num_workers or data.streams (at the run's start)")]
 
 
 def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
@@ -147,8 +147,8 @@ def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
         f"cannot resume from {shards}: data.streams: 16 in the checkpoint, 8 now",
         f"cannot resume from {shards}: precision: \"fp32\" in the checkpoint, \"bf16\" now",
         f"cannot resume from {shards}: seed: 0 in the checkpoint, 1 now",
-        "(model, data, batch, seed, precision and ZeRO stage must match; start a new run in another output_dir "
-        "to change them)",
+        ("(model, data, batch, seed, precision and ZeRO stage must match; start a new run in another output_dir "
+         "to change them)"),
     ]
     old = {**state["fingerprint"], "world_size": 2, "data": {**state["fingerprint"]["data"], "num_workers": 2}}
     del old["data"]["streams"]  # a checkpoint of the per-world-size order
