@@ -9,11 +9,11 @@ The order of an epoch is a pure function of (seed, epoch, data.streams S, micro-
    the remainder (< S samples) is dropped;
 3. a stream reads its range in chunks of `shuffle_shards` shard pieces, shuffles each chunk in memory
    (seeded by (seed, epoch, stream, chunk)) and cuts it into micro-batches; the partial last micro-batch
-   of a stream is dropped, so every stream has the same number B of micro-batches (an epoch drops fewer
-   than S micro-batches' worth of samples);
+   of a stream is dropped, so every stream has the same number B of micro-batches (an epoch drops less
+   than one micro-batch and one sample per stream);
 4. the epoch's global micro-batch m (0 <= m < S x B) is micro-batch m // S of stream m % S: a round robin
-   over the streams. Global micro-batches [G t, G (t + 1)) make optimizer step t of the epoch's steps
-   (G = global batch / micro-batch), split over ranks and accumulation however the world size is;
+   over the streams. Training takes global micro-batches in that order, epoch after epoch, G = global
+   batch / micro-batch of them per optimizer step, however they are split over ranks and accumulation;
 5. every sample is masked with a generator seeded by (seed, epoch, shard, index in shard), so masks are
    dynamic (new each epoch) and independent of the layout.
 
