@@ -10,6 +10,12 @@
         EXPORT.txt                how to get the weights: `python -m pretrain.export` (DeepSpeed's
                                   zero_to_fp32.py, which unpickles without restriction, is removed)
 
+A resume on another world size re-partitions the optimizer state (ZeRO 1-3) through DeepSpeed's universal
+checkpoint: rank 0 converts the step folder with `deepspeed.checkpoint.ds_to_universal` (reading it with the
+weights-only unpickler) into `step_*/universal/` (built under a temporary name, then renamed), every rank
+loads that with `checkpoint.load_universal`, and rank 0 deletes it once all have loaded. A rank with no RNG
+file of its own (more ranks than wrote the checkpoint) gets a fresh seed.
+
 A folder without trainer_state.json is an interrupted save: never resumed from, deleted at the next save
 and by `--resume auto` before anything else is written (`remove_incomplete`). A save that fails on any
 rank is reported by rank 0 in one line, "checkpoint step N failed: <reason>; step M is intact".
@@ -21,7 +27,10 @@ which forces torch's weights-only unpickler on those calls too (see there).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import pickle
@@ -242,16 +251,70 @@ def weights_only_loads(path: Path) -> Iterator[None]:
             os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
-def load(engine: Any, path: Path) -> dict[str, Any]:
-    """Collective: restore the engine (weights, optimizer, scheduler) and this rank's RNG; return our state."""
+UNIVERSAL_DIR = "universal"
+
+
+def partitioned_optimizer(path: Path) -> bool:
+    """Whether the checkpoint's optimizer state is split by rank (ZeRO 1-3): what a change of world size must
+    re-partition. ZeRO-0 keeps one whole copy in mp_rank_00_model_states.pt, readable on any world size."""
+    return any(path.glob("*optim_states.pt"))
+
+
+def to_universal(path: Path) -> Path:
+    """Rank 0: convert checkpoint `path` into DeepSpeed's universal format (per-parameter fp32 weights and
+    optimizer moments, no partitioning) in `path/universal`; DeepSpeed's own converter, run in this process
+    (no worker processes) with every file read through the weights-only unpickler. Its chatter is dropped."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out, scratch = path / UNIVERSAL_DIR, path / f".{UNIVERSAL_DIR}.tmp"
+    for stale in (out, scratch):  # a conversion interrupted before, or left by a crash after loading
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch.mkdir()
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(scratch / UNIVERSAL_DIR),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    chatter = io.StringIO()
+    with weights_only_loads(path), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        ds_to_universal(args)
+    os.replace(scratch / UNIVERSAL_DIR, out)  # complete, or absent
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def per_group_settings(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters that differ between groups (e.g. weight_decay)."""
+    keys = {key for group in groups for key in group if key != "params"}
+    differing = [key for key in keys if len({repr(group.get(key)) for group in groups}) > 1]
+    return [{key: group[key] for key in differing if key in group} for group in groups]
+
+
+def load(engine: Any, path: Path, universal: bool = False) -> tuple[dict[str, Any], bool]:
+    """Collective: restore the engine (weights, optimizer, scheduler) and this rank's RNG; return our state
+    and whether this rank's RNG was in the checkpoint. universal: read `path/universal` (made by rank 0 with
+    `to_universal`; the engine was built with checkpoint.load_universal) and delete it once every rank has."""
     state = read_state(path)
-    with weights_only_loads(path):
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    source = path / UNIVERSAL_DIR if universal else path
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO
+    own = per_group_settings(optimizer.param_groups)
+    with weights_only_loads(source):
+        loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
     if loaded is None:
-        raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
-    load_rng_state(path, dist.get_rank())
-    return state
+        raise RuntimeError(f"{source}: DeepSpeed could not load this checkpoint")
+    if universal:
+        # Two slips of DeepSpeed's ZeRO-3 universal load, undone: every param group gets the first group's
+        # hyperparameters (weight decay on biases and LayerNorms, here): put back what differs between
+        # groups; and every group's Adam `step` is one shared tensor, which torch's AdamW increments in place
+        # once per group, so bias correction would run ahead: give each its own.
+        for group, settings in zip(optimizer.param_groups, own):
+            group.update(settings)
+        for param_state in optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(source, ignore_errors=True)
+    return state, load_rng_state(path, dist.get_rank())
 
 
 def save_rng_state(path: Path, rank: int) -> None:
@@ -261,11 +324,16 @@ def save_rng_state(path: Path, rank: int) -> None:
     save_file(tensors, str(path / f"rng_rank{rank:05d}.safetensors"))
 
 
-def load_rng_state(path: Path, rank: int) -> None:
-    tensors = load_file(str(path / f"rng_rank{rank:05d}.safetensors"))
+def load_rng_state(path: Path, rank: int) -> bool:
+    """Restore this rank's RNG; False when the checkpoint has none for it (written by fewer ranks)."""
+    file = path / f"rng_rank{rank:05d}.safetensors"
+    if not file.is_file():
+        return False
+    tensors = load_file(str(file))
     torch.set_rng_state(tensors["cpu"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
+    return True
 
 
 class StopSignals:

@@ -69,6 +69,10 @@ class DataConfig(Section):
     validation_path: str | None = None  # None: the same build; else another build (e.g. held-out text)
     validation_split: str = "validation"
     num_workers: int = Field(2, ge=0)  # DataLoader worker processes per rank
+    # Virtual streams of the global sample order (pretrain/data.py): world size x max(1, num_workers) must
+    # divide it, at the start and at every resume. Memory: a rank holds streams / world size x shuffle_shards
+    # shard pieces; an epoch drops under one micro-batch per stream. Fixed for the run (part of the data order)
+    streams: int = Field(16, ge=1)
     shuffle: bool = True  # per-epoch shard order and in-memory shuffle, seeded by (seed, epoch)
     shuffle_shards: int = Field(2, ge=1)  # shards a worker holds in memory and shuffles together
     mask_prob: float = Field(0.15, gt=0, lt=1)  # fraction of (non-special) tokens selected for prediction
@@ -159,6 +163,9 @@ class LoggingConfig(Section):
 class MetricsConfig(Section):
     # Peak FLOP/s of one device for MFU. None: a known GPU's dense bf16/fp16 peak; no MFU on CPU.
     peak_tflops: float | None = Field(None, gt=0)
+    # Append each step's training sequences, all ranks, as [shard, index] rows to <run>/sample_ids.jsonl
+    # (rank 0 writes; an audit of the data order: nothing skipped or repeated across resumes)
+    sample_ids: bool = False
 
 
 def _model_section() -> type[Section]:
@@ -342,12 +349,12 @@ class Resolved:
         """What a resumed run must share with the checkpoint (the rest, e.g. logging, may change)."""
         c = self.config
         data = c.data.model_dump()
-        for free in ("path", "validation_path", "validation_split"):
+        for free in ("path", "validation_path", "validation_split", "num_workers"):  # the order ignores them
             data.pop(free)
         return {
             "model": self.model.to_dict(), "data": data, "manifest_sha256": self.manifest_sha256,
             "seed": c.seed, "precision": c.precision, "batch": c.batch.model_dump(),
-            "zero_stage": self.zero_stage, "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
         }
 
     @property
@@ -411,12 +418,14 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
         from pretrain.data import Layout
 
         train_samples = sum(int(s["samples"]) for s in manifest["splits"]["train"]["shards"])
-        layout = Layout(0, world_size, config.data.num_workers, b.micro_batch_size)
-        if train_samples and layout.batches_per_epoch(train_samples) == 0:
+        layout = Layout(0, world_size, config.data.num_workers, b.micro_batch_size, config.data.streams)
+        if layout.problem():
+            problems.append(f"{layout.problem()}; set data.num_workers or data.streams (at the run's start)")
+        elif train_samples and layout.batches_per_epoch(train_samples) == 0:
             problems.append(
                 f"data.path: the train split has {train_samples} sequences, fewer than one micro-batch "
-                f"({b.micro_batch_size}) for each of the {layout.streams} streams ({world_size} ranks x "
-                f"{layout.workers} workers); lower batch.micro_batch_size or data.num_workers")
+                f"({b.micro_batch_size}) for each of the {layout.streams} streams (data.streams); lower "
+                "batch.micro_batch_size or data.streams")
     per_step = b.micro_batch_size * world_size
     grad_accum = b.global_batch_size // per_step if per_step else 0
     if grad_accum < 1 or b.global_batch_size % per_step:

@@ -1,25 +1,33 @@
-"""Masked-LM batches from data_pipeline shards: split by rank and worker, shuffled per epoch, masked on
-the fly, and resumable from a two-number cursor without re-reading what came before.
+"""Masked-LM batches from data_pipeline shards: one global sample order per epoch, whatever the world size
+and the number of loader workers, served by the ranks in parts, masked on the fly, and resumable from a
+two-number cursor without re-reading what came before.
 
-The stream of an epoch is a pure function of (seed, epoch, world size, workers per rank):
+The order of an epoch is a pure function of (seed, epoch, data.streams S, micro-batch size):
 
 1. the train shards in a seeded order (manifest order when shuffling is off);
-2. their samples, concatenated in that order, cut into `world_size x workers` equal contiguous ranges,
-   one per stream (a stream is one DataLoader worker of one rank); the remainder (< number of
-   streams) is dropped. Ranges are cut at sample granularity, so every rank gets exactly the same
-   number of batches even with fewer shards than streams: no rank runs dry while the others wait
-   for it in a collective (the classic hang of per-node shard splitting);
+2. their samples, concatenated in that order, cut into S equal contiguous ranges, the *virtual streams*;
+   the remainder (< S samples) is dropped;
 3. a stream reads its range in chunks of `shuffle_shards` shard pieces, shuffles each chunk in memory
-   (seeded by the chunk's place in the plan) and cuts it into micro-batches; the partial last
-   micro-batch of a stream is dropped;
-4. every sample is masked with a generator seeded by (seed, epoch, shard, index in shard), so masks are
-   dynamic (new each epoch), independent of the layout, and re-created exactly on resume.
+   (seeded by (seed, epoch, stream, chunk)) and cuts it into micro-batches; the partial last micro-batch
+   of a stream is dropped, so every stream has the same number B of micro-batches (an epoch drops less
+   than one micro-batch and one sample per stream);
+4. the epoch's global micro-batch m (0 <= m < S x B) is micro-batch m // S of stream m % S: a round robin
+   over the streams. Training takes global micro-batches in that order, epoch after epoch, G = global
+   batch / micro-batch of them per optimizer step, however they are split over ranks and accumulation;
+5. every sample is masked with a generator seeded by (seed, epoch, shard, index in shard), so masks are
+   dynamic (new each epoch) and independent of the layout.
 
-A DataLoader yields its workers' micro-batches in round robin, so micro-batch i of a rank comes from
-worker i % W. The cursor is (epoch, micro-batches this rank has consumed in the epoch). On resume,
-DataLoader worker j plays the role of worker (j + consumed) % W; each stream skips whole chunks by
+Serving it on W ranks with w DataLoader workers each (W x w must divide S): rank r takes global
+micro-batches m = i W + r (its i-th), which come from its S / W streams s = r + W k; the DataLoader
+yields its workers' batches in round robin, so worker j serves the rank's micro-batches i = j (mod w),
+whose streams are k = j (mod w). Each stream is still read sequentially, shard piece after piece;
+a worker holds one chunk per stream it serves: memory per rank is about S / W x `shuffle_shards` shards.
+
+The cursor is global: (epoch, micro-batches the whole job consumed in the epoch), the same on every rank.
+A resume on W' ranks starts rank r at its micro-batch i = cursor / W'; each stream skips whole chunks by
 their sample counts from the manifest (those shards are never opened) and reads only the chunk it
-stopped in, whose shuffle and masks are recomputed from their seeds.
+stopped in, whose shuffle and masks are recomputed from their seeds. So the run continues at the same
+global sample, on any layout that divides S.
 
 Shards are only read through `data_pipeline.shards` (`shard_urls`, `read_shard`), which checks every id
 against the vocabulary and each shard's sha256 as it reads; a chunk is read whole before any of its
@@ -66,10 +74,11 @@ class Piece:
 
 @dataclass
 class Cursor:
-    """Where a rank's training stream stands: micro-batches consumed in `epoch`. Same on every rank."""
+    """Where the job's training stream stands: global micro-batches (all ranks) consumed in `epoch`.
+    The same on every rank and for every layout."""
 
     epoch: int = 0
-    batches: int = 0
+    micro_batches: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -79,16 +88,24 @@ class Cursor:
 class Layout:
     rank: int
     world_size: int
-    num_workers: int  # DataLoader workers per rank; 0 reads in the training process (one stream)
+    num_workers: int  # DataLoader workers per rank; 0 reads in the training process
     micro_batch_size: int
+    streams: int = 16  # virtual streams S (data.streams; its default there): fixes the order, not the layout
 
     @property
     def workers(self) -> int:
         return max(1, self.num_workers)
 
     @property
-    def streams(self) -> int:
-        return self.world_size * self.workers
+    def streams_per_rank(self) -> int:
+        return self.streams // self.world_size
+
+    def problem(self) -> str | None:
+        """Why this layout cannot serve the order (None: it can)."""
+        if self.streams % (self.world_size * self.workers):
+            return (f"data.streams ({self.streams}) must be a multiple of world size x loader workers "
+                    f"({self.world_size} x {self.workers} = {self.world_size * self.workers})")
+        return None
 
     def samples_per_stream(self, total_samples: int) -> int:
         return total_samples // self.streams
@@ -96,9 +113,13 @@ class Layout:
     def batches_per_stream(self, total_samples: int) -> int:
         return self.samples_per_stream(total_samples) // self.micro_batch_size
 
+    def global_batches_per_epoch(self, total_samples: int) -> int:
+        """Micro-batches of the whole job per epoch (the same for every layout)."""
+        return self.streams * self.batches_per_stream(total_samples)
+
     def batches_per_epoch(self, total_samples: int) -> int:
         """Micro-batches each rank gets per epoch (the same on every rank)."""
-        return self.workers * self.batches_per_stream(total_samples)
+        return self.global_batches_per_epoch(total_samples) // self.world_size
 
 
 class Masking:
@@ -164,8 +185,40 @@ def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> li
 
 def stream_pieces(shards: list[Shard], layout: Layout, stream: int, seed: int, epoch: int,
                   shuffle: bool) -> list[Piece]:
+    """The pieces of virtual stream `stream`'s range, in reading order."""
     per_stream = layout.samples_per_stream(sum(s.samples for s in shards))
     return cut(shard_order(shards, seed, epoch, shuffle), stream * per_stream, (stream + 1) * per_stream)
+
+
+def chunk_origins(chunk: list[Piece]) -> list[tuple[int, int]]:
+    """(shard index, index in shard) of a chunk's samples, in reading order."""
+    return [(piece.shard.index, i) for piece in chunk for i in range(piece.start, piece.stop)]
+
+
+def chunk_order(size: int, seed: int, epoch: int, stream: int, chunk_index: int, shuffle: bool) -> np.ndarray:
+    """The in-memory shuffle of a chunk of virtual stream `stream` (chunk_index: its first piece's place)."""
+    if not shuffle:
+        return np.arange(size)
+    return np.random.default_rng([seed, CHUNK_ORDER, epoch, stream, chunk_index]).permutation(size)
+
+
+def global_order(shards: list[Shard], layout: Layout, seed: int, epoch: int, shuffle: bool,
+                 shuffle_shards: int) -> list[list[tuple[int, int]]]:
+    """The epoch's global micro-batches, each as its (shard index, index in shard) rows, from the manifest's
+    counts alone (no shard is read). Only layout.streams and layout.micro_batch_size matter: the order is
+    the same for every world size and worker count. What training consumes; for tests and audits."""
+    mb = layout.micro_batch_size
+    per_stream = layout.batches_per_stream(sum(s.samples for s in shards))
+    streams = []
+    for stream in range(layout.streams):
+        pieces = stream_pieces(shards, layout, stream, seed, epoch, shuffle)
+        ids: list[tuple[int, int]] = []
+        for chunk_index in range(0, len(pieces), shuffle_shards):
+            chunk = pieces[chunk_index:chunk_index + shuffle_shards]
+            origin = chunk_origins(chunk)
+            ids += [origin[k] for k in chunk_order(len(origin), seed, epoch, stream, chunk_index, shuffle)]
+        streams.append([ids[b * mb:(b + 1) * mb] for b in range(per_stream)])
+    return [streams[m % layout.streams][m // layout.streams] for m in range(layout.streams * per_stream)]
 
 
 def read_piece(piece: Piece, seq_len: int, vocab_size: int | None = None) -> Iterator[np.ndarray]:
@@ -175,10 +228,15 @@ def read_piece(piece: Piece, seq_len: int, vocab_size: int | None = None) -> Ite
                           start=piece.start, stop=piece.stop)
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int,
+            origins: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """A micro-batch; `sample_ids` (rows of [shard index, index in shard]) when origins are given."""
     inputs = torch.from_numpy(np.stack([r[0] for r in rows]))
     labels = torch.from_numpy(np.stack([r[1] for r in rows]))
-    return {"input_ids": inputs, "attention_mask": (inputs != pad_id).long(), "labels": labels}
+    batch = {"input_ids": inputs, "attention_mask": (inputs != pad_id).long(), "labels": labels}
+    if origins is not None:
+        batch["sample_ids"] = torch.tensor(origins, dtype=torch.int64)
+    return batch
 
 
 @dataclass(frozen=True)
@@ -191,7 +249,7 @@ class StreamSpec:
     seq_len: int
     seed: int
     epoch: int
-    start_batch: int  # micro-batches of this epoch the rank has already consumed
+    start_batch: int  # micro-batches of this epoch this rank has already consumed (global cursor / world size)
     shuffle: bool
     shuffle_shards: int
 
@@ -202,13 +260,22 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        spec = self.spec
-        workers = spec.layout.workers
-        role = (worker + spec.start_batch) % workers  # keeps the round robin in step after a resume
-        done = (spec.start_batch - role + workers - 1) // workers if spec.start_batch > role else 0
-        stream = spec.layout.rank * workers + role
-        yield from stream_batches(spec, stream, done)
+        yield from rank_batches(self.spec, info.id if info is not None else 0)
+
+
+def rank_batches(spec: StreamSpec, worker: int) -> Iterator[dict[str, torch.Tensor]]:
+    """DataLoader worker `worker`'s share of its rank's micro-batches i = start + worker, start + worker + w,
+    ...: the DataLoader's round robin over the workers then yields the rank's micro-batches in order.
+    Rank micro-batch i is micro-batch i // K of the rank's stream k = i % K (K streams per rank)."""
+    layout = spec.layout
+    per_rank = layout.streams_per_rank
+    end = layout.batches_per_epoch(sum(s.samples for s in spec.shards))
+    streams: dict[int, Iterator[dict[str, torch.Tensor]]] = {}
+    for i in range(spec.start_batch + worker, end, layout.workers):
+        k = i % per_rank
+        if k not in streams:  # opened at its first micro-batch still to come; lazy, one chunk at a time
+            streams[k] = stream_batches(spec, layout.rank + layout.world_size * k, i // per_rank)
+        yield next(streams[k])
 
 
 def stream_batches(spec: StreamSpec, stream: int, done_batches: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -219,6 +286,7 @@ def stream_batches(spec: StreamSpec, stream: int, done_batches: int) -> Iterator
     skip = done_batches * mb
     position = 0  # samples of the stream before the current chunk
     rows: list[tuple[np.ndarray, np.ndarray]] = []
+    origins: list[tuple[int, int]] = []  # the rows' (shard, index): a micro-batch may span two chunks
     for chunk_index in range(0, len(pieces), spec.shuffle_shards):
         chunk = pieces[chunk_index:chunk_index + spec.shuffle_shards]
         size = sum(p.size for p in chunk)
@@ -227,28 +295,27 @@ def stream_batches(spec: StreamSpec, stream: int, done_batches: int) -> Iterator
             continue
         if position >= usable:
             break
-        ids, origin = [], []
-        for piece in chunk:
-            for offset, sample in enumerate(read_piece(piece, spec.seq_len, spec.masking.vocab_size)):
-                ids.append(sample)
-                origin.append((piece.shard.index, piece.start + offset))
-        order = (np.random.default_rng([spec.seed, CHUNK_ORDER, spec.epoch, stream, chunk_index]).permutation(size)
-                 if spec.shuffle else np.arange(size))
+        ids = [sample for piece in chunk for sample in read_piece(piece, spec.seq_len, spec.masking.vocab_size)]
+        origin = chunk_origins(chunk)
+        order = chunk_order(size, spec.seed, spec.epoch, stream, chunk_index, spec.shuffle)
         for k in order[max(skip - position, 0):min(size, usable - position)]:
             shard_index, sample_index = origin[k]
             rng = np.random.default_rng([spec.seed, TRAIN_MASKS, spec.epoch, shard_index, sample_index])
             rows.append(spec.masking(ids[k], rng))
+            origins.append(origin[k])
             if len(rows) == mb:
-                yield collate(rows, spec.masking.pad_id)
-                rows = []
+                yield collate(rows, spec.masking.pad_id, origins)
+                rows, origins = [], []
         position += size
 
 
 class TrainBatches:
-    """Endless micro-batches over epochs for one rank; `cursor` counts what the training loop took."""
+    """Endless micro-batches over epochs for one rank; `cursor` counts what the job's training loop took
+    (every rank takes one micro-batch at a time, in step: world_size global micro-batches)."""
 
     def __init__(self, manifest: dict[str, Any], layout: Layout, masking: Masking, seed: int, shuffle: bool,
-                 shuffle_shards: int, cursor: Cursor | None = None, pin_memory: bool = False) -> None:
+                 shuffle_shards: int, cursor: Cursor | None = None, pin_memory: bool = False,
+                 record_ids: bool = False) -> None:
         self.shards = tuple(shards_of(manifest, "train"))
         self.layout = layout
         self.masking = masking
@@ -256,15 +323,23 @@ class TrainBatches:
         self.seed, self.shuffle, self.shuffle_shards = seed, shuffle, shuffle_shards
         self.cursor = Cursor(**(cursor.to_dict() if cursor else {}))
         self.pin_memory = pin_memory
+        # record_ids: keep each micro-batch's [shard, index] rows in `taken_ids` until the caller takes them
+        self.taken_ids: list[torch.Tensor] | None = [] if record_ids else None
+        problem = layout.problem()
+        if problem:
+            raise ValueError(problem)
         self.batches_per_epoch = layout.batches_per_epoch(sum(s.samples for s in self.shards))
         if self.batches_per_epoch == 0:
             raise ValueError(f"the train split has {sum(s.samples for s in self.shards)} sequences: fewer than one "
                              f"micro-batch ({layout.micro_batch_size}) per stream ({layout.streams} streams)")
+        if self.cursor.micro_batches % layout.world_size:
+            raise ValueError(f"the data cursor ({self.cursor.micro_batches} micro-batches into epoch "
+                             f"{self.cursor.epoch}) is not a whole number of micro-steps on {layout.world_size} ranks")
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
 
     def _loader(self) -> DataLoader:
         spec = StreamSpec(self.shards, self.layout, self.masking, self.seq_len, self.seed, self.cursor.epoch,
-                          self.cursor.batches, self.shuffle, self.shuffle_shards)
+                          self.cursor.micro_batches // self.layout.world_size, self.shuffle, self.shuffle_shards)
         workers = self.layout.num_workers
         # Its own generator: a DataLoader draws a base seed when it starts iterating, and drawing it from
         # the global RNG would shift the dropout masks of a resumed run against the uninterrupted one.
@@ -284,7 +359,10 @@ class TrainBatches:
                 self._iterator = None
                 self.cursor = Cursor(self.cursor.epoch + 1, 0)
                 continue
-            self.cursor.batches += 1
+            self.cursor.micro_batches += self.layout.world_size
+            ids = batch.pop("sample_ids")
+            if self.taken_ids is not None:
+                self.taken_ids.append(ids)
             return batch
 
     def close(self) -> None:

@@ -133,6 +133,33 @@ def record_failure(record: Callable[[str, str], None], err: BaseException, signa
         pass
 
 
+SAMPLE_IDS_FILE = "sample_ids.jsonl"
+
+
+def write_sample_ids(run_dir: Path, step: int, batches: TrainBatches, rank: int, world_size: int) -> None:
+    """metrics.sample_ids, collective: rank 0 appends one line, the step's micro-batches of every rank in the
+    global order (micro-step j of rank r is global micro-batch j x world size + r), as [shard, index] rows;
+    dropped (non-finite) micro-batches included."""
+    mine = [ids.tolist() for ids in batches.taken_ids]
+    batches.taken_ids.clear()
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        rows = [row for j in range(len(mine)) for r in range(world_size) for row in gathered[r][j]]
+        with open(run_dir / SAMPLE_IDS_FILE, "a") as log:
+            log.write(json.dumps({"step": step, "world_size": world_size, "samples": rows}) + "\n")
+
+
+def read_sample_ids(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
+    """Each step's training sequences from the metrics.sample_ids log; a resumed run repeats the steps
+    after its checkpoint, and the last line of a step wins."""
+    steps: dict[int, list[tuple[int, int]]] = {}
+    for line in (run_dir / SAMPLE_IDS_FILE).read_text().splitlines():
+        record = json.loads(line)
+        steps[record["step"]] = [(shard, index) for shard, index in record["samples"]]
+    return dict(sorted(steps.items()))
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak allocated accelerator memory since the last call (CUDA), else this process's resident memory."""
     if device.type == "cuda":
@@ -185,9 +212,13 @@ class Window:
 
 
 def check_resume(resolved: Resolved, state: dict[str, Any], path: Path) -> list[str]:
-    """Refuse a resume whose model, data, batch, seed, precision, ZeRO stage or world size changed."""
+    """Refuse a resume whose model, data, batch, seed, precision or ZeRO stage changed; return what did
+    change, one line each (world size, loader workers, any other setting)."""
     old, new = state["fingerprint"], resolved.fingerprint()
     old = {**old, "model": EncoderConfig.from_saved(old["model"]).to_dict()}  # keys added since it was written
+    if "streams" not in old["data"]:
+        raise ConfigError([f"cannot resume from {path}: it was written with the per-world-size data order (before "
+                           f"data.streams), which this version cannot continue; start a new run in another output_dir"])
     changed = config_diff(old, new)
     if changed:
         details = []
@@ -195,9 +226,16 @@ def check_resume(resolved: Resolved, state: dict[str, Any], path: Path) -> list[
             a, b = _dig(old, key), _dig(new, key)
             details.append(f"{key}: {json.dumps(a)} in the checkpoint, {json.dumps(b)} now")
         raise ConfigError([f"cannot resume from {path}: {d}" for d in details]
-                          + ["(model, data, batch, seed, precision, ZeRO stage and world size must match; "
-                             "start a new run in another output_dir to change them)"])
-    return [key for key in config_diff(state["config"], resolved.config.to_dict())]
+                          + ["(model, data, batch, seed, precision and ZeRO stage must match; start a new run in "
+                             "another output_dir to change them)"])
+    lines = []
+    if int(state["world_size"]) != resolved.world_size:
+        lines.append(f"world size: {state['world_size']} -> {resolved.world_size} (gradient accumulation "
+                     f"{resolved.grad_accum}; the same global sample order)")
+    for key in config_diff(state["config"], resolved.config.to_dict()):
+        a, b = _dig(state["config"], key), _dig(resolved.config.to_dict(), key)
+        lines.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return lines
 
 
 def _dig(values: dict[str, Any], dotted: str) -> Any:
@@ -239,9 +277,11 @@ def run(config: PretrainConfig, resume: str | None = None,
     resolved = resolve(config, world_size)  # every config/data mistake surfaces here, before any collective
     start = find_start(config, resume)
     state: dict[str, Any] = {}
+    reshard = False  # the optimizer state is partitioned by rank and the world size changed
     if start is not None:
         state = ckpt.read_state(start)
         changed = check_resume(resolved, state, start)
+        reshard = int(state["world_size"]) != world_size and ckpt.partitioned_optimizer(start)
     accelerator = get_accelerator()
     if config.precision == "fp16" and not accelerator.is_fp16_supported():
         raise ConfigError([f"precision: fp16 is not supported on {accelerator.device_name()}; use bf16 or fp32"])
@@ -262,8 +302,25 @@ def run(config: PretrainConfig, resume: str | None = None,
         write_run_status(run_dir, status="running", step=int(state.get("step", 0)), total_steps=resolved.total_steps,
                          checkpoint=str(start) if start else None, signal=None)
         if start is not None:
-            print(f"resuming from {start} (step {state['step']})"
-                  + (f"; changed settings: {', '.join(changed)}" if changed else ""), flush=True)
+            print(f"resuming from {start} (step {state['step']})", flush=True)
+            for line in changed:
+                print(f"resume: changed {line}", flush=True)
+
+    if start is not None:  # every rank refuses alike (exit 2), before any of them starts loading
+        problem = ckpt.check_pickles(start) if rank == 0 else None
+        if problem is None and reshard and rank == 0:
+            print(f"resume: re-partitioning the optimizer state of {start.name} from {state['world_size']} to "
+                  f"{world_size} ranks (DeepSpeed universal checkpoint)", flush=True)
+            try:
+                ckpt.to_universal(start)
+            except ckpt.UnsafeCheckpointError as err:
+                problem = str(err)
+            except Exception as err:  # noqa: BLE001 - named in one line, on every rank
+                problem = f"{start}: could not convert it for {world_size} ranks ({type(err).__name__}: {err})"
+        flag = torch.tensor([0.0 if problem is None else 1.0])
+        dist.all_reduce(flag)
+        if flag.item():
+            raise ConfigError([f"--resume: {problem or 'rank 0 refused the checkpoint ' + str(start)}"])
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(resolved.model)
@@ -273,32 +330,33 @@ def run(config: PretrainConfig, resume: str | None = None,
     if hasattr(model, "max_predictions"):  # static MLM slots: no data-dependent shapes in the step
         slots = model.max_predictions = max_predictions_per_seq(resolved.seq_len, config.data.mask_prob)
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    ds_config = resolved.deepspeed
+    if reshard:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, config.optim.weight_decay), config=resolved.deepspeed,
+        model=model, model_parameters=param_groups(model, config.optim.weight_decay), config=ds_config,
         lr_scheduler=make_scheduler(config, resolved.total_steps))
     if config.train.compile:
         engine.compile()
     torch.manual_seed(rank_seed(config.seed, rank))
     if start is not None:
-        problem = ckpt.check_pickles(start) if rank == 0 else None
-        flag = torch.tensor([0.0 if problem is None else 1.0])
-        dist.all_reduce(flag)  # every rank refuses alike (exit 2), before any of them starts loading
-        if flag.item():
-            raise ConfigError([f"--resume: {problem or 'rank 0 refused the checkpoint ' + str(start)}"])
         try:
-            state = ckpt.load(engine, start)
+            state, own_rng = ckpt.load(engine, start, universal=reshard)
         except ckpt.UnsafeCheckpointError as err:
             raise ConfigError([f"--resume: {err}"]) from None
+        if not own_rng:  # a rank the checkpoint did not have: fresh dropout masks, seeded by rank and step
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, 0x5EED, rank, int(state["step"])])
+                                  .generate_state(1)[0]))
 
     step = int(state.get("step", 0))
     tokens = int(state.get("tokens", 0))
     train_seconds = float(state.get("train_seconds", 0.0))  # training steps only: no eval, no checkpoints
     guard = NonFiniteGuard(config.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_dropped", 0)))
-    layout = Layout(rank, world_size, config.data.num_workers, config.batch.micro_batch_size)
+    layout = Layout(rank, world_size, config.data.num_workers, config.batch.micro_batch_size, config.data.streams)
     masking = Masking.from_manifest(resolved.manifest, config.data)
     batches = TrainBatches(resolved.manifest, layout, masking, config.seed, config.data.shuffle,
                            config.data.shuffle_shards, Cursor(**state.get("cursor", {})),
-                           pin_memory=device.type == "cuda")
+                           pin_memory=device.type == "cuda", record_ids=config.metrics.sample_ids)
     eval_micro_batch = config.eval.micro_batch_size or config.batch.micro_batch_size
     eval_per_rank = validation_samples(resolved.validation_manifest, config.data.validation_split, world_size,
                                        config.eval.max_samples)
@@ -374,6 +432,8 @@ def run(config: PretrainConfig, resume: str | None = None,
                                     resolved.grad_accum, norm_by_hand, rank, world_size, slots, want_norm=log_now)
                 step += 1
                 stall.progress(step)
+                if config.metrics.sample_ids:
+                    write_sample_ids(run_dir, step, batches, rank, world_size)
                 tokens += resolved.tokens_per_step
                 seconds = time.perf_counter() - began
                 train_seconds += seconds

@@ -16,7 +16,8 @@ from pretrain.main import EXIT_CONFIG, main
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    (root / "corpus.txt").write_text("\n".join(f"line {i} of the tiny corpus for the config tests" for i in range(300)))
+    # > 1,024 train sequences: one micro-batch of the `small` recipe (64) for each of the 16 data streams
+    (root / "corpus.txt").write_text("\n".join(f"line {i} of the tiny corpus for the config tests" for i in range(800)))
     build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=64, seq_len=16,
                       shard_mb=0.02, validation_fraction=0.1), workers=1, progress=False)
     return str(root / "out")
@@ -122,6 +123,41 @@ def test_resolve_checks_against_data_and_world_size(shards):
     with pytest.raises(ConfigError, match="fewer than one micro-batch"):
         resolve(load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=2048",
                                      "batch.micro_batch_size=1024"]), world_size=2)
+    with pytest.raises(ConfigError) as caught:
+        resolve(load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=48", "batch.micro_batch_size=16",
+                                     "data.num_workers=2"]),
+                world_size=3)
+    assert caught.value.problems == [("data.streams (16) must be a multiple of world size x loader workers "
+                                      "(3 x 2 = 6); set data.num_workers or data.streams (at the run's start)")]
+
+
+def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
+    from pretrain.trainer import check_resume
+
+    sets = [f"data.path={shards}", "batch.global_batch_size=16", "batch.micro_batch_size=4"]
+    written = resolve(load_config("tiny", [*sets, "data.num_workers=2"]), world_size=2)
+    state = {"fingerprint": written.fingerprint(), "config": written.config.to_dict(), "world_size": 2}
+    now = resolve(load_config("tiny", [*sets, "data.num_workers=0", "logging.every_steps=5"]), world_size=1)
+    assert check_resume(now, state, shards) == [
+        "world size: 2 -> 1 (gradient accumulation 4; the same global sample order)",
+        "data.num_workers: 2 -> 0",
+        "logging.every_steps: 20 -> 5",
+    ]
+    assert check_resume(written, state, shards) == []
+    changed = resolve(load_config("tiny", [*sets, "data.streams=8", "seed=1", "precision=bf16"]), world_size=1)
+    with pytest.raises(ConfigError) as caught:
+        check_resume(changed, state, shards)
+    assert caught.value.problems == [
+        f"cannot resume from {shards}: data.streams: 16 in the checkpoint, 8 now",
+        f"cannot resume from {shards}: precision: \"fp32\" in the checkpoint, \"bf16\" now",
+        f"cannot resume from {shards}: seed: 0 in the checkpoint, 1 now",
+        ("(model, data, batch, seed, precision and ZeRO stage must match; start a new run in another output_dir "
+         "to change them)"),
+    ]
+    old = {**state["fingerprint"], "world_size": 2, "data": {**state["fingerprint"]["data"], "num_workers": 2}}
+    del old["data"]["streams"]  # a checkpoint of the per-world-size order
+    with pytest.raises(ConfigError, match="written with the per-world-size data order"):
+        check_resume(written, {**state, "fingerprint": old}, shards)
 
 
 def test_resolve_derives_accumulation_steps_and_deepspeed_config(shards):

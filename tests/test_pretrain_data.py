@@ -1,4 +1,5 @@
-"""pretrain.data: the per-rank/per-worker stream (disjoint, balanced, exact resume) and the masking."""
+"""pretrain.data: one global order for every layout (each sample once an epoch, exact resume on any layout),
+the streams (disjoint, balanced) and the masking."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from data_pipeline.build import build
 from data_pipeline.config import BuildConfig
 from data_pipeline.shards import read_manifest
 from hypermixer import IGNORE_INDEX
-from pretrain.data import (Cursor, Layout, Masking, TrainBatches, shards_of, stream_pieces, validation_batches,
-                           validation_samples)
+from pretrain.data import (Cursor, Layout, Masking, TrainBatches, global_order, shards_of, stream_pieces,
+                           validation_batches, validation_samples)
 
 NOUNS = "cat dog bird fish horse cow sheep mouse lion tiger bear wolf fox deer".split()
 VERBS = "sees chases likes follows finds watches hears feeds".split()
@@ -53,32 +54,78 @@ def test_fixture_has_uneven_shards(manifest):
     assert len(counts) >= 5 and len(set(counts)) > 1  # a last, shorter shard: balance is not free
 
 
-@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2), (3, 1), (4, 3)])
-def test_streams_are_disjoint_balanced_and_cover_the_epoch(manifest, world_size, workers):
+@pytest.mark.parametrize("streams", [1, 4, 6, 16])
+def test_streams_are_disjoint_balanced_and_cover_the_epoch(manifest, streams):
     shards = shards_of(manifest, "train")
     total = sum(s.samples for s in shards)
-    layout = Layout(0, world_size, workers, micro_batch_size=4)
+    layout = Layout(0, 1, 0, micro_batch_size=4, streams=streams)
     for epoch in (0, 1):
         seen = Counter()
-        for stream in range(layout.streams):
+        for stream in range(streams):
             pieces = stream_pieces(shards, layout, stream, seed=3, epoch=epoch, shuffle=True)
-            assert sum(p.size for p in pieces) == total // layout.streams  # every stream the same size
+            assert sum(p.size for p in pieces) == total // streams  # every stream the same size
             seen.update((p.shard.index, i) for p in pieces for i in range(p.start, p.stop))
         assert max(seen.values()) == 1  # disjoint
-        assert len(seen) == total - total % layout.streams  # only the remainder is left out
+        assert len(seen) == total - total % streams  # only the remainder is left out
+
+
+def served(manifest, masking, world_size: int, workers: int, micro_batches: int, cursor: Cursor | None = None,
+           streams: int = 16) -> list[dict[str, torch.Tensor]]:
+    """What `world_size` ranks with `workers` loader workers each train on, as global micro-batches in order
+    (micro-step i of rank r is global micro-batch i x world_size + r), each with its `sample_ids`."""
+    ranks = [TrainBatches(manifest, Layout(rank, world_size, workers, 4, streams), masking, seed=5, shuffle=True,
+                          shuffle_shards=2, cursor=cursor, record_ids=True) for rank in range(world_size)]
+    out = []
+    for _ in range(micro_batches // world_size):
+        for batches in ranks:
+            batch = next(batches)
+            out.append({**batch, "sample_ids": batches.taken_ids.pop()})
+    for batches in ranks:
+        batches.close()
+    return out
+
+
+def rows(micro_batches) -> list[tuple[int, int]]:
+    return [tuple(row) for mb in micro_batches for row in (mb.tolist() if torch.is_tensor(mb) else mb)]
+
+
+LAYOUTS = [(1, 0), (1, 2), (2, 2), (4, 1), (8, 0), (16, 0)]  # (world size, workers): all divide 16
+
+
+@pytest.mark.parametrize("world_size,workers", LAYOUTS)
+def test_every_layout_trains_on_the_same_global_order_once_per_epoch(manifest, masking, world_size, workers):
+    shards = shards_of(manifest, "train")
+    layout = Layout(0, world_size, workers, 4, streams=16)
+    epochs = [global_order(shards, layout, 5, epoch, True, 2) for epoch in (0, 1)]
+    assert epochs == [global_order(shards, Layout(0, 1, 0, 4, 16), 5, e, True, 2) for e in (0, 1)]  # pure
+    per_epoch = len(epochs[0])
+    assert per_epoch == layout.global_batches_per_epoch(sum(s.samples for s in shards))
+    got = served(manifest, masking, world_size, workers, per_epoch + 16)  # into the next epoch
+    assert rows(b["sample_ids"] for b in got) == rows(epochs[0] + epochs[1][:16])
+    epoch0 = rows(epochs[0])
+    assert len(epoch0) == len(set(epoch0))  # every sample at most once an epoch
+    total = sum(s.samples for s in shards)
+    assert total - len(epoch0) < 16 * 4 + 16  # what is dropped: < one micro-batch and one sample per stream
+
+
+def test_layouts_give_identical_batches_and_masks(manifest, masking):
+    one = served(manifest, masking, 1, 0, 48)
+    for world_size, workers in ((2, 2), (4, 1)):
+        other = served(manifest, masking, world_size, workers, 48)
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(one, other) for k in a)
 
 
 def test_more_streams_than_shards_still_gives_every_rank_data(manifest, masking):
     shards = shards_of(manifest, "train")
-    world_size = len(shards) + 3  # a rank per shard and more: per-node shard splitting would starve some
+    world_size = streams = len(shards) + 4  # a rank per shard and more: per-node shard splitting would starve some
     counts = []
     for rank in range(world_size):
-        layout = Layout(rank, world_size, 0, micro_batch_size=2)
+        layout = Layout(rank, world_size, 0, micro_batch_size=2, streams=streams)
         batches = TrainBatches(manifest, layout, masking, seed=0, shuffle=True, shuffle_shards=1)
         counts.append(sum(1 for _ in range(batches.batches_per_epoch) if next(batches) is not None))
-        assert batches.cursor == Cursor(0, batches.batches_per_epoch)
+        assert batches.cursor == Cursor(0, batches.batches_per_epoch * world_size)
         next(batches)
-        assert batches.cursor == Cursor(1, 1)  # the next epoch begins where the last one ended, on every rank
+        assert batches.cursor == Cursor(1, world_size)  # the next epoch begins where the last one ended
         batches.close()
     assert len(set(counts)) == 1 and counts[0] > 0
 
@@ -88,23 +135,28 @@ def test_too_few_samples_is_an_error_not_a_hang(manifest, masking):
         TrainBatches(manifest, Layout(0, 2, 2, micro_batch_size=10_000), masking, 0, True, 1)
 
 
+def test_a_layout_that_does_not_divide_the_streams_is_refused(manifest, masking):
+    with pytest.raises(ValueError, match=r"^data.streams \(16\) must be a multiple of world size x loader workers "
+                                         r"\(3 x 2 = 6\)$"):
+        TrainBatches(manifest, Layout(0, 3, 2, micro_batch_size=4), masking, 0, True, 1)
+
+
 def take(batches: TrainBatches, n: int) -> list[dict[str, torch.Tensor]]:
     out = [next(batches) for _ in range(n)]
     batches.close()
     return out
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_from_any_cursor_continues_the_same_stream(manifest, masking, workers):
-    layout = Layout(1, 2, workers, micro_batch_size=4)
-    reference = TrainBatches(manifest, layout, masking, seed=5, shuffle=True, shuffle_shards=2)
-    per_epoch = reference.batches_per_epoch
-    expected = take(reference, 2 * per_epoch + 3)
-    for consumed in (1, 2, per_epoch, per_epoch + 5):  # both worker roles, the epoch's end, the next epoch
-        cursor = Cursor(*divmod(consumed, per_epoch))
-        resumed = take(TrainBatches(manifest, layout, masking, 5, True, 2, cursor), 6)
-        for got, want in zip(resumed, expected[consumed:consumed + 6]):
-            assert all(torch.equal(got[k], want[k]) for k in want), f"resume at {consumed} differs"
+def test_resume_on_any_layout_continues_the_same_global_stream(manifest, masking):
+    per_epoch = Layout(0, 1, 0, 4).global_batches_per_epoch(sum(s.samples for s in shards_of(manifest, "train")))
+    expected = served(manifest, masking, 1, 0, per_epoch + 24)  # the uninterrupted run, on one rank
+    # written by any layout (the cursor is global), resumed on another: mid-chunk, the epoch's end, the next epoch
+    for consumed in (8, 12, per_epoch, per_epoch + 8):
+        for world_size, workers in ((2, 2), (4, 1), (1, 2)):
+            cursor = Cursor(*divmod(consumed, per_epoch))
+            resumed = served(manifest, masking, world_size, workers, 8, cursor)
+            for got, want in zip(resumed, expected[consumed:consumed + 8]):
+                assert all(torch.equal(got[k], want[k]) for k in want), f"resume at {consumed} on {world_size} differs"
 
 
 def test_format_1_shards_give_the_same_batches_as_format_2(manifest, masking, tmp_path):
@@ -174,3 +226,27 @@ def test_validation_is_fixed_and_split_evenly_over_ranks(manifest, masking):
     assert len(halves[0]) == len(halves[1]) == validation_samples(manifest, "validation", 2, None)
     assert torch.equal(torch.cat(halves), whole[:2 * len(halves[0])])  # masks do not depend on the world size
     assert len(rows(0, 1, max_samples=7)) == 7
+
+
+def test_the_sample_audit_counts_repeats_and_misses(manifest, tmp_path):
+    import json
+
+    from pretrain.config import load_config
+    from pretrain.sample_audit import count
+    from pretrain.trainer import SAMPLE_IDS_FILE
+
+    config = load_config("tiny", [f"data.path={manifest['_root']}", "batch.global_batch_size=16",
+                                  "batch.micro_batch_size=4", "seed=5"])
+    order = global_order(shards_of(manifest, "train"), Layout(0, 1, 0, 4, 16), 5, 0, True, 2)
+    steps = [[row for mb in order[i:i + 4] for row in mb] for i in range(0, len(order), 4)]
+
+    def log(step_rows):
+        (tmp_path / SAMPLE_IDS_FILE).write_text("".join(
+            json.dumps({"step": i + 1, "world_size": 2, "samples": rows}) + "\n" for i, rows in enumerate(step_rows)))
+        return count(tmp_path, config)
+
+    whole = log(steps)
+    assert (whole.epoch_sequences, whole.repeated, whole.missing, whole.in_order, whole.ok) == (
+        len(order) * 4, 0, 0, True, True)
+    repeated = log([steps[0], steps[0], *steps[2:]])  # step 2 trained on step 1's sequences again
+    assert (repeated.repeated, repeated.missing, repeated.in_order, repeated.ok) == (16, 16, False, False)

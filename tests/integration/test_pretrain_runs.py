@@ -34,6 +34,8 @@ from pretrain import checkpoint as ckpt
 from pretrain.export import check_release, consolidated_weights, export
 from pretrain.main import EXIT_CONFIG, EXIT_DIVERGED
 from pretrain.metrics import read_metrics
+from pretrain.sample_audit import audit
+from pretrain.trainer import read_sample_ids
 
 pytestmark = pytest.mark.slow
 
@@ -334,3 +336,45 @@ def test_bf16_pretraining_tracks_fp32_and_fp16_is_refused_in_one_line_where_unsu
         assert all(math.isfinite(loss) for _, loss, _ in losses(tmp_path / "fp16", "train"))
     else:  # DeepSpeed's CPU accelerator: the model under fp16 autocast is covered in tests/test_models.py
         assert fp16.rc == EXIT_CONFIG and "precision: fp16 is not supported on cpu; use bf16 or fp32" in fp16.output
+
+
+# Resume on another world size: 2 ranks -> 1 -> 2 under ZeRO 1, 2 and 3, against one uninterrupted 2-rank run.
+# An epoch of the fixture is 16 steps (16 streams x 4 micro-batches of 4 sequences, 16 a step): 18 steps use
+# every sequence of epoch 0 once and cross into epoch 1 in the last launch. Dropout off: the resumed run must
+# follow the uninterrupted one to fp32 reduction-order noise, which it cannot if the optimizer state were lost.
+RESIZE_STEPS = 18
+RESIZE = (f"optim.total_steps={RESIZE_STEPS}", "model.dropout=0.0", "metrics.sample_ids=true",
+          "eval.every_steps=0", "checkpoint.every_steps=0")
+
+
+@pytest.fixture(scope="module")
+def unresized(shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("unresized") / "run"
+    return completed(run_dir, launch(run_dir, shards, *RESIZE, "deepspeed.zero_optimization.stage=2"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_another_world_size_continues_the_same_samples_and_losses(shards, unresized, stage, tmp_path):
+    run_dir, sets = tmp_path / "run", (*RESIZE, f"deepspeed.zero_optimization.stage={stage}")
+    first = launch(run_dir, shards, *sets, fault="signal:0:5:USR1")  # 2 ranks: steps 1-6
+    assert first.rc == 0 and status(run_dir)["step"] == 6, first.output[-4000:]
+    shrunk = launch(run_dir, shards, *sets, resume="auto", nproc=1, fault="signal:0:11:USR1")  # 1 rank: 7-12
+    assert shrunk.rc == 0 and status(run_dir)["step"] == 12, shrunk.output[-4000:]
+    assert "resume: changed world size: 2 -> 1" in shrunk.output
+    assert "resume: re-partitioning the optimizer state of step_00000006 from 2 to 1 ranks" in shrunk.output
+    grown = launch(run_dir, shards, *sets, resume="auto")  # 2 ranks again: 13-18, into epoch 1
+    completed(run_dir, grown)
+    assert grown.output.count("resume: changed world size: 1 -> 2") == 1, grown.output[-4000:]  # rank 0 only
+
+    counted = audit(run_dir)  # python -m pretrain.sample_audit: the log against pretrain.data.global_order
+    assert (counted.steps, counted.sequences, counted.ordered) == (RESIZE_STEPS, RESIZE_STEPS * 16, 256)
+    assert (counted.epoch_sequences, counted.repeated, counted.missing, counted.in_order) == (256, 0, 0, True)
+    assert read_sample_ids(run_dir) == read_sample_ids(unresized)
+
+    reference, other = losses(unresized, "train") + losses(unresized, "eval"), \
+        losses(run_dir, "train") + losses(run_dir, "eval")
+    assert [s for s, _, _ in other] == [s for s, _, _ in reference]
+    worst = max(abs(a[1] - b[1]) for a, b in zip(reference, other))
+    print(f"ZeRO-{stage}, 2 -> 1 -> 2 ranks: {counted.line()}; worst loss difference from the uninterrupted "
+          f"2-rank run {worst:.2e}")
+    assert worst < LOSS_TOLERANCE, (worst, reference, other)  # as between ZeRO stages
