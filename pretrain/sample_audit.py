@@ -66,9 +66,9 @@ def count(run_dir: Path, config: PretrainConfig) -> SampleCount:
 
 def audit(run_dir: Path, checkpoints: Path | None = None) -> SampleCount:
     """`count` with the config of the run's newest complete checkpoint."""
-    state = ckpt.read_state(ckpt.resolve_checkpoint(checkpoints or run_dir / "checkpoints"))
-    problems: list[str] = []
-    config = from_dict(state["config"], problems)
+    folder = ckpt.resolve_checkpoint(checkpoints or run_dir / "checkpoints")
+    state = ckpt.read_state(folder)
+    config, problems = from_dict(state["config"], default_source=f"the config saved in {folder}")
     if problems:
         raise ConfigError(problems)
     return count(run_dir, config)
