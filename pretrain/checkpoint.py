@@ -108,7 +108,9 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
 
 
 EXPORT_NOTE = "EXPORT.txt"
-UNSAFE_CONVERTER = "zero_to_fp32.py"  # DeepSpeed copies it next to every save; it unpickles without restriction
+# DeepSpeed copies these next to every save: zero_to_fp32.py unpickles without restriction, and
+# zero_to_torch.py (DeepSpeed >= 0.19) imports it.
+UNSAFE_CONVERTERS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -171,12 +173,13 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any], keep_last: i
 def replace_unsafe_converter(root: Path) -> None:
     """DeepSpeed's zero_to_fp32.py unpickles with torch.load(weights_only=False): a tampered checkpoint runs
     its payload through it. Replace it with a note pointing to the export that reads checkpoints safely."""
-    (root / UNSAFE_CONVERTER).unlink(missing_ok=True)
+    for name in UNSAFE_CONVERTERS:
+        (root / name).unlink(missing_ok=True)
     note = root / EXPORT_NOTE
     if not note.exists():
         write_text_atomic(note, "Release these checkpoints with `python -m pretrain.export <this folder> <out>`: it\n"
                             "consolidates every ZeRO stage and reads the files with torch.load(weights_only=True).\n"
-                            "(DeepSpeed's zero_to_fp32.py was removed: it unpickles without restriction.)\n")
+                            "(DeepSpeed's zero_to_fp32.py and zero_to_torch.py were removed: they unpickle without restriction.)\n")
 
 
 def remove_incomplete(root: Path) -> list[Path]:
