@@ -34,6 +34,7 @@ from common.optim import lr_scheduler, param_groups
 from data_pipeline.errors import DataPipelineError
 from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token, max_predictions_per_seq
 from pretrain import checkpoint as ckpt
+from pretrain.faults import inject_fault
 from pretrain.config import ConfigError, PretrainConfig, Resolved, config_diff, resolve
 from pretrain.data import Cursor, Layout, Masking, TrainBatches, validation_batches, validation_samples
 from pretrain.metrics import MetricsLog, default_peak_tflops, throughput
@@ -43,9 +44,6 @@ from pretrain.watchdog import Watchdog, set_default_group_timeout
 __all__ = ["NonFiniteLossError", "run", "train_step"]
 
 RUN_STATUS_FILE = "run_status.json"
-# Fault injection for the integration tests: "kill:RANK:STEP" (SIGKILL itself after STEP), "stop:RANK:STEP"
-# (SIGSTOP itself) or "signal:RANK:STEP:NAME" (send itself signal NAME after STEP). Never set in real runs.
-FAULT_ENV = "PRETRAIN_FAULT"
 
 
 @dataclass
@@ -169,22 +167,6 @@ def memory_gib(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
-
-
-def _fault(rank: int, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    kind, fault_rank, fault_step, *rest = spec.split(":")
-    if int(fault_rank) != rank or int(fault_step) != step:
-        return
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "stop":  # a stalled rank: frozen, every thread included, until SIGCONT or SIGKILL
-        print(f"fault injection: rank {rank} SIGSTOPs itself after step {step} at {time.time():.3f}", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
-    elif kind == "signal":
-        os.kill(os.getpid(), signal.Signals[f"SIG{rest[0]}" if not rest[0].startswith("SIG") else rest[0]])
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -438,7 +420,7 @@ def run(config: PretrainConfig, resume: str | None = None,
                 seconds = time.perf_counter() - began
                 train_seconds += seconds
                 window.add(result, seconds, lr)
-                _fault(rank, step)
+                inject_fault(rank, step)  # a no-op unless a test set PRETRAIN_FAULT
                 if log_now:
                     sums = window.sums.clone()
                     dist.all_reduce(sums)
