@@ -161,11 +161,10 @@ class _HyperMixingFunction(torch.autograd.Function):
             grad_w1 = torch.matmul(values, grad_token_mix.transpose(-1, -2))  # (B, H, N, d'/H)
             grad_values = torch.matmul(w1, grad_token_mix)  # (B, H, N, d/H)
             del w1, w2, values, mixed
+            # Through the masks: W1 and X were masked, so grad_w1 = X·dSᵀ and grad_values = W1·dS are already zero at
+            # padded keys; W2's gradient comes from the output's and needs the query mask.
             if query_keep is not None:
                 grad_w2 = grad_w2 * query_keep[:, None, :, None]
-            if key_keep is not None:
-                keep = key_keep[:, None, :, None]
-                grad_w1, grad_values = grad_w1 * keep, grad_values * keep
             if h2 is None:  # tied: W2 = W1 (self-mixing only), one hypernetwork gets both gradients
                 grad_keys, grads1 = _hypernet_backward(keys, pre1, hidden1, grad_w1 + grad_w2, h1)
                 grads2, grad_queries = [], None
