@@ -9,6 +9,12 @@ The formula is the paper's; multi-head, tying and masking follow the semantics o
 MIT-licensed module (github idiap/hypermixing), with two differences that change numbers, not the
 model family: our hypernetworks have biases and a per-head Xavier initialisation (see ParallelMLPs),
 and their input is X + P (the authors' module uses X·sqrt(d) + P). This is our own code.
+
+Memory: the layer is one autograd function with a hand-written backward (`_HyperMixingFunction`) that keeps
+only its input X and the small per-head token sums for backward, and recomputes X + P, the hypernetworks and
+W1, W2 there (about a third more of the layer's cheap forward). Autograd's graph of the same ops kept ~10
+N x d tensors per layer, more than attention's fused SDPA keeps (~5); now it keeps ~2 (X, and the input of the
+output LayerNorm). tests/test_models.py checks its forward and gradients against a plain per-head reference.
 """
 
 from __future__ import annotations
