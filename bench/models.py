@@ -8,7 +8,9 @@
 The same number of tokens every step (16,384 by default: batch = tokens // N, at least one sequence, so
 N = 32,768 is one sequence of 32,768 tokens). Every (mixer, length) cell runs in a fresh process, so its peak
 memory is its own; at each length the mixers run one after another, so machine noise hits them alike.
-Ratios are HyperMixer (or another mixer) over the transformer. Dropout is 0 in every cell.
+Ratios are HyperMixer (or another mixer) over the transformer. Dropout is 0 in every cell. Tokens per
+CPU-second (this process's CPU time, all threads) is printed next to tokens/s: on a machine shared with other
+work it moves much less than wall-clock time.
 
 Attention dropout decides torch's SDPA kernel: at 0 (the default here) it takes a fused path whose memory is
 linear in N; above 0 torch's CPU SDPA falls back to the math path, which stores the N x N attention matrix
@@ -81,11 +83,12 @@ def run_cell(cell: dict) -> dict:
     for _ in range(cell["warmup"]):
         step()
     sync()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(cell["steps"]):
         step()
     sync()
     step_s = (time.perf_counter() - start) / cell["steps"]
+    cpu_s = (time.process_time() - start_cpu) / cell["steps"]  # all of this process's threads
     if device.type == "cuda":
         step_mem = torch.cuda.max_memory_allocated() / 2**20 - allocated_before
         rss_peak = None
@@ -96,7 +99,8 @@ def run_cell(cell: dict) -> dict:
     return {
         "compile": bool(cell.get("compile")), "mixer": cell["mixer"], "length": length, "batch_size": batch_size,
         "attention_dropout": config.attention_dropout, "step_s": step_s,
-        "tokens_per_s": tokens / step_s, "step_mem_mib": step_mem, "rss_peak_default_malloc_mib": rss_peak,
+        "tokens_per_s": tokens / step_s, "tokens_per_cpu_s": tokens / cpu_s, "step_mem_mib": step_mem,
+        "rss_peak_default_malloc_mib": rss_peak,
         "tflops": tokens / step_s * flops_per_token(config, length, mlm_fraction=0.15) / 1e12,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
@@ -144,21 +148,24 @@ def measure(cell: dict, timeout_s: float) -> dict:
 
 def format_table(rows: list[dict], peak_tflops: float | None) -> str:
     by_key = {(r["mixer"], r["length"]): r for r in rows}
-    header = ("| mixer | seq len | batch | tokens/s | vs transformer | step s | step mem MiB | mem vs transformer "
-              "| peak RSS MiB (default malloc) | TFLOP/s |")
+    header = ("| mixer | seq len | batch | tokens/s | vs transformer | tokens/CPU-s | vs transformer | step s "
+              "| step mem MiB | mem vs transformer | peak RSS MiB (default malloc) | TFLOP/s |")
     if peak_tflops:
         header += " MFU |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in sorted(rows, key=lambda r: (r["length"], MIXERS.index(r["mixer"]))):
         if "error" in row:
-            lines.append(f"| {row['mixer']} | {row['length']} | | {row['error']} | | | | | | |" + (" |" if peak_tflops else ""))
+            lines.append(f"| {row['mixer']} | {row['length']} | | {row['error']} |" + " |" * 8 + (" |" if peak_tflops else ""))
             continue
         ref = by_key.get(("transformer", row["length"]))
         ok = ref is not None and "error" not in ref
         speed = f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ok else "-"
+        per_cpu = row.get("tokens_per_cpu_s")
+        cpu_speed = f"{per_cpu / ref['tokens_per_cpu_s']:.2f}x" if ok and per_cpu and ref.get("tokens_per_cpu_s") else "-"
         mem = f"{row['step_mem_mib'] / ref['step_mem_mib']:.2f}x" if ok and ref["step_mem_mib"] > 0 else "-"
         line = (
             f"| {row['mixer']} | {row['length']} | {row['batch_size']} | {row['tokens_per_s']:,.0f} | {speed} | "
+            f"{_mib(per_cpu)} | {cpu_speed} | "
             f"{row['step_s']:.3f} | {row['step_mem_mib']:,.0f} | {mem} | {_mib(row.get('rss_peak_default_malloc_mib'))} | "
             f"{row['tflops']:.3f} |"
         )
@@ -180,15 +187,19 @@ def summary_lines(rows: list[dict], mixer: str = "hypermixer") -> list[str]:
     for length in sorted({r["length"] for r in rows}):
         a, ref = by_key.get((mixer, length)), by_key.get(("transformer", length))
         if a and ref:
-            out.append(f"N={length}: {mixer}/transformer tokens/s {a['tokens_per_s'] / ref['tokens_per_s']:.2f}x, "
+            cpu = (f" (per CPU-second {a['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}x)"
+                   if a.get("tokens_per_cpu_s") and ref.get("tokens_per_cpu_s") else "")
+            out.append(f"N={length}: {mixer}/transformer tokens/s {a['tokens_per_s'] / ref['tokens_per_s']:.2f}x{cpu}, "
                        f"step memory {a['step_mem_mib'] / ref['step_mem_mib']:.2f}x")
         elif a:
             out.append(f"N={length}: transformer {next((r['error'] for r in rows if r['mixer'] == 'transformer' and r['length'] == length and 'error' in r), 'not run')}")
     own = [r for (m, _), r in sorted(by_key.items()) if m == mixer]
     if len(own) > 1:
         speeds, mems = [r["tokens_per_s"] for r in own], [r["step_mem_mib"] for r in own]
-        out.append(f"{mixer} across N={own[0]['length']}..{own[-1]['length']}: tokens/s min/max {min(speeds) / max(speeds):.2f}, "
-                   f"step memory max/min {max(mems) / min(mems):.2f}")
+        per_cpu = [r["tokens_per_cpu_s"] for r in own if r.get("tokens_per_cpu_s")]
+        cpu = f" (per CPU-second {min(per_cpu) / max(per_cpu):.2f})" if len(per_cpu) == len(own) else ""
+        out.append(f"{mixer} across N={own[0]['length']}..{own[-1]['length']}: tokens/s min/max {min(speeds) / max(speeds):.2f}"
+                   f"{cpu}, step memory max/min {max(mems) / min(mems):.2f}")
     return out
 
 
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--tokens-per-step", type=int, default=16384, help="batch = tokens-per-step // length, at least 1")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100 bf16 on cuda)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per cell; a cell over it prints 'timeout'")
