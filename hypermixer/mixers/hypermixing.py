@@ -108,6 +108,10 @@ def _hypernet_backward(
     return grad_z, [grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias]
 
 
+def _masked(w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # zero padded tokens' rows
+    return w if keep is None else w * keep[:, None, :, None]
+
+
 class _HyperMixingFunction(torch.autograd.Function):
     """TM(X) = W2 · GELU(W1ᵀ · X) with W1 = h1(X + P), W2 = h2(Q + P_Q), keeping for backward only the inputs and
     the small (d'/H x d/H) token sums: every N-sized intermediate (X + P, the hypernetworks' hidden layers, W1,
@@ -122,33 +126,24 @@ class _HyperMixingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, num_heads, x, query, key_pos, query_pos, key_keep, query_keep, *params):
         h1, h2 = tuple(params[:4]), (None if params[4] is None else tuple(params[4:]))
-        keys, values, w1, w2 = _HyperMixingFunction._generate(num_heads, x, query, key_pos, query_pos, key_keep, query_keep, h1, h2)[:4]
-        token_mix = token_sum(w1, values)  # (B, H, d'/H, d/H): linear in N
+        keys, queries = _HyperMixingFunction._keys_and_queries(num_heads, x, query, key_pos, query_pos)
+        # W1's side first, then W2's, so that only one side's N-sized tensors are alive at a time
+        w1 = _masked(_hypernet(keys, h1)[2], key_keep)
+        token_mix = token_sum(w1, _masked(_heads(x, num_heads), key_keep))  # (B, H, d'/H, d/H): linear in N
+        del w1
+        w2 = _masked(_hypernet(queries, h1 if h2 is None else h2)[2], query_keep)
         out = torch.matmul(w2, F.gelu(token_mix).to(w2.dtype))  # (B, H, M, d/H)
         ctx.num_heads, ctx.tied = num_heads, h2 is None
         ctx.save_for_backward(x, query, key_pos, query_pos, key_keep, query_keep, token_mix, *params[:4], *(h2 or ()))
         return _merge_heads(out)
 
     @staticmethod
-    def _generate(num_heads, x, query, key_pos, query_pos, key_keep, query_keep, h1, h2):
-        """The N-sized tensors, as forward makes them; backward calls it again to recompute them."""
+    def _keys_and_queries(num_heads, x, query, key_pos, query_pos):
+        """X + P and Q + P_Q split into heads (the queries are the keys when mixing a sequence with itself)."""
         keys = _heads(x if key_pos is None else x + key_pos, num_heads)
-        values = _heads(x, num_heads)
-        pre1, hidden1, w1 = _hypernet(keys, h1)
         if query is None:
-            queries = keys
-        else:
-            queries = _heads(query if query_pos is None else query + query_pos, num_heads)
-        if h2 is None:
-            pre2, hidden2, w2 = pre1, hidden1, w1
-        else:
-            pre2, hidden2, w2 = _hypernet(queries, h2)
-        if key_keep is not None:
-            keep = key_keep[:, None, :, None]
-            values, w1 = values * keep, w1 * keep
-        if query_keep is not None:
-            w2 = w2 * query_keep[:, None, :, None]
-        return keys, values, w1, w2, queries, (pre1, hidden1), (pre2, hidden2)
+            return keys, keys
+        return keys, _heads(query if query_pos is None else query + query_pos, num_heads)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -157,28 +152,41 @@ class _HyperMixingFunction(torch.autograd.Function):
         h1 = tuple(params[:4])
         h2 = None if ctx.tied else tuple(params[4:])
         with torch.no_grad():
-            keys, values, w1, w2, queries, (pre1, hidden1), (pre2, hidden2) = _HyperMixingFunction._generate(
-                heads, x, query, key_pos, query_pos, key_keep, query_keep, h1, h2)
+            keys, queries = _HyperMixingFunction._keys_and_queries(heads, x, query, key_pos, query_pos)
+            # W2's side: recompute it, take its gradients, and free it before W1's side is recomputed.
+            pre2, hidden2, w2_raw = _hypernet(queries, h1 if h2 is None else h2)
+            w2 = _masked(w2_raw, query_keep)
             grad_out = _heads(grad_output.to(w2.dtype), heads)  # (B, H, M, d/H)
-            mixed = F.gelu(token_mix).to(w2.dtype)
-            grad_w2 = torch.matmul(grad_out, mixed.transpose(-1, -2))  # (B, H, M, d'/H)
             grad_mixed = token_sum(w2, grad_out)  # W2ᵀ·dOut, a sum over the M tokens: fp32 like the forward's
-            grad_token_mix = torch.ops.aten.gelu_backward(grad_mixed, token_mix).to(w1.dtype)
-            grad_w1 = torch.matmul(values, grad_token_mix.transpose(-1, -2))  # (B, H, N, d'/H)
-            grad_values = torch.matmul(w1, grad_token_mix)  # (B, H, N, d/H)
-            del w1, w2, values, mixed
-            # Through the masks: W1 and X were masked, so grad_w1 = X·dSᵀ and grad_values = W1·dS are already zero at
-            # padded keys; W2's gradient comes from the output's and needs the query mask.
-            if query_keep is not None:
-                grad_w2 = grad_w2 * query_keep[:, None, :, None]
-            if h2 is None:  # tied: W2 = W1 (self-mixing only), one hypernetwork gets both gradients
-                grad_keys, grads1 = _hypernet_backward(keys, pre1, hidden1, grad_w1 + grad_w2, h1)
-                grads2, grad_queries = [], None
+            del w2
+            # W2's gradient comes from the output's, so it needs the query mask.
+            grad_w2 = _masked(torch.matmul(grad_out, F.gelu(token_mix).to(grad_out.dtype).transpose(-1, -2)), query_keep)
+            del grad_out
+            grad_queries, grads2 = None, []
+            if h2 is None:  # tied: W2 = W1 (self-mixing only); its recomputation serves W1's side too
+                pre1, hidden1, w1_raw = pre2, hidden2, w2_raw
             else:
-                grad_keys, grads1 = _hypernet_backward(keys, pre1, hidden1, grad_w1, h1)
+                del w2_raw
                 grad_queries, grads2 = _hypernet_backward(queries, pre2, hidden2, grad_w2, h2)
-                if query is None:  # self-mixing: the queries are the keys
-                    grad_keys, grad_queries = grad_keys + grad_queries, None
+                del grad_w2
+            del pre2, hidden2
+            grad_token_mix = torch.ops.aten.gelu_backward(grad_mixed, token_mix).to(x.dtype)
+            # W1's side. W1 and X were masked, so grad_w1 = X·dSᵀ and grad_values = W1·dS are already zero at
+            # padded keys.
+            if h2 is not None:
+                pre1, hidden1, w1_raw = _hypernet(keys, h1)
+            values = _masked(_heads(x, heads), key_keep)
+            grad_w1 = torch.matmul(values, grad_token_mix.transpose(-1, -2))  # (B, H, N, d'/H)
+            del values
+            grad_values = torch.matmul(_masked(w1_raw, key_keep), grad_token_mix)  # (B, H, N, d/H)
+            del w1_raw
+            if h2 is None:
+                grad_w1 = grad_w1 + grad_w2
+                del grad_w2
+            grad_keys, grads1 = _hypernet_backward(keys, pre1, hidden1, grad_w1, h1)
+            del pre1, hidden1, grad_w1
+            if grad_queries is not None and query is None:  # self-mixing: the queries are the keys
+                grad_keys, grad_queries = grad_keys + grad_queries, None
             grad_x = _merge_heads(grad_values + grad_keys)
             grad_key_pos = _merge_heads(grad_keys).sum(0) if ctx.needs_input_grad[3] else None
             grad_query = grad_query_pos = None
