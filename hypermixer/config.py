@@ -29,7 +29,7 @@ class EncoderConfig:
     # embeddings' std 0.02 and our transformer sat on the unigram plateau (docs/pretrain.md#quality).
     embedding_layer_norm: bool = True
     dropout: float = 0.1
-    attention_dropout: float = 0.1
+    attention_dropout: float = 0.1  # transformer only; > 0 puts torch's CPU attention on its math path (N x N stored)
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     pad_token_id: int = 0

@@ -79,16 +79,22 @@ def test_fnet_is_not_padding_invariant():
     assert diff > 1e-3
 
 
-def naive_hypermixing(module: HyperMixing, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """The formula, one example and one head at a time: TM(X) = W2 · GELU(W1ᵀ · X), W = h(X + P)."""
+def reference_weights(module: HyperMixing) -> dict[str, torch.Tensor]:
+    """Copies of the optimized layer's parameters, as fresh leaves, for the reference to use and differentiate."""
+    return {name: p.detach().clone().requires_grad_(True) for name, p in module.named_parameters()}
+
+
+def naive_hypermixing(module: HyperMixing, weights: dict, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The formula, one example and one head at a time: TM(X) = W2 · GELU(W1ᵀ · X), W = h(X + P), on each
+    example's real tokens only (so padding cannot matter), then the output LayerNorm if the module has one."""
     heads, size = module.num_heads, module.head_size
-    outputs = torch.zeros_like(x)
-    w2_net = module.hyper_w1 if module.tied else module.hyper_w2
+    w2_net = "hyper_w1" if module.tied else "hyper_w2"
 
     def hypernet(net, z, h):
-        hidden = F.gelu(z @ net.fc1_weight[h] + net.fc1_bias[h, 0])
-        return hidden @ net.fc2_weight[h] + net.fc2_bias[h, 0]
+        hidden = F.gelu(z @ weights[f"{net}.fc1_weight"][h] + weights[f"{net}.fc1_bias"][h, 0])
+        return hidden @ weights[f"{net}.fc2_weight"][h] + weights[f"{net}.fc2_bias"][h, 0]
 
+    rows = []
     for b, n in enumerate(lengths):
         tokens = x[b, :n]
         dim = tokens.shape[1]
@@ -102,11 +108,14 @@ def naive_hypermixing(module: HyperMixing, x: torch.Tensor, lengths: list[int]) 
         per_head = []
         for h in range(heads):
             cols = slice(h * size, (h + 1) * size)
-            w1 = hypernet(module.hyper_w1, z[:, cols], h)
+            w1 = hypernet("hyper_w1", z[:, cols], h)
             w2 = hypernet(w2_net, z[:, cols], h)
             per_head.append(w2 @ F.gelu(w1.T @ tokens[:, cols]))
-        outputs[b, :n] = torch.cat(per_head, dim=1)
-    return outputs
+        rows.append(torch.cat([torch.cat(per_head, dim=1), torch.zeros(x.shape[1] - n, dim, dtype=x.dtype)]))
+    out = torch.stack(rows)  # padded rows mix nothing: zero (LayerNorm then makes them its bias)
+    if module.norm is not None:
+        out = F.layer_norm(out, (out.shape[-1],), weights["norm.weight"], weights["norm.bias"], module.norm.eps)
+    return out
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -119,10 +128,60 @@ def test_hypermixing_equals_naive_loop(tied):
     x = torch.randn(3, 9, 32, dtype=torch.float64)
     mask = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
     got = module(x, mask)
-    want = naive_hypermixing(module, x, lengths)
+    want = naive_hypermixing(module, reference_weights(module), x, lengths)
     for b, n in enumerate(lengths):
         torch.testing.assert_close(got[b, :n], want[b, :n], rtol=1e-10, atol=1e-10)
         assert torch.all(got[b, n:] == 0)  # padded query rows are masked out of W2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hypermixing_gradients_match_the_reference_in_fp32(tied):
+    # The layer's backward is hand-written (it recomputes W1, W2 and the hypernetworks instead of storing
+    # them): its gradients for the input and every parameter must be the reference's autograd gradients.
+    torch.manual_seed(0)
+    config = tiny("hypermixer", hypermixer_tied=tied, hypermixer_hypernet_hidden_size=24, hypermixer_token_mixing_size=16)
+    module = HyperMixing(config)
+    with torch.no_grad():  # non-trivial output LayerNorm parameters, so that their gradients are checked too
+        module.norm.weight.normal_(1.0, 0.2)
+        module.norm.bias.normal_(0.0, 0.2)
+    weights = reference_weights(module)
+    lengths = [11, 6, 9]
+    x = torch.randn(3, 11, 32)
+    mask = torch.arange(11)[None, :] < torch.tensor(lengths)[:, None]
+    upstream = torch.randn(3, 11, 32)
+    x_got, x_want = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = module(x_got, mask)
+    want = naive_hypermixing(module, weights, x_want, lengths)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    tolerance = dict(rtol=1e-4, atol=1e-5)  # fp32: the two sum the same terms in different orders
+    torch.testing.assert_close(got, want, **tolerance)
+    torch.testing.assert_close(x_got.grad, x_want.grad, **tolerance)
+    assert torch.all(x_got.grad[1, 6:] == 0) and torch.all(x_got.grad[2, 9:] == 0)  # padding gets no gradient
+    params = dict(module.named_parameters())
+    assert params.keys() == weights.keys() and len(params) == (6 if tied else 10)  # 4 per hypernetwork, LayerNorm 2
+    for name, param in params.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        torch.testing.assert_close(param.grad, weights[name].grad, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned", "none"])
+@pytest.mark.parametrize("mixing", ["untied", "tied", "cross"])
+def test_hypermixing_backward_passes_gradcheck(position, mixing):
+    # Finite differences in fp64 against the hand-written backward, in every mode: tied or not, each kind of
+    # positions (learned ones get a gradient), cross-mixing (the query gets one), with padding on both sides.
+    torch.manual_seed(0)
+    config = EncoderConfig.from_dict(dict(
+        vocab_size=VOCAB, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, max_seq_len=10,
+        mixer="hypermixer", hypermixer_tied=mixing == "tied", hypermixer_position=position,
+        hypermixer_hypernet_hidden_size=6, hypermixer_token_mixing_size=4))
+    module = HyperMixing(config).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    query = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True) if mixing == "cross" else None
+    query_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).bool() if mixing == "cross" else None
+    inputs = (x, *module.parameters()) + ((query,) if query is not None else ())
+    assert torch.autograd.gradcheck(lambda *_: module(x, mask, query, query_mask), inputs)
 
 
 def test_tied_hypermixing_shares_parameters_and_refuses_cross_mixing():

@@ -9,6 +9,12 @@ The formula is the paper's; multi-head, tying and masking follow the semantics o
 MIT-licensed module (github idiap/hypermixing), with two differences that change numbers, not the
 model family: our hypernetworks have biases and a per-head Xavier initialisation (see ParallelMLPs),
 and their input is X + P (the authors' module uses X·sqrt(d) + P). This is our own code.
+
+Memory: the layer is one autograd function with a hand-written backward (`_HyperMixingFunction`) that keeps
+only its input X and the small per-head token sums for backward, and recomputes X + P, the hypernetworks and
+W1, W2 there (about a third more of the layer's cheap forward). Autograd's graph of the same ops kept ~10
+N x d tensors per layer, more than attention's fused SDPA keeps (~5); now it keeps ~2 (X, and the input of the
+output LayerNorm). tests/test_models.py checks its forward and gradients against a plain per-head reference.
 """
 
 from __future__ import annotations
@@ -62,13 +68,135 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: tor
 
 
 def token_sum(w1: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """W1ᵀ·X, summed over the N tokens in at least fp32 whatever the model's dtype (under autocast too): in
-    bf16 or fp16 a sum over 16k tokens would lose most of its bits. Unchanged for an fp32/fp64 model."""
+    """W1ᵀ·X, summed over the N tokens (axis -2) in at least fp32 whatever the inputs' dtype: in bf16 or fp16
+    a sum over 16k tokens would lose most of its bits. Unchanged for fp32/fp64 inputs. Call it with autocast
+    off (HyperMixing does), or autocast would cast the fp32 operands back down."""
     work = torch.promote_types(torch.promote_types(w1.dtype, values.dtype), torch.float32)
-    if w1.dtype == work and values.dtype == work and not torch.is_autocast_enabled(w1.device.type):
-        return torch.matmul(w1.transpose(-1, -2), values)
-    with torch.autocast(w1.device.type, enabled=False):
-        return torch.matmul(w1.transpose(-1, -2).to(work), values.to(work))
+    return torch.matmul(w1.transpose(-1, -2).to(work), values.to(work))
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:  # (B, N, d) -> (B, H, N, d/H)
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:  # (B, H, N, d/H) -> (B, N, d)
+    batch, heads, length, size = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * size)
+
+
+def _hypernet(z: torch.Tensor, net: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ParallelMLPs' forward, keeping what its backward needs: returns (pre-GELU hidden, GELU hidden, output)."""
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = net
+    pre = torch.matmul(z, fc1_weight) + fc1_bias
+    hidden = F.gelu(pre)
+    return pre, hidden, torch.matmul(hidden, fc2_weight) + fc2_bias
+
+
+def _hypernet_backward(
+    z: torch.Tensor, pre: torch.Tensor, hidden: torch.Tensor, grad_out: torch.Tensor, net: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gradients of one ParallelMLPs: (d z, [d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias]). The parameter
+    gradients sum over every token of every sequence: in at least fp32, like the forward's token sum."""
+    fc1_weight, _, fc2_weight, _ = net
+    grad_fc2_weight = token_sum(hidden, grad_out).sum(0)
+    grad_fc2_bias = grad_out.sum((0, 2), keepdim=True, dtype=grad_fc2_weight.dtype)[0]
+    grad_pre = torch.ops.aten.gelu_backward(torch.matmul(grad_out, fc2_weight.transpose(-1, -2)), pre)
+    grad_fc1_weight = token_sum(z, grad_pre).sum(0)
+    grad_fc1_bias = grad_pre.sum((0, 2), keepdim=True, dtype=grad_fc1_weight.dtype)[0]
+    grad_z = torch.matmul(grad_pre, fc1_weight.transpose(-1, -2))
+    return grad_z, [grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias]
+
+
+def _masked(w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # zero padded tokens' rows
+    return w if keep is None else w * keep[:, None, :, None]
+
+
+class _HyperMixingFunction(torch.autograd.Function):
+    """TM(X) = W2 · GELU(W1ᵀ · X) with W1 = h1(X + P), W2 = h2(Q + P_Q), keeping for backward only the inputs and
+    the small (d'/H x d/H) token sums: every N-sized intermediate (X + P, the hypernetworks' hidden layers, W1,
+    W2) is recomputed in backward, one layer at a time. Autograd's own graph of the same ops keeps ~10 N x d
+    tensors per layer, which made HyperMixer's training step use more memory than attention's.
+
+    Inputs: x (B, N, d); query (B, M, d) or None (self-mixing: W2 comes from X + P); key/query positions
+    (N, d) / (M, d) or None; key/query keep (B, N) / (B, M), 1 at real tokens, or None; h1's four parameters,
+    then h2's (None for a tied module: W2 = W1). All already in one compute dtype; autocast off.
+    """
+
+    @staticmethod
+    def forward(ctx, num_heads, x, query, key_pos, query_pos, key_keep, query_keep, *params):
+        h1, h2 = tuple(params[:4]), (None if params[4] is None else tuple(params[4:]))
+        keys, queries = _HyperMixingFunction._keys_and_queries(num_heads, x, query, key_pos, query_pos)
+        # W1's side first, then W2's, so that only one side's N-sized tensors are alive at a time
+        w1 = _masked(_hypernet(keys, h1)[2], key_keep)
+        token_mix = token_sum(w1, _masked(_heads(x, num_heads), key_keep))  # (B, H, d'/H, d/H): linear in N
+        del w1
+        w2 = _masked(_hypernet(queries, h1 if h2 is None else h2)[2], query_keep)
+        out = torch.matmul(w2, F.gelu(token_mix).to(w2.dtype))  # (B, H, M, d/H)
+        ctx.num_heads, ctx.tied = num_heads, h2 is None
+        ctx.save_for_backward(x, query, key_pos, query_pos, key_keep, query_keep, token_mix, *params[:4], *(h2 or ()))
+        return _merge_heads(out)
+
+    @staticmethod
+    def _keys_and_queries(num_heads, x, query, key_pos, query_pos):
+        """X + P and Q + P_Q split into heads (the queries are the keys when mixing a sequence with itself)."""
+        keys = _heads(x if key_pos is None else x + key_pos, num_heads)
+        if query is None:
+            return keys, keys
+        return keys, _heads(query if query_pos is None else query + query_pos, num_heads)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, query, key_pos, query_pos, key_keep, query_keep, token_mix, *params = ctx.saved_tensors
+        heads = ctx.num_heads
+        h1 = tuple(params[:4])
+        h2 = None if ctx.tied else tuple(params[4:])
+        with torch.no_grad():
+            keys, queries = _HyperMixingFunction._keys_and_queries(heads, x, query, key_pos, query_pos)
+            # W2's side: recompute it, take its gradients, and free it before W1's side is recomputed.
+            pre2, hidden2, w2_raw = _hypernet(queries, h1 if h2 is None else h2)
+            w2 = _masked(w2_raw, query_keep)
+            grad_out = _heads(grad_output.to(w2.dtype), heads)  # (B, H, M, d/H)
+            grad_mixed = token_sum(w2, grad_out)  # W2ᵀ·dOut, a sum over the M tokens: fp32 like the forward's
+            del w2
+            # W2's gradient comes from the output's, so it needs the query mask.
+            grad_w2 = _masked(torch.matmul(grad_out, F.gelu(token_mix).to(grad_out.dtype).transpose(-1, -2)), query_keep)
+            del grad_out
+            grad_queries, grads2 = None, []
+            if h2 is None:  # tied: W2 = W1 (self-mixing only); its recomputation serves W1's side too
+                pre1, hidden1, w1_raw = pre2, hidden2, w2_raw
+            else:
+                del w2_raw
+                grad_queries, grads2 = _hypernet_backward(queries, pre2, hidden2, grad_w2, h2)
+                del grad_w2
+            del pre2, hidden2
+            grad_token_mix = torch.ops.aten.gelu_backward(grad_mixed, token_mix).to(x.dtype)
+            # W1's side. W1 and X were masked, so grad_w1 = X·dSᵀ and grad_values = W1·dS are already zero at
+            # padded keys.
+            if h2 is not None:
+                pre1, hidden1, w1_raw = _hypernet(keys, h1)
+            values = _masked(_heads(x, heads), key_keep)
+            grad_w1 = torch.matmul(values, grad_token_mix.transpose(-1, -2))  # (B, H, N, d'/H)
+            del values
+            grad_values = torch.matmul(_masked(w1_raw, key_keep), grad_token_mix)  # (B, H, N, d/H)
+            del w1_raw
+            if h2 is None:
+                grad_w1 = grad_w1 + grad_w2
+                del grad_w2
+            grad_keys, grads1 = _hypernet_backward(keys, pre1, hidden1, grad_w1, h1)
+            del pre1, hidden1, grad_w1
+            if grad_queries is not None and query is None:  # self-mixing: the queries are the keys
+                grad_keys, grad_queries = grad_keys + grad_queries, None
+            grad_x = _merge_heads(grad_values + grad_keys)
+            grad_key_pos = _merge_heads(grad_keys).sum(0) if ctx.needs_input_grad[3] else None
+            grad_query = grad_query_pos = None
+            if grad_queries is not None:
+                grad_query = _merge_heads(grad_queries)
+                grad_query_pos = grad_query.sum(0) if ctx.needs_input_grad[4] else None
+        param_grads = [g.to(p.dtype) for g, p in zip(grads1 + grads2, params)]
+        if h2 is None:
+            param_grads += [None] * 4
+        return (None, grad_x.to(x.dtype), grad_query, grad_key_pos, grad_query_pos, None, None, *param_grads)
 
 
 class HyperMixing(nn.Module):
@@ -95,22 +223,18 @@ class HyperMixing(nn.Module):
             nn.init.normal_(self.position_table, std=config.initializer_range)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.hypermixer_layer_norm else None
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, d) -> (B, H, N, d/H)
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
-
-    def _with_positions(self, x: torch.Tensor) -> torch.Tensor:
-        length = x.shape[1]
+    def _positions(self, length: int, x: torch.Tensor) -> torch.Tensor | None:
+        """P for X + P: (length, d), or None for hypermixer_position='none'."""
         if self.position == "sinusoidal":
-            return x + sinusoidal_positions(length, x.shape[-1], x.device, x.dtype)
+            return sinusoidal_positions(length, x.shape[-1], x.device, x.dtype)
         if self.position == "learned":
             if length > self.position_table.shape[0]:
                 raise ValueError(
                     f"HyperMixing: sequence length {length} exceeds the learned position table "
                     f"({self.position_table.shape[0]}); use hypermixer_position='sinusoidal' for longer inputs"
                 )
-            return x + self.position_table[:length].to(x.dtype)
-        return x
+            return self.position_table[:length]
+        return None
 
     def forward(
         self,
@@ -123,26 +247,22 @@ class HyperMixing(nn.Module):
         if query is not None and self.tied:
             raise ValueError("HyperMixing: a tied module generates W1 and W2 from the same tokens; it cannot take a separate query")
         if query is None:
-            query, query_mask = x, mask
-        key_keep = None if mask is None else mask.to(x.dtype)[:, None, :, None]  # (B, 1, N, 1)
-        query_keep = None if query_mask is None else query_mask.to(x.dtype)[:, None, :, None]
-
-        values = self._split_heads(x)
-        keys = self._split_heads(self._with_positions(x))  # X + P, computed once
-        w1 = self.hyper_w1(keys)  # (B, H, N, d'/H)
-        if self.tied:
-            w2 = w1
-        else:
-            queries = keys if query is x else self._split_heads(self._with_positions(query))
-            w2 = self.hyper_w2(queries)  # (B, H, M, d'/H)
-        if key_keep is not None:
-            values = values * key_keep
-            w1 = w1 * key_keep
-        if query_keep is not None:
-            w2 = w2 * query_keep
-
-        mixed = F.gelu(token_sum(w1, values))  # (B, H, d'/H, d/H): linear in N
-        out = torch.matmul(w2, mixed.to(w2.dtype))  # (B, H, M, d/H)
-        batch, _, length, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_size)
+            query_mask = mask
+        # One compute dtype for everything inside (autocast's, when it is on), and autocast off in there, so
+        # that the token sums stay in fp32 and backward recomputes exactly what forward computed.
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        h1 = [p.to(dtype) for p in (self.hyper_w1.fc1_weight, self.hyper_w1.fc1_bias, self.hyper_w1.fc2_weight, self.hyper_w1.fc2_bias)]
+        h2 = [None] * 4 if self.tied else [
+            p.to(dtype) for p in (self.hyper_w2.fc1_weight, self.hyper_w2.fc1_bias, self.hyper_w2.fc2_weight, self.hyper_w2.fc2_bias)]
+        key_pos = self._positions(x.shape[1], x)
+        query_pos = None if query is None else self._positions(query.shape[1], query)
+        with torch.autocast(device, enabled=False):
+            out = _HyperMixingFunction.apply(
+                self.num_heads, x.to(dtype), None if query is None else query.to(dtype),
+                None if key_pos is None else key_pos.to(dtype), None if query_pos is None else query_pos.to(dtype),
+                None if mask is None else mask.to(dtype), None if query_mask is None else query_mask.to(dtype),
+                *h1, *h2,
+            )
         return self.norm(out) if self.norm is not None else out
