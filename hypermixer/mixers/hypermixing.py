@@ -162,7 +162,8 @@ class _HyperMixingFunction(torch.autograd.Function):
             # W2's gradient comes from the output's, so it needs the query mask.
             grad_w2 = _masked(torch.matmul(grad_out, F.gelu(token_mix).to(grad_out.dtype).transpose(-1, -2)), query_keep)
             del grad_out
-            grad_queries, grads2 = None, []
+            grad_queries: torch.Tensor | None = None
+            grads2: list[torch.Tensor] = []
             if h2 is None:  # tied: W2 = W1 (self-mixing only); its recomputation serves W1's side too
                 pre1, hidden1, w1_raw = pre2, hidden2, w2_raw
             else:
@@ -193,7 +194,7 @@ class _HyperMixingFunction(torch.autograd.Function):
             if grad_queries is not None:
                 grad_query = _merge_heads(grad_queries)
                 grad_query_pos = grad_query.sum(0) if ctx.needs_input_grad[4] else None
-        param_grads = [g.to(p.dtype) for g, p in zip(grads1 + grads2, params)]
+        param_grads: list[torch.Tensor | None] = [g.to(p.dtype) for g, p in zip(grads1 + grads2, params)]
         if h2 is None:
             param_grads += [None] * 4
         return (None, grad_x.to(x.dtype), grad_query, grad_key_pos, grad_query_pos, None, None, *param_grads)
@@ -213,8 +214,9 @@ class HyperMixing(nn.Module):
         self.head_size = config.head_size
         self.tied = config.hypermixer_tied
         self.position = config.hypermixer_position
-        hidden = config.hypermixer_hypernet_hidden_size // config.num_heads
-        mixing = config.hypermixer_token_mixing_size // config.num_heads
+        # None resolves to hidden_size in EncoderConfig.__post_init__; `or` says so to a type checker too.
+        hidden = (config.hypermixer_hypernet_hidden_size or config.hidden_size) // config.num_heads
+        mixing = (config.hypermixer_token_mixing_size or config.hidden_size) // config.num_heads
         self.hyper_w1 = ParallelMLPs(self.num_heads, self.head_size, hidden, mixing)
         # Tied: one hypernetwork makes both W1 and W2 (no second module, so no duplicated weights on disk).
         self.hyper_w2 = None if self.tied else ParallelMLPs(self.num_heads, self.head_size, hidden, mixing)
@@ -254,8 +256,9 @@ class HyperMixing(nn.Module):
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         h1 = [p.to(dtype) for p in (self.hyper_w1.fc1_weight, self.hyper_w1.fc1_bias, self.hyper_w1.fc2_weight, self.hyper_w1.fc2_bias)]
-        h2 = [None] * 4 if self.tied else [
-            p.to(dtype) for p in (self.hyper_w2.fc1_weight, self.hyper_w2.fc1_bias, self.hyper_w2.fc2_weight, self.hyper_w2.fc2_bias)]
+        w2_net = self.hyper_w2
+        h2 = [None] * 4 if w2_net is None else [
+            p.to(dtype) for p in (w2_net.fc1_weight, w2_net.fc1_bias, w2_net.fc2_weight, w2_net.fc2_bias)]
         key_pos = self._positions(x.shape[1], x)
         query_pos = None if query is None else self._positions(query.shape[1], query)
         with torch.autocast(device, enabled=False):
