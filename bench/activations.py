@@ -23,9 +23,17 @@ def saved_per_component(mixer: str, length: int, tokens: int, hidden_size: int, 
     from hypermixer import EncoderConfig, ForMaskedLM
 
     torch.manual_seed(0)
-    config = EncoderConfig(vocab_size=8192, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
-                           intermediate_size=4 * hidden_size, mixer=mixer, max_seq_len=length, dropout=0.0,
-                           attention_dropout=0.0)
+    config = EncoderConfig(
+        vocab_size=8192,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=4,
+        intermediate_size=4 * hidden_size,
+        mixer=mixer,
+        max_seq_len=length,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = ForMaskedLM(config).train()
     ids = torch.randint(5, config.vocab_size, (max(1, tokens // length), length))
     labels = torch.where(torch.rand(ids.shape) < 0.15, ids, torch.full_like(ids, -100))
@@ -47,7 +55,7 @@ def saved_per_component(mixer: str, length: int, tokens: int, hidden_size: int, 
             module.register_forward_pre_hook(lambda *_, n=name: current.__setitem__(0, n))
             module.register_forward_hook(lambda *_: current.__setitem__(0, "rest (embeddings, final norm, MLM head)"))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, labels=labels).loss
+        model(ids, labels=labels)  # the forward is the point: its saved tensors pass through `pack`
     unit = ids.numel() * hidden_size * 4  # one N x d fp32 tensor per sequence, over the batch
     out = {name: saved.get(name, 0) / unit / num_layers for name in COMPONENTS}
     out["rest (embeddings, final norm, MLM head)"] = saved.get("rest (embeddings, final norm, MLM head)", 0) / unit
@@ -62,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     args = parser.parse_args(argv)
-    rows = {m: saved_per_component(m, args.length, args.tokens, args.hidden_size, args.num_layers)
-            for m in ("transformer", "hypermixer")}
-    print(f"Saved for backward, N={args.length}, {args.tokens:,} tokens, d={args.hidden_size}, "
-          f"{args.num_layers} layers, fp32 (N x d tensors per layer; 'rest': whole model)\n")
+    rows = {
+        m: saved_per_component(m, args.length, args.tokens, args.hidden_size, args.num_layers)
+        for m in ("transformer", "hypermixer")
+    }
+    print(
+        f"Saved for backward, N={args.length}, {args.tokens:,} tokens, d={args.hidden_size}, "
+        f"{args.num_layers} layers, fp32 (N x d tensors per layer; 'rest': whole model)\n"
+    )
     names = list(rows["transformer"])
     print("| component | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows))
     for name in names:

@@ -22,6 +22,7 @@ inside a shard: format 2 skips the blocks before it undecoded); against the sequ
 (forward + backward + AdamW of `ForMaskedLM`, the `tiny` and `base` presets at the configs' micro-batch
 sizes, on this machine's CPU, fp32) consumes, measured in the same run.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,16 +31,16 @@ import os
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "corpus" / "wikitext-2"
@@ -64,14 +65,21 @@ def make_corpus(src_dir: Path, mb: float, dst: Path) -> int:
 
 def run_pipeline(corpus: Path, tok_file: Path, out: Path, workers: int, seq_len: int, unit_mb: float) -> dict:
     from data_pipeline import BuildConfig, build, read_manifest
+
     shutil.rmtree(out, ignore_errors=True)
-    cfg = BuildConfig(inputs=[str(corpus)], out_dir=str(out), tokenizer=str(tok_file), seq_len=seq_len,
-                      unit_mb=unit_mb, shard_mb=128, validation_fraction=0.005)
+    cfg = BuildConfig(
+        inputs=[str(corpus)],
+        out_dir=str(out),
+        tokenizer=str(tok_file),
+        seq_len=seq_len,
+        unit_mb=unit_mb,
+        shard_mb=128,
+        validation_fraction=0.005,
+    )
     c0, t0 = _cpu(), time.perf_counter()
     m = read_manifest(build(cfg, workers=workers, progress=False))
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
-    return {"tokens": m["report"]["doc_tokens"], "wall_s": wall, "cpu_s": cpu,
-            "sequences": m["report"]["sequences"]}
+    return {"tokens": m["report"]["doc_tokens"], "wall_s": wall, "cpu_s": cpu, "sequences": m["report"]["sequences"]}
 
 
 def run_baseline(corpus: Path, tok_file: Path, out: Path, seq_len: int) -> dict:
@@ -80,11 +88,11 @@ def run_baseline(corpus: Path, tok_file: Path, out: Path, seq_len: int) -> dict:
 
     from data_pipeline.packing import Packer
     from data_pipeline.shards import ShardWriter
+
     datasets.disable_progress_bars()
     shutil.rmtree(out, ignore_errors=True)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
-    sp = {k: tok.convert_tokens_to_ids(v) for k, v in
-          {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]"}.items()}
+    sp = {k: tok.convert_tokens_to_ids(v) for k, v in {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]"}.items()}
     # not timed: the baseline gets its documents read and stripped, in memory
     lines = [s for s in (line.strip() for line in corpus.read_text(encoding="utf-8").split("\n")) if s]
     ds = datasets.Dataset.from_dict({"text": lines})
@@ -112,14 +120,20 @@ def shard_sizes(manifest: dict) -> dict:
     on_disk = sum(sh["bytes"] for sh in shards)
     tokens = sum(sh["tokens"] for sh in shards)
     id_bytes = sum(sh["samples"] for sh in shards) * manifest["seq_len"] * (2 if manifest["dtype"] == "uint16" else 4)
-    return {"bytes": on_disk, "tokens": tokens, "raw_id_bytes": id_bytes, "bytes_per_token": on_disk / tokens,
-            "x_raw_ids": on_disk / id_bytes}
+    return {
+        "bytes": on_disk,
+        "tokens": tokens,
+        "raw_id_bytes": id_bytes,
+        "bytes_per_token": on_disk / tokens,
+        "x_raw_ids": on_disk / id_bytes,
+    }
 
 
 def loader_speed(manifest: dict, micro_batch: int, max_batches: int) -> dict:
     """The pretrain loader in this process: sequences/s over (up to) one epoch, and seconds to the first
     batch of rank 7 of 8."""
     from pretrain.data import Layout, Masking, TrainBatches
+
     masking = Masking(manifest["special_ids"], manifest["vocab_size"])
     batches = TrainBatches(manifest, Layout(0, 1, 0, micro_batch), masking, seed=0, shuffle=True, shuffle_shards=2)
     n = min(batches.batches_per_epoch, max_batches)
@@ -140,9 +154,13 @@ def step_speed(preset: str, micro_batch: int, manifest: dict, steps: int) -> dic
 
     from hypermixer import EncoderConfig, ForMaskedLM
     from pretrain.data import Layout, Masking, TrainBatches
+
     torch.manual_seed(0)
-    model = ForMaskedLM(EncoderConfig.preset(preset, mixer="hypermixer", vocab_size=manifest["vocab_size"],
-                                             max_seq_len=manifest["seq_len"]))
+    model = ForMaskedLM(
+        EncoderConfig.preset(
+            preset, mixer="hypermixer", vocab_size=manifest["vocab_size"], max_seq_len=manifest["seq_len"]
+        )
+    )
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
     masking = Masking(manifest["special_ids"], manifest["vocab_size"])
     batches = TrainBatches(manifest, Layout(0, 1, 0, micro_batch), masking, seed=0, shuffle=False, shuffle_shards=2)
@@ -155,59 +173,98 @@ def step_speed(preset: str, micro_batch: int, manifest: dict, steps: int) -> dic
         optim.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     seconds = float(np.median(times[1:]))  # the first step warms up
-    return {"micro_batch": micro_batch, "step_s": seconds, "sequences_per_s": micro_batch / seconds,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "micro_batch": micro_batch,
+        "step_s": seconds,
+        "sequences_per_s": micro_batch / seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_shards(a, tmp: Path) -> dict:
     from data_pipeline import BuildConfig, build, read_manifest
     from data_pipeline.testing import write_format1_copy
     from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
     corpus = tmp / "shards_corpus.txt"
     size = make_corpus(a.corpus, a.shards_mb, corpus)
     sample = [line for line in (a.corpus / "valid.txt").read_text(encoding="utf-8").split("\n") if line.strip()]
     tok_file = save_tokenizer(train_tokenizer(sample, vocab_size=a.vocab_size), tmp / "shards_tok")
     builds = {}
     for block in a.blocks:
-        cfg = BuildConfig(inputs=[str(corpus)], out_dir=str(tmp / f"block{block}"), tokenizer=str(tok_file),
-                          seq_len=a.seq_len, shard_mb=a.shard_mb, block_sequences=block, validation_fraction=0.0)
+        cfg = BuildConfig(
+            inputs=[str(corpus)],
+            out_dir=str(tmp / f"block{block}"),
+            tokenizer=str(tok_file),
+            seq_len=a.seq_len,
+            shard_mb=a.shard_mb,
+            block_sequences=block,
+            validation_fraction=0.0,
+        )
         builds[f"format 2, {block} sequences per member"] = read_manifest(build(cfg, workers=1, progress=False))
     first = next(iter(builds.values()))
-    builds = {"format 1 (before): one member per sequence":
-              read_manifest(write_format1_copy(first["_root"], tmp / "format1")), **builds}
-    print(f"shards: {size / 1e6:.1f} MB of WikiText-2 (repeated), vocab {a.vocab_size}, seq_len {a.seq_len}, "
-          f"shards of ~{a.shard_mb} MB (format 2), {first['splits']['train']['samples']:,} sequences; "
-          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    builds = {
+        "format 1 (before): one member per sequence": read_manifest(
+            write_format1_copy(first["_root"], tmp / "format1")
+        ),
+        **builds,
+    }
+    print(
+        f"shards: {size / 1e6:.1f} MB of WikiText-2 (repeated), vocab {a.vocab_size}, seq_len {a.seq_len}, "
+        f"shards of ~{a.shard_mb} MB (format 2), {first['splits']['train']['samples']:,} sequences; "
+        f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rounds = {name: [] for name in builds}
     for round_ in range(a.rounds):  # interleaved, so that other load on the machine hits every format alike
         for name, m in builds.items():
             rounds[name].append(loader_speed(m, 32, a.loader_batches))
         print(f"  loader round {round_ + 1} of {a.rounds} done", flush=True)
-    rows = [{"shards": name, **shard_sizes(m),
-             **{k: float(np.median([r[k] for r in rounds[name]])) for k in rounds[name][0]},
-             "sequences_per_s_rounds": [r["sequences_per_s"] for r in rounds[name]]} for name, m in builds.items()]
+    rows = [
+        {
+            "shards": name,
+            **shard_sizes(m),
+            **{k: float(np.median([r[k] for r in rounds[name]])) for k in rounds[name][0]},
+            "sequences_per_s_rounds": [r["sequences_per_s"] for r in rounds[name]],
+        }
+        for name, m in builds.items()
+    ]
     # tiny at its config's micro-batch (16); base at 8, not its config's 32: on a CPU the step's sequences/s
     # hardly depends on the micro-batch, and 32 takes over half a minute a step here
     steps = {preset: step_speed(preset, mb, first, a.steps) for preset, mb in (("tiny", 16), ("base", 8))}
     print()
     print(f"loader: medians of {a.rounds} interleaved rounds of {a.loader_batches} micro-batches of 32")
-    print("| shards | bytes on disk | tokens | bytes/token | x raw id bytes | loader seq/s (1 core) | "
-          "x tiny step | x base step | first batch, rank 7 of 8 (s) |")
+    print(
+        "| shards | bytes on disk | tokens | bytes/token | x raw id bytes | loader seq/s (1 core) | "
+        "x tiny step | x base step | first batch, rank 7 of 8 (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shards']} | {r['bytes']:,} | {r['tokens']:,} | {r['bytes_per_token']:.3f} | "
-              f"{r['x_raw_ids']:.3f} | {r['sequences_per_s']:,.0f} | "
-              f"{r['sequences_per_s'] / steps['tiny']['sequences_per_s']:.0f} | "
-              f"{r['sequences_per_s'] / steps['base']['sequences_per_s']:.0f} | {r['first_batch_rank7_of_8_s']:.3f} |")
+        print(
+            f"| {r['shards']} | {r['bytes']:,} | {r['tokens']:,} | {r['bytes_per_token']:.3f} | "
+            f"{r['x_raw_ids']:.3f} | {r['sequences_per_s']:,.0f} | "
+            f"{r['sequences_per_s'] / steps['tiny']['sequences_per_s']:.0f} | "
+            f"{r['sequences_per_s'] / steps['base']['sequences_per_s']:.0f} | {r['first_batch_rank7_of_8_s']:.3f} |"
+        )
     print()
     print("| training step (fp32, CPU, forward + backward + AdamW) | micro-batch | s/step | seq/s | torch threads |")
     print("|---|---|---|---|---|")
     for preset, r in steps.items():
-        print(f"| {preset} | {r['micro_batch']} | {r['step_s']:.3f} | {r['sequences_per_s']:,.1f} | "
-              f"{r['torch_threads']} |")
+        print(
+            f"| {preset} | {r['micro_batch']} | {r['step_s']:.3f} | {r['sequences_per_s']:,.1f} | "
+            f"{r['torch_threads']} |"
+        )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    return {"corpus_bytes": size, "seq_len": a.seq_len, "vocab_size": a.vocab_size, "shard_mb": a.shard_mb,
-            "cpus": os.cpu_count(), "load_average_end": os.getloadavg()[0], "rows": rows, "steps": steps}
+    return {
+        "corpus_bytes": size,
+        "seq_len": a.seq_len,
+        "vocab_size": a.vocab_size,
+        "shard_mb": a.shard_mb,
+        "cpus": os.cpu_count(),
+        "load_average_end": os.getloadavg()[0],
+        "rows": rows,
+        "steps": steps,
+    }
 
 
 def main(argv=None) -> int:
@@ -256,14 +313,17 @@ def main(argv=None) -> int:
 
 def run_build(a, tmp: Path) -> dict:
     from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
     corpus = tmp / "wikitext2_repeated.txt"
     size = make_corpus(a.corpus, a.mb, corpus)
     unit_mb = a.unit_mb or max(0.5, size / (1 << 20) / 8)
     sample = [line for line in (a.corpus / "valid.txt").read_text(encoding="utf-8").split("\n") if line.strip()]
     tok_file = save_tokenizer(train_tokenizer(sample, vocab_size=a.vocab_size), tmp / "tok")
-    print(f"corpus: {size / 1e6:.1f} MB ({corpus.name}), WordPiece vocab {a.vocab_size}, seq_len {a.seq_len}, "
-          f"units of {unit_mb:.1f} MB, cpus {os.cpu_count()}, RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}",
-          flush=True)
+    print(
+        f"corpus: {size / 1e6:.1f} MB ({corpus.name}), WordPiece vocab {a.vocab_size}, seq_len {a.seq_len}, "
+        f"units of {unit_mb:.1f} MB, cpus {os.cpu_count()}, RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}",
+        flush=True,
+    )
     rows = [("baseline: datasets.map + same packing", 1, run_baseline(corpus, tok_file, tmp / "base", a.seq_len))]
     print(f"  baseline done in {rows[0][2]['wall_s']:.1f} s", flush=True)
     for w in a.workers:
@@ -274,16 +334,29 @@ def run_build(a, tmp: Path) -> dict:
     base_pc = base["tokens"] / base["cpu_s"]
     base_wall = base["tokens"] / base["wall_s"]
     print()
-    print("| run | processes | tokens | wall s | tokens/s | tokens/s per core (CPU s) | "
-          "x baseline per core | x baseline wall |")
+    print(
+        "| run | processes | tokens | wall s | tokens/s | tokens/s per core (CPU s) | "
+        "x baseline per core | x baseline wall |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for name, w, r in rows:
         tps, pc = r["tokens"] / r["wall_s"], r["tokens"] / r["cpu_s"]
-        results.append({"run": name, "processes": w, **r, "tokens_per_s": tps, "tokens_per_cpu_s": pc,
-                        "ratio_per_core": pc / base_pc, "ratio_wall": tps / base_wall})
-        print(f"| {name} | {w} | {r['tokens']:,} | {r['wall_s']:.1f} | {tps:,.0f} | {pc:,.0f} | "
-              f"{pc / base_pc:.2f} | {tps / base_wall:.2f} |")
+        results.append(
+            {
+                "run": name,
+                "processes": w,
+                **r,
+                "tokens_per_s": tps,
+                "tokens_per_cpu_s": pc,
+                "ratio_per_core": pc / base_pc,
+                "ratio_wall": tps / base_wall,
+            }
+        )
+        print(
+            f"| {name} | {w} | {r['tokens']:,} | {r['wall_s']:.1f} | {tps:,.0f} | {pc:,.0f} | "
+            f"{pc / base_pc:.2f} | {tps / base_wall:.2f} |"
+        )
     if len({r["tokens"] for _, _, r in rows}) != 1:
         print("note: token counts differ (data_pipeline applies NFC normalisation; the baseline does not)")
     return {"corpus_bytes": size, "results": results}

@@ -23,11 +23,18 @@ H100_BF16_TFLOPS = 989.0
 
 def cells(quick: bool) -> tuple[list[dict], list[dict]]:
     steps = dict(steps=3 if quick else 10, warmup=2 if quick else 3)
-    base = [dict(mixer=m, length=n, device="cuda", dtype="bf16", tokens_per_step=65536, compile=c, **BASE, **steps)
-            for c in (False, True) for n in (128, 512) for m in ("transformer", "hypermixer")]
+    base = [
+        dict(mixer=m, length=n, device="cuda", dtype="bf16", tokens_per_step=65536, compile=c, **BASE, **steps)
+        for c in (False, True)
+        for n in (128, 512)
+        for m in ("transformer", "hypermixer")
+    ]
     lengths = [512, 2048, 8192, 32768] if quick else [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
-    long = [dict(mixer=m, length=n, device="cuda", dtype="bf16", tokens_per_step=65536, **LONG, **steps)
-            for n in lengths for m in ("transformer", "hypermixer")]
+    long = [
+        dict(mixer=m, length=n, device="cuda", dtype="bf16", tokens_per_step=65536, **LONG, **steps)
+        for n in lengths
+        for m in ("transformer", "hypermixer")
+    ]
     return base, long
 
 
@@ -49,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         for cell in group:
             rows.append(measure(cell, args.timeout))
             status = rows[-1].get("error") or f"{rows[-1]['tokens_per_s']:,.0f} tokens/s"
-            print(f"  {cell['mixer']:>11} @ {cell['length']:>5}{' compiled' if cell.get('compile') else ''}: {status}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {cell['mixer']:>11} @ {cell['length']:>5}{' compiled' if cell.get('compile') else ''}: {status}",
+                file=sys.stderr,
+                flush=True,
+            )
         print(f"\n{title}, 65,536 tokens per step\n")
         for compiled in sorted({bool(r.get("compile")) for r in rows}):
             if title.startswith("base"):

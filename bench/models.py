@@ -48,9 +48,15 @@ def run_cell(cell: dict) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cell["dtype"]]
     length = cell["length"]
     config = EncoderConfig(
-        vocab_size=cell["vocab_size"], hidden_size=cell["hidden_size"], num_layers=cell["num_layers"],
-        num_heads=cell["num_heads"], intermediate_size=4 * cell["hidden_size"], mixer=cell["mixer"],
-        max_seq_len=length, dropout=0.0, attention_dropout=cell.get("attention_dropout", 0.0),
+        vocab_size=cell["vocab_size"],
+        hidden_size=cell["hidden_size"],
+        num_layers=cell["num_layers"],
+        num_heads=cell["num_heads"],
+        intermediate_size=4 * cell["hidden_size"],
+        mixer=cell["mixer"],
+        max_seq_len=length,
+        dropout=0.0,
+        attention_dropout=cell.get("attention_dropout", 0.0),
     )
     model = ForMaskedLM(config).to(device).train()
     forward = model
@@ -97,9 +103,15 @@ def run_cell(cell: dict) -> dict:
         step_mem = _live_step_memory_mib(step)
     tokens = batch_size * length
     return {
-        "compile": bool(cell.get("compile")), "mixer": cell["mixer"], "length": length, "batch_size": batch_size,
-        "attention_dropout": config.attention_dropout, "step_s": step_s,
-        "tokens_per_s": tokens / step_s, "tokens_per_cpu_s": tokens / cpu_s, "step_mem_mib": step_mem,
+        "compile": bool(cell.get("compile")),
+        "mixer": cell["mixer"],
+        "length": length,
+        "batch_size": batch_size,
+        "attention_dropout": config.attention_dropout,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "tokens_per_cpu_s": tokens / cpu_s,
+        "step_mem_mib": step_mem,
         "rss_peak_default_malloc_mib": rss_peak,
         "tflops": tokens / step_s * flops_per_token(config, length, mlm_fraction=0.15) / 1e12,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -136,32 +148,44 @@ def measure(cell: dict, timeout_s: float) -> dict:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.models", "--cell", json.dumps(cell)],
-            capture_output=True, text=True, timeout=timeout_s, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {**cell, "error": f"timeout ({timeout_s:.0f}s)"}
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["killed"])[-1]
-        return {**cell, "error": "out of memory" if "out of memory" in last.lower() or proc.returncode < 0 else last[:60]}
+        return {
+            **cell,
+            "error": "out of memory" if "out of memory" in last.lower() or proc.returncode < 0 else last[:60],
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def format_table(rows: list[dict], peak_tflops: float | None) -> str:
     by_key = {(r["mixer"], r["length"]): r for r in rows}
-    header = ("| mixer | seq len | batch | tokens/s | vs transformer | tokens/CPU-s | vs transformer | step s "
-              "| step mem MiB | mem vs transformer | peak RSS MiB (default malloc) | TFLOP/s |")
+    header = (
+        "| mixer | seq len | batch | tokens/s | vs transformer | tokens/CPU-s | vs transformer | step s "
+        "| step mem MiB | mem vs transformer | peak RSS MiB (default malloc) | TFLOP/s |"
+    )
     if peak_tflops:
         header += " MFU |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in sorted(rows, key=lambda r: (r["length"], MIXERS.index(r["mixer"]))):
         if "error" in row:
-            lines.append(f"| {row['mixer']} | {row['length']} | | {row['error']} |" + " |" * 8 + (" |" if peak_tflops else ""))
+            lines.append(
+                f"| {row['mixer']} | {row['length']} | | {row['error']} |" + " |" * 8 + (" |" if peak_tflops else "")
+            )
             continue
         ref = by_key.get(("transformer", row["length"]))
         ok = ref is not None and "error" not in ref
         speed = f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ok else "-"
         per_cpu = row.get("tokens_per_cpu_s")
-        cpu_speed = f"{per_cpu / ref['tokens_per_cpu_s']:.2f}x" if ok and per_cpu and ref.get("tokens_per_cpu_s") else "-"
+        cpu_speed = (
+            f"{per_cpu / ref['tokens_per_cpu_s']:.2f}x" if ok and per_cpu and ref.get("tokens_per_cpu_s") else "-"
+        )
         mem = f"{row['step_mem_mib'] / ref['step_mem_mib']:.2f}x" if ok and ref["step_mem_mib"] > 0 else "-"
         line = (
             f"| {row['mixer']} | {row['length']} | {row['batch_size']} | {row['tokens_per_s']:,.0f} | {speed} | "
@@ -187,19 +211,28 @@ def summary_lines(rows: list[dict], mixer: str = "hypermixer") -> list[str]:
     for length in sorted({r["length"] for r in rows}):
         a, ref = by_key.get((mixer, length)), by_key.get(("transformer", length))
         if a and ref:
-            cpu = (f" (per CPU-second {a['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}x)"
-                   if a.get("tokens_per_cpu_s") and ref.get("tokens_per_cpu_s") else "")
-            out.append(f"N={length}: {mixer}/transformer tokens/s {a['tokens_per_s'] / ref['tokens_per_s']:.2f}x{cpu}, "
-                       f"step memory {a['step_mem_mib'] / ref['step_mem_mib']:.2f}x")
+            cpu = (
+                f" (per CPU-second {a['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}x)"
+                if a.get("tokens_per_cpu_s") and ref.get("tokens_per_cpu_s")
+                else ""
+            )
+            out.append(
+                f"N={length}: {mixer}/transformer tokens/s {a['tokens_per_s'] / ref['tokens_per_s']:.2f}x{cpu}, "
+                f"step memory {a['step_mem_mib'] / ref['step_mem_mib']:.2f}x"
+            )
         elif a:
-            out.append(f"N={length}: transformer {next((r['error'] for r in rows if r['mixer'] == 'transformer' and r['length'] == length and 'error' in r), 'not run')}")
+            out.append(
+                f"N={length}: transformer {next((r['error'] for r in rows if r['mixer'] == 'transformer' and r['length'] == length and 'error' in r), 'not run')}"
+            )
     own = [r for (m, _), r in sorted(by_key.items()) if m == mixer]
     if len(own) > 1:
         speeds, mems = [r["tokens_per_s"] for r in own], [r["step_mem_mib"] for r in own]
         per_cpu = [r["tokens_per_cpu_s"] for r in own if r.get("tokens_per_cpu_s")]
         cpu = f" (per CPU-second {min(per_cpu) / max(per_cpu):.2f})" if len(per_cpu) == len(own) else ""
-        out.append(f"{mixer} across N={own[0]['length']}..{own[-1]['length']}: tokens/s min/max {min(speeds) / max(speeds):.2f}"
-                   f"{cpu}, step memory max/min {max(mems) / min(mems):.2f}")
+        out.append(
+            f"{mixer} across N={own[0]['length']}..{own[-1]['length']}: tokens/s min/max {min(speeds) / max(speeds):.2f}"
+            f"{cpu}, step memory max/min {max(mems) / min(mems):.2f}"
+        )
     return out
 
 
@@ -209,17 +242,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--mixers", nargs="+", default=DEFAULT_MIXERS, choices=MIXERS)
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help=f"default {DEFAULT_LENGTHS}")
-    parser.add_argument("--attention-dropout", nargs="+", type=float, default=[0.0],
-                        help="one table per value; 0 (default) is SDPA's fused path, > 0 its N x N math path on CPU")
+    parser.add_argument(
+        "--attention-dropout",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="one table per value; 0 (default) is SDPA's fused path, > 0 its N x N math path on CPU",
+    )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--tokens-per-step", type=int, default=16384, help="batch = tokens-per-step // length, at least 1")
+    parser.add_argument(
+        "--tokens-per-step", type=int, default=16384, help="batch = tokens-per-step // length, at least 1"
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100 bf16 on cuda)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per cell; a cell over it prints 'timeout'")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100 bf16 on cuda)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds per cell; a cell over it prints 'timeout'"
+    )
     parser.add_argument("--quick", action="store_true", help="lengths 512 and 1024, one step")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
@@ -239,9 +283,17 @@ def main(argv: list[str] | None = None) -> int:
                 key = (mixer, length, p if mixer == "transformer" else None)
                 if key not in measured:
                     cell = dict(
-                        mixer=mixer, length=length, device=args.device, dtype=args.dtype, hidden_size=args.hidden_size,
-                        num_layers=args.num_layers, num_heads=args.num_heads, vocab_size=args.vocab_size,
-                        tokens_per_step=args.tokens_per_step, steps=1 if args.quick else args.steps, warmup=args.warmup,
+                        mixer=mixer,
+                        length=length,
+                        device=args.device,
+                        dtype=args.dtype,
+                        hidden_size=args.hidden_size,
+                        num_layers=args.num_layers,
+                        num_heads=args.num_heads,
+                        vocab_size=args.vocab_size,
+                        tokens_per_step=args.tokens_per_step,
+                        steps=1 if args.quick else args.steps,
+                        warmup=args.warmup,
                         attention_dropout=p,
                     )
                     measured[key] = measure(cell, args.timeout)
@@ -256,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             f"layers={args.num_layers}, heads={args.num_heads}, vocab={args.vocab_size}, {args.tokens_per_step:,} tokens/step"
             + (f" (N >= {one[0]}: one sequence of N tokens)" if one else "")
             + f", {args.device} {args.dtype}, torch threads={threads}, dropout 0, attention dropout {p}"
-            + (" (SDPA fused path)" if p == 0 else " (SDPA math path on CPU: N x N stored)") + "\n"
+            + (" (SDPA fused path)" if p == 0 else " (SDPA math path on CPU: N x N stored)")
+            + "\n"
         )
         print(format_table(rows, peak))
         print("\n" + "\n".join(summary_lines(rows)))

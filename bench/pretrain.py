@@ -42,8 +42,11 @@ def corpus_files(corpus: str | None) -> tuple[Path, Path, str]:
     if corpus:
         return Path(corpus), Path(corpus), f"{corpus} (no held-out text: validation on the training text)"
     if (SHARED_WIKITEXT / "valid.txt").is_file():
-        return SHARED_WIKITEXT / "valid.txt", SHARED_WIKITEXT / "test.txt", \
-            "WikiText-2 raw (train on valid.txt, held out: test.txt)"
+        return (
+            SHARED_WIKITEXT / "valid.txt",
+            SHARED_WIKITEXT / "test.txt",
+            "WikiText-2 raw (train on valid.txt, held out: test.txt)",
+        )
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / "generated.txt"
     rng = random.Random(0)
@@ -59,9 +62,19 @@ def shards(text: Path, seq_len: int, name: str, tokenizer: Path | None = None) -
 
     out = WORK / f"{name}-{seq_len}"
     if not (out / "manifest.json").is_file():
-        build(BuildConfig(inputs=[str(text)], out_dir=str(out), vocab_size=8192, seq_len=seq_len,
-                          validation_fraction=0.0, shard_mb=0.5, tokenizer=str(tokenizer) if tokenizer else None),
-              workers=1, progress=False)
+        build(
+            BuildConfig(
+                inputs=[str(text)],
+                out_dir=str(out),
+                vocab_size=8192,
+                seq_len=seq_len,
+                validation_fraction=0.0,
+                shard_mb=0.5,
+                tokenizer=str(tokenizer) if tokenizer else None,
+            ),
+            workers=1,
+            progress=False,
+        )
     return out
 
 
@@ -76,14 +89,22 @@ def launch(run_dir: Path, sets: list[str], procs: int, timeout: int, env: dict[s
     if procs == 1:
         command = [sys.executable, str(ROOT / "pretrain" / "main.py"), *tail]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                   str(ROOT / "pretrain" / "main.py"), *tail]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            str(ROOT / "pretrain" / "main.py"),
+            *tail,
+        ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
     environment.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
-                           f"{result.stderr[-4000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        )
     return read_metrics(run_dir)
 
 
@@ -110,41 +131,87 @@ def throughput(args: argparse.Namespace) -> dict:
         for cell in cells:  # interleaved: the two mixers of a (length, processes) pair run back to back
             key = (cell["seq_len"], cell["procs"], cell["mixer"])
             stage = 0 if cell["procs"] == 1 else 2
-            sets = [f"data.path={cell['data']}", f"model.mixer={cell['mixer']}", f"optim.total_steps={args.steps}",
-                    "optim.warmup_steps=1", f"batch.global_batch_size={cell['batch']}",
-                    f"batch.micro_batch_size={cell['batch'] // cell['procs']}", f"logging.every_steps={args.log_every}",
-                    "eval.every_steps=0", "eval.max_samples=8", "checkpoint.every_steps=0", "checkpoint.keep_last=1",
-                    "logging.wandb.mode=disabled", "data.num_workers=1", "model.dropout=0.0",
-                    f"deepspeed.zero_optimization.stage={stage}"]
+            sets = [
+                f"data.path={cell['data']}",
+                f"model.mixer={cell['mixer']}",
+                f"optim.total_steps={args.steps}",
+                "optim.warmup_steps=1",
+                f"batch.global_batch_size={cell['batch']}",
+                f"batch.micro_batch_size={cell['batch'] // cell['procs']}",
+                f"logging.every_steps={args.log_every}",
+                "eval.every_steps=0",
+                "eval.max_samples=8",
+                "checkpoint.every_steps=0",
+                "checkpoint.keep_last=1",
+                "logging.wandb.mode=disabled",
+                "data.num_workers=1",
+                "model.dropout=0.0",
+                f"deepspeed.zero_optimization.stage={stage}",
+            ]
             run_dir = WORK / "throughput" / f"r{round_index}-{cell['seq_len']}-{cell['procs']}-{cell['mixer']}"
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
             rate = steady_tokens_per_s(launch(run_dir, sets, cell["procs"], timeout=1800))
             results.setdefault(key, []).append(rate)
-            print(f"round {round_index + 1}/{args.rounds}: seq {key[0]}, {key[1]} process(es), {key[2]}: "
-                  f"{rate:,.0f} tokens/s", flush=True)
+            print(
+                f"round {round_index + 1}/{args.rounds}: seq {key[0]}, {key[1]} process(es), {key[2]}: "
+                f"{rate:,.0f} tokens/s",
+                flush=True,
+            )
     rows = []
     for (seq_len, procs, mixer), rates in sorted(results.items()):
-        rows.append({"seq_len": seq_len, "procs": procs, "mixer": mixer, "tokens_per_s_median": statistics.median(rates),
-                     "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates), "rounds": rates})
+        rows.append(
+            {
+                "seq_len": seq_len,
+                "procs": procs,
+                "mixer": mixer,
+                "tokens_per_s_median": statistics.median(rates),
+                "tokens_per_s_min": min(rates),
+                "tokens_per_s_max": max(rates),
+                "rounds": rates,
+            }
+        )
     ratios = []
     for seq_len in args.seq_lens:
         for procs in (1, 2):
-            per_round = [h / t for h, t in zip(results[(seq_len, procs, "hypermixer")],
-                                               results[(seq_len, procs, "transformer")])]
-            ratios.append({"seq_len": seq_len, "what": f"hypermixer / transformer, {procs} process(es)",
-                           "median": statistics.median(per_round), "rounds": per_round})
+            per_round = [
+                h / t for h, t in zip(results[(seq_len, procs, "hypermixer")], results[(seq_len, procs, "transformer")])
+            ]
+            ratios.append(
+                {
+                    "seq_len": seq_len,
+                    "what": f"hypermixer / transformer, {procs} process(es)",
+                    "median": statistics.median(per_round),
+                    "rounds": per_round,
+                }
+            )
         for mixer in MIXERS:
             per_round = [two / one for two, one in zip(results[(seq_len, 2, mixer)], results[(seq_len, 1, mixer)])]
-            ratios.append({"seq_len": seq_len, "what": f"2 processes ZeRO-2 / 1 process, {mixer}",
-                           "median": statistics.median(per_round), "rounds": per_round})
-    report = {"corpus": described, "model": "tiny preset (d=128, 4 layers, 2 heads, MLP 512), fp32, vocab 8192",
-              "tokens_per_step": args.tokens_per_step, "steps": args.steps, "rounds": args.rounds,
-              "threads_per_process": 1, "cpu_count": os.cpu_count(), "rows": rows, "ratios": ratios}
+            ratios.append(
+                {
+                    "seq_len": seq_len,
+                    "what": f"2 processes ZeRO-2 / 1 process, {mixer}",
+                    "median": statistics.median(per_round),
+                    "rounds": per_round,
+                }
+            )
+    report = {
+        "corpus": described,
+        "model": "tiny preset (d=128, 4 layers, 2 heads, MLP 512), fp32, vocab 8192",
+        "tokens_per_step": args.tokens_per_step,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "threads_per_process": 1,
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+        "ratios": ratios,
+    }
     print(f"\ntraining tokens/s on CPU ({os.cpu_count()} cores, 1 thread per process); {described}")
     print(f"{'seq':>5} {'procs':>5} {'mixer':<12} {'tokens/s (median)':>18} {'range':>22}")
     for r in rows:
-        print(f"{r['seq_len']:>5} {r['procs']:>5} {r['mixer']:<12} {r['tokens_per_s_median']:>18,.0f} "
-              f"{r['tokens_per_s_min']:>10,.0f} - {r['tokens_per_s_max']:<10,.0f}")
+        print(
+            f"{r['seq_len']:>5} {r['procs']:>5} {r['mixer']:<12} {r['tokens_per_s_median']:>18,.0f} "
+            f"{r['tokens_per_s_min']:>10,.0f} - {r['tokens_per_s_max']:<10,.0f}"
+        )
     print(f"\n{'seq':>5}  {'ratio':<44} {'median':>7}  per round")
     for r in ratios:
         print(f"{r['seq_len']:>5}  {r['what']:<44} {r['median']:>7.2f}  {', '.join(f'{x:.2f}' for x in r['rounds'])}")
@@ -162,11 +229,19 @@ def wikitext(args: argparse.Namespace) -> dict:
     for mixer in MIXERS:
         run_dir = WORK / "wikitext" / mixer
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        sets = [f"data.path={train}", f"data.validation_path={heldout}", "data.validation_split=train",
-                f"model.mixer={mixer}", f"optim.total_steps={args.steps}",
-                f"optim.warmup_steps={min(100, args.steps // 8)}", f"eval.every_steps={args.eval_every}",
-                f"eval.max_samples={args.eval_samples}", "logging.every_steps=10", "checkpoint.every_steps=0",
-                "logging.wandb.mode=offline"]
+        sets = [
+            f"data.path={train}",
+            f"data.validation_path={heldout}",
+            "data.validation_split=train",
+            f"model.mixer={mixer}",
+            f"optim.total_steps={args.steps}",
+            f"optim.warmup_steps={min(100, args.steps // 8)}",
+            f"eval.every_steps={args.eval_every}",
+            f"eval.max_samples={args.eval_samples}",
+            "logging.every_steps=10",
+            "checkpoint.every_steps=0",
+            "logging.wandb.mode=offline",
+        ]
         began = time.monotonic()
         records = launch(run_dir, sets, 1, timeout=7200)
         seconds = time.monotonic() - began
@@ -174,22 +249,38 @@ def wikitext(args: argparse.Namespace) -> dict:
         trains = [r for r in records if r["kind"] == "train"]
         curves[mixer] = {
             "wall_seconds": seconds,
-            "steps": [r["step"] for r in evals], "val_loss": [r["loss"] for r in evals],
-            "val_accuracy": [r["accuracy"] for r in evals], "val_masked_tokens": evals[-1]["masked_tokens"],
-            "train_steps": [r["step"] for r in trains], "train_loss": [r["loss"] for r in trains],
+            "steps": [r["step"] for r in evals],
+            "val_loss": [r["loss"] for r in evals],
+            "val_accuracy": [r["accuracy"] for r in evals],
+            "val_masked_tokens": evals[-1]["masked_tokens"],
+            "train_steps": [r["step"] for r in trains],
+            "train_loss": [r["loss"] for r in trains],
             "tokens_per_s": steady_tokens_per_s(records),
         }
-        print(f"{mixer}: {seconds / 60:.1f} min; final held-out loss {evals[-1]['loss']:.4f}, accuracy "
-              f"{evals[-1]['accuracy']:.4f}; best loss {min(c for c in curves[mixer]['val_loss']):.4f}", flush=True)
-    report = {"corpus": described, "config": "tiny (shipped), 1 process, fp32, ZeRO-2", "steps": args.steps,
-              "eval_every": args.eval_every, "eval_samples": args.eval_samples, "curves": curves}
+        print(
+            f"{mixer}: {seconds / 60:.1f} min; final held-out loss {evals[-1]['loss']:.4f}, accuracy "
+            f"{evals[-1]['accuracy']:.4f}; best loss {min(c for c in curves[mixer]['val_loss']):.4f}",
+            flush=True,
+        )
+    report = {
+        "corpus": described,
+        "config": "tiny (shipped), 1 process, fp32, ZeRO-2",
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "eval_samples": args.eval_samples,
+        "curves": curves,
+    }
     plot(report, RESULTS / "pretrain_wikitext2_tiny.png")
-    print(f"\n{'mixer':<12} {'final val loss':>15} {'final val acc':>14} {'best val loss':>14} {'at step':>8} "
-          f"{'tokens/s':>9} {'minutes':>8}")
+    print(
+        f"\n{'mixer':<12} {'final val loss':>15} {'final val acc':>14} {'best val loss':>14} {'at step':>8} "
+        f"{'tokens/s':>9} {'minutes':>8}"
+    )
     for mixer, c in curves.items():
         best = min(range(len(c["val_loss"])), key=c["val_loss"].__getitem__)
-        print(f"{mixer:<12} {c['val_loss'][-1]:>15.4f} {c['val_accuracy'][-1]:>14.4f} {c['val_loss'][best]:>14.4f} "
-              f"{c['steps'][best]:>8} {c['tokens_per_s']:>9,.0f} {c['wall_seconds'] / 60:>8.1f}")
+        print(
+            f"{mixer:<12} {c['val_loss'][-1]:>15.4f} {c['val_accuracy'][-1]:>14.4f} {c['val_loss'][best]:>14.4f} "
+            f"{c['steps'][best]:>8} {c['tokens_per_s']:>9,.0f} {c['wall_seconds'] / 60:>8.1f}"
+        )
     return report
 
 
@@ -227,16 +318,34 @@ def gpu(args: argparse.Namespace) -> dict:
         for mixer in MIXERS:
             run_dir = WORK / "gpu" / f"{seq_len}-{mixer}"
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-            sets = [f"data.path={data}", "model.preset=base", f"model.mixer={mixer}", "precision=bf16",
-                    f"optim.total_steps={args.steps}", "optim.warmup_steps=1", f"batch.global_batch_size={micro}",
-                    f"batch.micro_batch_size={micro}", f"logging.every_steps={args.log_every}", "eval.every_steps=0",
-                    "eval.max_samples=8", "checkpoint.every_steps=0", "logging.wandb.mode=disabled",
-                    "data.num_workers=2", "deepspeed.zero_optimization.stage=0"]
+            sets = [
+                f"data.path={data}",
+                "model.preset=base",
+                f"model.mixer={mixer}",
+                "precision=bf16",
+                f"optim.total_steps={args.steps}",
+                "optim.warmup_steps=1",
+                f"batch.global_batch_size={micro}",
+                f"batch.micro_batch_size={micro}",
+                f"logging.every_steps={args.log_every}",
+                "eval.every_steps=0",
+                "eval.max_samples=8",
+                "checkpoint.every_steps=0",
+                "logging.wandb.mode=disabled",
+                "data.num_workers=2",
+                "deepspeed.zero_optimization.stage=0",
+            ]
             records = [r for r in launch(run_dir, sets, 1, timeout=1800) if r["kind"] == "train"][1:]
-            rows.append({"seq_len": seq_len, "mixer": mixer, "micro_batch": micro,
-                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-                         "tflops_per_device": statistics.median(r["tflops_per_device"] for r in records),
-                         "mfu": statistics.median(r["mfu"] for r in records) if records[0]["mfu"] is not None else None})
+            rows.append(
+                {
+                    "seq_len": seq_len,
+                    "mixer": mixer,
+                    "micro_batch": micro,
+                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+                    "tflops_per_device": statistics.median(r["tflops_per_device"] for r in records),
+                    "mfu": statistics.median(r["mfu"] for r in records) if records[0]["mfu"] is not None else None,
+                }
+            )
             print(rows[-1], flush=True)
     return {"corpus": described, "rows": rows}
 

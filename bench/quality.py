@@ -74,17 +74,36 @@ class Size:
 
 
 FULL = Size(
-    steps=800, global_batch=64, eval_every=100, eval_samples=1024, vocab_size=8192, procs=2,
-    tasks=(TaskRecipe("SST-2", 1e-3, 1, 64, max_train_examples=20_000),
-           TaskRecipe("CoLA", 1e-3, 2, 64, max_train_examples=4_000),
-           TaskRecipe("MRPC", 5e-4, 2, 128), TaskRecipe("RTE", 5e-4, 2, 128)),
-    seeds=(0, 1, 2), sweep_lrs=(1e-3, 4e-3), sweep_steps=300,
+    steps=800,
+    global_batch=64,
+    eval_every=100,
+    eval_samples=1024,
+    vocab_size=8192,
+    procs=2,
+    tasks=(
+        TaskRecipe("SST-2", 1e-3, 1, 64, max_train_examples=20_000),
+        TaskRecipe("CoLA", 1e-3, 2, 64, max_train_examples=4_000),
+        TaskRecipe("MRPC", 5e-4, 2, 128),
+        TaskRecipe("RTE", 5e-4, 2, 128),
+    ),
+    seeds=(0, 1, 2),
+    sweep_lrs=(1e-3, 4e-3),
+    sweep_steps=300,
 )
 QUICK = Size(
-    steps=12, global_batch=16, eval_every=6, eval_samples=64, vocab_size=1024, procs=1,
-    tasks=(TaskRecipe("SST-2", 3e-3, 1, 32, max_train_examples=128), TaskRecipe("MRPC", 3e-3, 1, 64,
-                                                                                max_train_examples=64)),
-    seeds=(0, 1), sweep_lrs=(4e-3,), sweep_steps=6,
+    steps=12,
+    global_batch=16,
+    eval_every=6,
+    eval_samples=64,
+    vocab_size=1024,
+    procs=1,
+    tasks=(
+        TaskRecipe("SST-2", 3e-3, 1, 32, max_train_examples=128),
+        TaskRecipe("MRPC", 3e-3, 1, 64, max_train_examples=64),
+    ),
+    seeds=(0, 1),
+    sweep_lrs=(4e-3,),
+    sweep_steps=6,
     model_sets=("model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64"),
 )
 
@@ -131,28 +150,49 @@ def build_data(corpus: list[Path], heldout: Path, out: Path, size: Size) -> tupl
     if not (train / "manifest.json").is_file():
         build(BuildConfig(inputs=[str(p) for p in corpus], out_dir=str(train), **common), workers=1, progress=False)
     if not (held / "manifest.json").is_file():
-        build(BuildConfig(inputs=[str(heldout)], out_dir=str(held), tokenizer=str(train / "tokenizer.json"),
-                          **common), workers=1, progress=False)
+        build(
+            BuildConfig(inputs=[str(heldout)], out_dir=str(held), tokenizer=str(train / "tokenizer.json"), **common),
+            workers=1,
+            progress=False,
+        )
     return train, held
 
 
-def pretrain_sets(size: Size, data: Path, heldout: Path, run_dir: Path, mixer: str, steps: int,
-                  lr: float | None) -> list[str]:
-    sets = [f"data.path={data}", f"data.validation_path={heldout}", "data.validation_split=train",
-            f"model.mixer={'transformer' if mixer == 'bert-hf' else mixer}", f"optim.total_steps={steps}",
-            f"optim.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
-            f"batch.global_batch_size={size.global_batch}",
-            f"batch.micro_batch_size={size.global_batch // size.procs}",
-            f"eval.every_steps={size.eval_every}", f"eval.max_samples={size.eval_samples}",
-            f"checkpoint.every_steps={steps}", "logging.wandb.mode=disabled", f"output_dir={run_dir}",
-            *size.model_sets]
+def pretrain_sets(
+    size: Size, data: Path, heldout: Path, run_dir: Path, mixer: str, steps: int, lr: float | None
+) -> list[str]:
+    sets = [
+        f"data.path={data}",
+        f"data.validation_path={heldout}",
+        "data.validation_split=train",
+        f"model.mixer={'transformer' if mixer == 'bert-hf' else mixer}",
+        f"optim.total_steps={steps}",
+        f"optim.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
+        f"batch.global_batch_size={size.global_batch}",
+        f"batch.micro_batch_size={size.global_batch // size.procs}",
+        f"eval.every_steps={size.eval_every}",
+        f"eval.max_samples={size.eval_samples}",
+        f"checkpoint.every_steps={steps}",
+        "logging.wandb.mode=disabled",
+        f"output_dir={run_dir}",
+        *size.model_sets,
+    ]
     if lr is not None:
         sets.append(f"optim.lr={lr}")
     return sets
 
 
-def pretrain(name: str, mixer: str, size: Size, data: Path, heldout: Path, out: Path, steps: int,
-             lr: float | None = None, extra_sets: tuple[str, ...] = ()) -> dict:
+def pretrain(
+    name: str,
+    mixer: str,
+    size: Size,
+    data: Path,
+    heldout: Path,
+    out: Path,
+    steps: int,
+    lr: float | None = None,
+    extra_sets: tuple[str, ...] = (),
+) -> dict:
     """One pretraining run (reused when its run_status says completed); returns its curve."""
     from pretrain.metrics import read_metrics
 
@@ -162,10 +202,22 @@ def pretrain(name: str, mixer: str, size: Size, data: Path, heldout: Path, out: 
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         script = ["--module", "bench.reference_bert"] if mixer == "bert-hf" else [str(ROOT / "pretrain" / "main.py")]
         # torchrun even for one process: --standalone finds its own free port (no race between runs)
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={size.procs}", *script]
-        command = [*launcher, "--config", RECIPE, "--set", *pretrain_sets(size, data, heldout, run_dir, mixer, steps, lr),
-                   *extra_sets]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={size.procs}",
+            *script,
+        ]
+        command = [
+            *launcher,
+            "--config",
+            RECIPE,
+            "--set",
+            *pretrain_sets(size, data, heldout, run_dir, mixer, steps, lr),
+            *extra_sets,
+        ]
         log(f"pretraining {name}: {steps} steps ({'$ ' + ' '.join(command)})")
         began = time.monotonic()
         run_command(command, out / "logs" / f"pretrain-{name}.log", threads=2 // size.procs or 1)
@@ -175,10 +227,17 @@ def pretrain(name: str, mixer: str, size: Size, data: Path, heldout: Path, out: 
     trains = [r for r in records if r["kind"] == "train"]
     windows = trains[1:] or trains  # the first window includes start-up
     return {
-        "name": name, "mixer": mixer, "lr": lr, "steps": steps, "run_dir": str(run_dir),
-        "parameters": _parameters(run_dir), "tokens": [r["tokens"] for r in evals],
-        "train_seconds": [r["train_seconds"] for r in evals], "loss": [r["loss"] for r in evals],
-        "accuracy": [r["accuracy"] for r in evals], "masked_tokens": evals[-1]["masked_tokens"],
+        "name": name,
+        "mixer": mixer,
+        "lr": lr,
+        "steps": steps,
+        "run_dir": str(run_dir),
+        "parameters": _parameters(run_dir),
+        "tokens": [r["tokens"] for r in evals],
+        "train_seconds": [r["train_seconds"] for r in evals],
+        "loss": [r["loss"] for r in evals],
+        "accuracy": [r["accuracy"] for r in evals],
+        "masked_tokens": evals[-1]["masked_tokens"],
         "tokens_per_s": len(windows) / sum(1.0 / r["tokens_per_s"] for r in windows),
         "minutes": evals[-1]["train_seconds"] / 60,
     }
@@ -195,8 +254,10 @@ def _parameters(run_dir: Path) -> int | None:
 def export(name: str, out: Path) -> Path:
     release = out / "releases" / name
     if not (release / "model.safetensors").is_file():
-        run_command([sys.executable, "-m", "pretrain.export", str(out / "pretrain" / name), str(release)],
-                    out / "logs" / f"export-{name}.log")
+        run_command(
+            [sys.executable, "-m", "pretrain.export", str(out / "pretrain" / name), str(release)],
+            out / "logs" / f"export-{name}.log",
+        )
     return release
 
 
@@ -204,19 +265,51 @@ def finetune(release: Path, recipe: TaskRecipe, init: str, seed: int, glue: Path
     run_dir = out / "finetune" / f"{release.name}-{init}-{recipe.task}-s{seed}"
     result = run_dir / "result.json"
     if not result.is_file():
-        command = [sys.executable, "-m", "finetune", "train", "--release", str(release), "--task", recipe.task,
-                   "--output-dir", str(run_dir), "--glue-dir", str(glue), "--lr", str(recipe.lr),
-                   "--batch-size", str(recipe.batch_size), "--seed", str(seed), "--epochs", str(recipe.epochs),
-                   "--max-seq-len", str(recipe.max_seq_len), "--device", "cpu", "--no-save-model", "--no-predict",
-                   "--no-progress"]
+        command = [
+            sys.executable,
+            "-m",
+            "finetune",
+            "train",
+            "--release",
+            str(release),
+            "--task",
+            recipe.task,
+            "--output-dir",
+            str(run_dir),
+            "--glue-dir",
+            str(glue),
+            "--lr",
+            str(recipe.lr),
+            "--batch-size",
+            str(recipe.batch_size),
+            "--seed",
+            str(seed),
+            "--epochs",
+            str(recipe.epochs),
+            "--max-seq-len",
+            str(recipe.max_seq_len),
+            "--device",
+            "cpu",
+            "--no-save-model",
+            "--no-predict",
+            "--no-progress",
+        ]
         if recipe.max_train_examples:
             command += ["--max-train-examples", str(recipe.max_train_examples)]
         if init == "scratch":
             command.append("--from-scratch")
         run_command(command, out / "logs" / f"finetune-{run_dir.name}.log")
     data = json.loads(result.read_text())
-    return {"model": release.name, "init": init, "task": recipe.task, "seed": seed, "score": data["score"],
-            "dev": data["dev"][recipe.task], "best_epoch": data["best_epoch"], "seconds": data["seconds"]}
+    return {
+        "model": release.name,
+        "init": init,
+        "task": recipe.task,
+        "seed": seed,
+        "score": data["score"],
+        "dev": data["dev"][recipe.task],
+        "best_epoch": data["best_epoch"],
+        "seconds": data["seconds"],
+    }
 
 
 def majority_scores(glue: Path, tasks: tuple[TaskRecipe, ...]) -> dict[str, dict[str, float]]:
@@ -309,15 +402,19 @@ def plot_downstream(summary: dict, majority: dict, tasks: list[str], path: Path)
 
 
 def pretraining_table(curves: list[dict]) -> list[str]:
-    lines = ["| model | parameters | peak lr | steps | tokens | held-out MLM loss | held-out MLM accuracy | "
-             "best loss (at) | tokens/s | minutes |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | parameters | peak lr | steps | tokens | held-out MLM loss | held-out MLM accuracy | "
+        "best loss (at) | tokens/s | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for c in curves:
         best = min(range(len(c["loss"])), key=c["loss"].__getitem__)
         lines.append(
             f"| {c['name']} | {c['parameters'] or 0:,} | {c['lr'] or 'recipe'} | {c['steps']} | {c['tokens'][-1]:,} | "
             f"{c['loss'][-1]:.3f} | {100 * c['accuracy'][-1]:.1f}% | {c['loss'][best]:.3f} "
             f"({c['tokens'][best] / 1e6:.1f}M tokens) | "
-            f"{c['tokens_per_s']:,.0f} | {c['minutes']:.1f} |")
+            f"{c['tokens_per_s']:,.0f} | {c['minutes']:.1f} |"
+        )
     return lines
 
 
@@ -326,29 +423,40 @@ def reference_gap(curves: dict[str, dict]) -> list[dict]:
     ours, ref = curves.get("transformer"), curves.get("bert-hf")
     if not ours or not ref:
         return []
-    return [{"tokens": t, "transformer": a, "bert_hf": b, "relative": a / b - 1.0}
-            for t, a, b in zip(ours["tokens"], ours["loss"], ref["loss"])]
+    return [
+        {"tokens": t, "transformer": a, "bert_hf": b, "relative": a / b - 1.0}
+        for t, a, b in zip(ours["tokens"], ours["loss"], ref["loss"])
+    ]
 
 
 def downstream_table(summary: dict, majority: dict, tasks: list[str]) -> list[str]:
     head = "| model | init | " + " | ".join(tasks) + " | average |"
     lines = [head, "|---|---|" + "---:|" * (len(tasks) + 1)]
-    lines.append("| majority class | - | " + " | ".join(f"{100 * majority[t]['score']:.1f}" for t in tasks)
-                 + f" | {100 * statistics.fmean(majority[t]['score'] for t in tasks):.1f} |")
+    lines.append(
+        "| majority class | - | "
+        + " | ".join(f"{100 * majority[t]['score']:.1f}" for t in tasks)
+        + f" | {100 * statistics.fmean(majority[t]['score'] for t in tasks):.1f} |"
+    )
     for model in summary:
         for init in ("scratch", "pretrained"):
             entries = summary[model].get(init, {})
             if not entries:
                 continue
-            cells = [f"{100 * entries[t]['mean']:.1f} ± {100 * entries[t]['std']:.1f}" if t in entries else "-"
-                     for t in tasks]
+            cells = [
+                f"{100 * entries[t]['mean']:.1f} ± {100 * entries[t]['std']:.1f}" if t in entries else "-"
+                for t in tasks
+            ]
             average = statistics.fmean(100 * entries[t]["mean"] for t in tasks if t in entries)
             lines.append(f"| {model} | {init} | " + " | ".join(cells) + f" | {average:.1f} |")
         if "scratch" in summary[model] and "pretrained" in summary[model]:
-            gains = [100 * (summary[model]["pretrained"][t]["mean"] - summary[model]["scratch"][t]["mean"])
-                     for t in tasks if t in summary[model]["pretrained"] and t in summary[model]["scratch"]]
-            lines.append(f"| {model} | gain | " + " | ".join(f"{g:+.1f}" for g in gains)
-                         + f" | {statistics.fmean(gains):+.1f} |")
+            gains = [
+                100 * (summary[model]["pretrained"][t]["mean"] - summary[model]["scratch"][t]["mean"])
+                for t in tasks
+                if t in summary[model]["pretrained"] and t in summary[model]["scratch"]
+            ]
+            lines.append(
+                f"| {model} | gain | " + " | ".join(f"{g:+.1f}" for g in gains) + f" | {statistics.fmean(gains):+.1f} |"
+            )
     return lines
 
 
@@ -358,24 +466,43 @@ def downstream_table(summary: dict, majority: dict, tasks: list[str]) -> list[st
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every stage at toy size (a couple of minutes)")
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT}, "
-                        "or runs/bench/quality-quick with --quick)")
-    parser.add_argument("--corpus", type=Path, action="append", default=None,
-                        help=f"pretraining text (repeat for several files; default: {DEFAULT_CORPUS.relative_to(ROOT)})")
-    parser.add_argument("--heldout", type=Path, default=DEFAULT_HELDOUT,
-                        help="held-out text for MLM loss/accuracy, never trained on (default: ../shared WikiText-2 test.txt)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default: {DEFAULT_OUT}, or runs/bench/quality-quick with --quick)",
+    )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        action="append",
+        default=None,
+        help=f"pretraining text (repeat for several files; default: {DEFAULT_CORPUS.relative_to(ROOT)})",
+    )
+    parser.add_argument(
+        "--heldout",
+        type=Path,
+        default=DEFAULT_HELDOUT,
+        help="held-out text for MLM loss/accuracy, never trained on (default: ../shared WikiText-2 test.txt)",
+    )
     parser.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE, help="GLUE folder with SST-2, CoLA, MRPC, RTE")
     parser.add_argument("--steps", type=int, default=None, help="pretraining steps per model (default: 800)")
     parser.add_argument("--seeds", default=None, help="fine-tuning seeds, comma-separated (default: 0,1,2)")
-    parser.add_argument("--sweep-lrs", default=None,
-                        help="extra peak learning rates for the mixers' sweep, comma-separated; '' skips the sweep")
+    parser.add_argument(
+        "--sweep-lrs",
+        default=None,
+        help="extra peak learning rates for the mixers' sweep, comma-separated; '' skips the sweep",
+    )
     parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
     parser.add_argument("--tasks", default=None, help="subset of the fine-tuning tasks, comma-separated")
     parser.add_argument("--no-finetune", action="store_true", help="stop after pretraining")
     parser.add_argument("--no-ablation", action="store_true", help="skip the runs without the embedding LayerNorm")
-    parser.add_argument("--unlabeled", default="",
-                        help="GLUE tasks whose training sentences, without their labels, are added to the pretraining "
-                             "corpus (task-adaptive pretraining, Gururangan et al. 2020), comma-separated, e.g. SST-2")
+    parser.add_argument(
+        "--unlabeled",
+        default="",
+        help="GLUE tasks whose training sentences, without their labels, are added to the pretraining "
+        "corpus (task-adaptive pretraining, Gururangan et al. 2020), comma-separated, e.g. SST-2",
+    )
     args = parser.parse_args(argv)
     corpus = args.corpus or [DEFAULT_CORPUS]
     for path in corpus:
@@ -396,8 +523,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         try:
             import_transformers()
         except SystemExit:
-            raise BenchError("Hugging Face transformers is not installed (the reference model): "
-                             "pip install -e '.[hf]'") from None
+            raise BenchError(
+                "Hugging Face transformers is not installed (the reference model): pip install -e '.[hf]'"
+            ) from None
     return args
 
 
@@ -437,35 +565,54 @@ def run(argv: list[str] | None = None) -> int:
         wanted = [t.strip() for t in args.tasks.split(",")]
         unknown = [t for t in wanted if t not in {r.task for r in size.tasks}]
         if unknown:
-            raise BenchError(f"--tasks: no recipe for {unknown[0]!r} (choose from {', '.join(r.task for r in size.tasks)})")
+            raise BenchError(
+                f"--tasks: no recipe for {unknown[0]!r} (choose from {', '.join(r.task for r in size.tasks)})"
+            )
         size = Size(**{**asdict(size), "tasks": tuple(r for r in size.tasks if r.task in wanted)})
     sweep_lrs = size.sweep_lrs if args.sweep_lrs is None else tuple(float(x) for x in args.sweep_lrs.split(",") if x)
     out = (args.out or (ROOT / "runs" / "bench" / "quality-quick" if args.quick else DEFAULT_OUT)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
 
-    corpus = list(args.corpus) + [unlabeled_text(args.glue_dir, task.strip(), out)
-                                  for task in args.unlabeled.split(",") if task.strip()]
+    corpus = list(args.corpus) + [
+        unlabeled_text(args.glue_dir, task.strip(), out) for task in args.unlabeled.split(",") if task.strip()
+    ]
     data, heldout = build_data(corpus, args.heldout, out, size)
-    described = (f"{', '.join(p.name for p in corpus)} -> held out {args.heldout.name}; "
-                 f"{json.loads((data / 'manifest.json').read_text())['splits']['train']['tokens']:,} training tokens")
+    described = (
+        f"{', '.join(p.name for p in corpus)} -> held out {args.heldout.name}; "
+        f"{json.loads((data / 'manifest.json').read_text())['splits']['train']['tokens']:,} training tokens"
+    )
     log(f"data: {described}")
 
     curves = {m: pretrain(m, m, size, data, heldout, out, size.steps) for m in args.models}
-    ablation = [pretrain(f"{m}-no-embln", m, size, data, heldout, out, size.steps,
-                         extra_sets=("model.embedding_layer_norm=false",))
-                for m in OURS if m in args.models and not args.no_ablation]
+    ablation = [
+        pretrain(
+            f"{m}-no-embln", m, size, data, heldout, out, size.steps, extra_sets=("model.embedding_layer_norm=false",)
+        )
+        for m in OURS
+        if m in args.models and not args.no_ablation
+    ]
     if ablation:
-        plot_curves([curves[m] for m in OURS if m in curves] + [curves[m] for m in ("bert-hf",) if m in curves]
-                    + ablation, out / "ablation.png", f"with and without the embedding LayerNorm, {size.steps} steps")
-    sweep = [pretrain(f"{m}-lr{lr:g}", m, size, data, heldout, out, size.sweep_steps, lr)
-             for m in OURS if m in args.models for lr in sweep_lrs]
+        plot_curves(
+            [curves[m] for m in OURS if m in curves] + [curves[m] for m in ("bert-hf",) if m in curves] + ablation,
+            out / "ablation.png",
+            f"with and without the embedding LayerNorm, {size.steps} steps",
+        )
+    sweep = [
+        pretrain(f"{m}-lr{lr:g}", m, size, data, heldout, out, size.sweep_steps, lr)
+        for m in OURS
+        if m in args.models
+        for lr in sweep_lrs
+    ]
     title = f"{RECIPE} recipe, {described}, {size.steps} steps x {size.global_batch} x 128 tokens"
     plot_curves(list(curves.values()), out / "pretraining.png", title)
     if sweep:
         recipe_lr = json.loads(config_path(RECIPE).read_text())["optim"]["lr"]
-        same_budget = [pretrain(f"{m}-lr{recipe_lr:g}", m, size, data, heldout, out, size.sweep_steps, recipe_lr)
-                       for m in OURS if m in args.models]
+        same_budget = [
+            pretrain(f"{m}-lr{recipe_lr:g}", m, size, data, heldout, out, size.sweep_steps, recipe_lr)
+            for m in OURS
+            if m in args.models
+        ]
         plot_curves(same_budget + sweep, out / "sweep.png", f"learning-rate sweep, {size.sweep_steps} steps")
         sweep = same_budget + sweep
 
@@ -474,8 +621,13 @@ def run(argv: list[str] | None = None) -> int:
     if not args.no_finetune:
         majority = majority_scores(args.glue_dir, size.tasks)
         releases = {m: export(m, out) for m in OURS if m in args.models}
-        jobs = [(releases[m], recipe, init, seed) for recipe in size.tasks for m in releases
-                for init in ("scratch", "pretrained") for seed in seeds]  # task by task: tables fill in order
+        jobs = [
+            (releases[m], recipe, init, seed)
+            for recipe in size.tasks
+            for m in releases
+            for init in ("scratch", "pretrained")
+            for seed in seeds
+        ]  # task by task: tables fill in order
         log(f"fine-tuning: {len(jobs)} runs, two at a time")
         with ThreadPoolExecutor(max_workers=2) as pool:  # one thread each: two processes fill the 2 cores
             runs = list(pool.map(lambda job: finetune(*job, args.glue_dir, out), jobs))
@@ -485,32 +637,67 @@ def run(argv: list[str] | None = None) -> int:
     gap = reference_gap(curves)
     report = {
         "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
-        "recipe": f"pretrain/configs/{RECIPE}.json", "size": asdict(size), "corpus": described,
-        "cpu_count": os.cpu_count(), "minutes_total": (time.monotonic() - began) / 60,
-        "pretraining": curves, "ablation": ablation, "sweep": sweep, "reference_gap": gap,
-        "finetune_runs": runs, "downstream": summary, "majority": majority,
+        "recipe": f"pretrain/configs/{RECIPE}.json",
+        "size": asdict(size),
+        "corpus": described,
+        "cpu_count": os.cpu_count(),
+        "minutes_total": (time.monotonic() - began) / 60,
+        "pretraining": curves,
+        "ablation": ablation,
+        "sweep": sweep,
+        "reference_gap": gap,
+        "finetune_runs": runs,
+        "downstream": summary,
+        "majority": majority,
     }
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"# bench.quality", "", f"`{report['command']}` — {described}; recipe `{report['recipe']}`, "
-             f"{size.steps} steps x {size.global_batch} sequences x 128 tokens per model, {size.procs} process(es).",
-             "", "## Pretraining (held-out MLM, final evaluation)", "", *pretraining_table(list(curves.values())),
-             "", "![curves](pretraining.png)"]
+    lines = [
+        "# bench.quality",
+        "",
+        f"`{report['command']}` — {described}; recipe `{report['recipe']}`, "
+        f"{size.steps} steps x {size.global_batch} sequences x 128 tokens per model, {size.procs} process(es).",
+        "",
+        "## Pretraining (held-out MLM, final evaluation)",
+        "",
+        *pretraining_table(list(curves.values())),
+        "",
+        "![curves](pretraining.png)",
+    ]
     if gap:
         late = [g for g in gap if g["tokens"] > 0.1 * gap[-1]["tokens"]]
-        lines += ["", "Our transformer's held-out loss relative to the Hugging Face BERT reference, per evaluation "
-                  "after the first 10% of training: " + ", ".join(f"{100 * g['relative']:+.1f}%" for g in late)]
+        lines += [
+            "",
+            "Our transformer's held-out loss relative to the Hugging Face BERT reference, per evaluation "
+            "after the first 10% of training: " + ", ".join(f"{100 * g['relative']:+.1f}%" for g in late),
+        ]
     if ablation:
-        lines += ["", "## Ablation: no LayerNorm on the embeddings (the encoder before this benchmark)", "",
-                  *pretraining_table(ablation), "", "![ablation](ablation.png)"]
+        lines += [
+            "",
+            "## Ablation: no LayerNorm on the embeddings (the encoder before this benchmark)",
+            "",
+            *pretraining_table(ablation),
+            "",
+            "![ablation](ablation.png)",
+        ]
     if sweep:
         lines += ["", "## Learning-rate sweep", "", *pretraining_table(sweep), "", "![sweep](sweep.png)"]
     if summary:
-        lines += ["", f"## Fine-tuning (dev, mean ± std over seeds {','.join(map(str, seeds))}; "
-                  "SST-2/RTE/MRPC: GLUE task score (MRPC: mean of F1 and accuracy), CoLA: MCC; x100)", "",
-                  *downstream_table(summary, majority, tasks), "",
-                  "| task | lr | epochs | max seq len | training examples |", "|---|---:|---:|---:|---:|",
-                  *[f"| {t.task} | {t.lr:g} | {t.epochs} | {t.max_seq_len} | {t.max_train_examples or 'all'} |"
-                    for t in size.tasks], "", "![downstream](downstream.png)"]
+        lines += [
+            "",
+            f"## Fine-tuning (dev, mean ± std over seeds {','.join(map(str, seeds))}; "
+            "SST-2/RTE/MRPC: GLUE task score (MRPC: mean of F1 and accuracy), CoLA: MCC; x100)",
+            "",
+            *downstream_table(summary, majority, tasks),
+            "",
+            "| task | lr | epochs | max seq len | training examples |",
+            "|---|---:|---:|---:|---:|",
+            *[
+                f"| {t.task} | {t.lr:g} | {t.epochs} | {t.max_seq_len} | {t.max_train_examples or 'all'} |"
+                for t in size.tasks
+            ],
+            "",
+            "![downstream](downstream.png)",
+        ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines[2:]))
     print(f"\nwrote {out}/results.md, results.json and the PNGs ({report['minutes_total']:.1f} min)")

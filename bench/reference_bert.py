@@ -36,12 +36,20 @@ def import_transformers() -> Any:
 def bert_config(encoder: EncoderConfig) -> Any:
     transformers = import_transformers()
     return transformers.BertConfig(
-        vocab_size=encoder.vocab_size, hidden_size=encoder.hidden_size, num_hidden_layers=encoder.num_layers,
-        num_attention_heads=encoder.num_heads, intermediate_size=encoder.intermediate_size, hidden_act="gelu",
-        hidden_dropout_prob=encoder.dropout, attention_probs_dropout_prob=encoder.attention_dropout,
-        max_position_embeddings=encoder.max_seq_len, type_vocab_size=max(1, encoder.type_vocab_size),
-        initializer_range=encoder.initializer_range, layer_norm_eps=encoder.layer_norm_eps,
-        pad_token_id=encoder.pad_token_id, tie_word_embeddings=True,
+        vocab_size=encoder.vocab_size,
+        hidden_size=encoder.hidden_size,
+        num_hidden_layers=encoder.num_layers,
+        num_attention_heads=encoder.num_heads,
+        intermediate_size=encoder.intermediate_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=encoder.dropout,
+        attention_probs_dropout_prob=encoder.attention_dropout,
+        max_position_embeddings=encoder.max_seq_len,
+        type_vocab_size=max(1, encoder.type_vocab_size),
+        initializer_range=encoder.initializer_range,
+        layer_norm_eps=encoder.layer_norm_eps,
+        pad_token_id=encoder.pad_token_id,
+        tie_word_embeddings=True,
     )
 
 
@@ -55,10 +63,16 @@ class BertReference(nn.Module):
         self.config = encoder
         self.bert = transformers.BertForMaskedLM(bert_config(encoder))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> MaskedLMOutput:
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        labels=labels)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MaskedLMOutput:
+        out = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels
+        )
         if labels is None:
             return MaskedLMOutput(logits=out.logits)
         selected = labels != IGNORE_INDEX

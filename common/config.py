@@ -77,7 +77,7 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple[str | None, str | No
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            return None, f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a section"
+            return None, f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a section"
         node = child
     node[parts[-1]] = parse_value(value)
     return ".".join(parts), None
@@ -88,8 +88,9 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple[str | None, str | No
 M = typing.TypeVar("M", bound=BaseModel)
 
 
-def build(cls: type[M], raw: dict[str, Any], sources: dict[str, str] | None = None,
-          default_source: str = "") -> tuple[M | None, list[str]]:
+def build(
+    cls: type[M], raw: dict[str, Any], sources: dict[str, str] | None = None, default_source: str = ""
+) -> tuple[M | None, list[str]]:
     """Validate `raw` as `cls`. Returns the model (mistaken keys back at their defaults; None when a
     required key is missing or mistaken) and every
     problem, one line each: field mistakes first, then the models' cross-field `problems()` for keys
@@ -305,8 +306,9 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def add_flags(parser: Any, cls: type[BaseModel], names: typing.Iterable[str],
-              rename: dict[str, str] | None = None) -> None:
+def add_flags(
+    parser: Any, cls: type[BaseModel], names: typing.Iterable[str], rename: dict[str, str] | None = None
+) -> None:
     """One flag per field of `cls`: its type, choices (a Literal), true/false (`--x/--no-x`) and help (the
     field's description and default) come from the model, so the CLI cannot drift from the config.
     Flags not given are absent from the namespace (`config_values` then leaves the model's default)."""
@@ -336,8 +338,9 @@ def add_flags(parser: Any, cls: type[BaseModel], names: typing.Iterable[str],
         parser.add_argument((rename or {}).get(name, flag_name(name)), **options)
 
 
-def config_values(namespace: Any, cls: type[BaseModel], rename: dict[str, str] | None = None
-                  ) -> tuple[dict[str, Any], dict[str, str]]:
+def config_values(
+    namespace: Any, cls: type[BaseModel], rename: dict[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The fields of `cls` given as flags: (values, sources), the sources naming each flag as typed."""
     values, sources = {}, {}
     for name in cls.model_fields:

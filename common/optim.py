@@ -45,8 +45,9 @@ def lr_factor(step: int, warmup: int, total: int, decay: str = "linear", min_rat
     return 1.0 - (1.0 - min_ratio) * progress
 
 
-def lr_scheduler(optimizer: Optimizer, warmup: int, total: int, decay: str = "linear",
-                 min_ratio: float = 0.0) -> LambdaLR:
+def lr_scheduler(
+    optimizer: Optimizer, warmup: int, total: int, decay: str = "linear", min_ratio: float = 0.0
+) -> LambdaLR:
     if decay not in DECAYS:
         raise ValueError(f"decay must be one of {', '.join(DECAYS)}, got {decay!r}")
     return LambdaLR(optimizer, partial(lr_factor, warmup=warmup, total=total, decay=decay, min_ratio=min_ratio))

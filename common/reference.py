@@ -28,12 +28,22 @@ from common.files import write_text_atomic
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 REGENERATE = "python -m common.reference --write"
 STAGES = [  # (heading, the command it configures, "module:Model")
-    ("Data pipeline build", "`python -m data_pipeline build|plan` (flags: `--seq-len` for `seq_len`, ...; "
-     "stored in `<out>/config.json`)", "data_pipeline.config:BuildConfig"),
-    ("Fine-tuning run", "`python -m finetune train|sweep` (flags: `--lr` for `learning_rate`, `--predict` for "
-     "`predict_test`, the others `--name-with-dashes`)", "finetune.config:FinetuneConfig"),
-    ("SLURM cluster options", "`python -m slurm STAGE` (flags `--name-with-dashes`, or a JSON file via `--config`)",
-     "slurm.options:ClusterOptions"),
+    (
+        "Data pipeline build",
+        "`python -m data_pipeline build|plan` (flags: `--seq-len` for `seq_len`, ...; stored in `<out>/config.json`)",
+        "data_pipeline.config:BuildConfig",
+    ),
+    (
+        "Fine-tuning run",
+        "`python -m finetune train|sweep` (flags: `--lr` for `learning_rate`, `--predict` for "
+        "`predict_test`, the others `--name-with-dashes`)",
+        "finetune.config:FinetuneConfig",
+    ),
+    (
+        "SLURM cluster options",
+        "`python -m slurm STAGE` (flags `--name-with-dashes`, or a JSON file via `--config`)",
+        "slurm.options:ClusterOptions",
+    ),
 ]
 
 

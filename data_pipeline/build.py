@@ -13,28 +13,26 @@ Stable API (the SLURM launcher calls exactly this)::
 Array tasks can rebuild ``cfg`` from the folder with ``load_config(out_dir)`` and the units
 with ``load_plan(cfg)``; ``Unit`` and ``BuildConfig`` are plain picklable dataclasses too.
 """
+
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import multiprocessing as mp
 import os
-import signal
-import sys
 import threading
 import time
-import unicodedata
-from common.files import write_json_atomic
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from multiprocessing.managers import SyncManager
 from contextlib import contextmanager
+from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Callable, Iterator
+
+from common.files import write_json_atomic
 
 from .config import BuildConfig, as_config, load_config
-from .documents import DocFilter
 from .dedup import dups_path, hash_unit, load_drop_set, resolve_duplicates
+from .documents import DocFilter
 from .errors import DataPipelineError
 from .orphans import die_with_parent
 from .packing import Packer
@@ -80,6 +78,7 @@ def _bar(enabled: bool, **kw):
     if not enabled:
         return None
     from tqdm.auto import tqdm
+
     return tqdm(dynamic_ncols=True, unit_scale=True, **kw)
 
 
@@ -100,8 +99,10 @@ def plan_units(cfg: BuildConfig, progress: bool = False) -> list[Unit]:
         old = load_config(cfg_file)
         if old.output_affecting() != cfg.output_affecting():
             diff = sorted(k for k, v in cfg.output_affecting().items() if old.output_affecting().get(k) != v)
-            raise DataPipelineError(f"{out}: already holds a build with different settings ({', '.join(diff)}); "
-                                    "use a new --out folder (or delete this one)")
+            raise DataPipelineError(
+                f"{out}: already holds a build with different settings ({', '.join(diff)}); "
+                "use a new --out folder (or delete this one)"
+            )
     sources = expand_inputs(cfg.inputs, cfg.hf_split)
     units = plan(sources, cfg.unit_mb)
     if not units:
@@ -109,34 +110,46 @@ def plan_units(cfg: BuildConfig, progress: bool = False) -> list[Unit]:
     plan_file = _plan_file(cfg)
     old_plan = _read_plan_file(plan_file) if plan_file.is_file() else None
     if old_plan is not None and old_plan["units"] != [u.to_dict() for u in units]:
-        raise DataPipelineError(f"{out}: the inputs changed since this build was planned "
-                                "(files added, removed or resized); use a new --out folder")
+        raise DataPipelineError(
+            f"{out}: the inputs changed since this build was planned "
+            "(files added, removed or resized); use a new --out folder"
+        )
     cfg.save(cfg_file)
     tok_file = out / TOKENIZER_NAME
     if old_plan is not None and cfg.tokenizer:
         from .tokenizer import resolve_tokenizer_file
+
         if sha256_file(resolve_tokenizer_file(cfg.tokenizer)) != old_plan["tokenizer_sha256"]:
-            raise DataPipelineError(f"{cfg.tokenizer}: tokenizer changed since {out} was planned; "
-                                    "use a new --out folder")
+            raise DataPipelineError(
+                f"{cfg.tokenizer}: tokenizer changed since {out} was planned; use a new --out folder"
+            )
     if old_plan is not None and tok_file.is_file() and sha256_file(tok_file) == old_plan["tokenizer_sha256"]:
         pass  # resuming: keep the tokenizer the finished units were made with
     elif cfg.tokenizer:
         copy_tokenizer(cfg.tokenizer, out, cfg.special_tokens)
     else:
-        tok = train_tokenizer(_training_texts(cfg, units, progress), kind=cfg.tokenizer_kind,
-                              vocab_size=cfg.vocab_size, lowercase=cfg.lowercase,
-                              min_frequency=cfg.min_frequency, specials=cfg.special_tokens,
-                              show_progress=progress)
+        tok = train_tokenizer(
+            _training_texts(cfg, units, progress),
+            kind=cfg.tokenizer_kind,
+            vocab_size=cfg.vocab_size,
+            lowercase=cfg.lowercase,
+            min_frequency=cfg.min_frequency,
+            specials=cfg.special_tokens,
+            show_progress=progress,
+        )
         save_tokenizer(tok, out, cfg.special_tokens, model_max_length=cfg.seq_len)
     tok = load_tokenizer(tok_file)
     special_ids(tok, cfg.special_tokens)
     (cfg.work_dir / "units").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan_file, {
-        "units": [u.to_dict() for u in units],
-        "inputs": [s.__dict__ for s in sources],
-        "tokenizer_sha256": sha256_file(tok_file),
-        "vocab_size": tok.get_vocab_size(),
-    })
+    write_json_atomic(
+        plan_file,
+        {
+            "units": [u.to_dict() for u in units],
+            "inputs": [s.__dict__ for s in sources],
+            "tokenizer_sha256": sha256_file(tok_file),
+            "vocab_size": tok.get_vocab_size(),
+        },
+    )
     return units
 
 
@@ -218,8 +231,20 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     shard_bytes = int(cfg.shard_mb * (1 << 20))
     hook = crash_hook()  # None unless a test asked for a crash (data_pipeline/testing.py)
     packers = {s: Packer(cfg.seq_len, sids["cls"], sids["sep"], sids["pad"], cfg.packing) for s in SPLITS}
-    writers = {s: ShardWriter(cfg.out, s, unit.name, dtype, cfg.seq_len, sids["pad"], shard_bytes,
-                              block_sequences=cfg.block_sequences, on_shard_done=hook) for s in SPLITS}
+    writers = {
+        s: ShardWriter(
+            cfg.out,
+            s,
+            unit.name,
+            dtype,
+            cfg.seq_len,
+            sids["pad"],
+            shard_bytes,
+            block_sequences=cfg.block_sequences,
+            on_shard_done=hook,
+        )
+        for s in SPLITS
+    }
     stats = ReadStats()
     filt = DocFilter(cfg, drop=load_drop_set(cfg, unit) if cfg.dedup == "global" else None)
     per_split = {s: {"docs": 0, "doc_tokens": 0} for s in SPLITS}
@@ -229,7 +254,7 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     def flush(split: str, texts: list[str]):
         nonlocal no_tokens
         flat, lengths = encoder.encode(texts)
-        if (lengths == 0).any():                      # e.g. a document of control characters only
+        if (lengths == 0).any():  # e.g. a document of control characters only
             no_tokens += int((lengths == 0).sum())
             lengths = lengths[lengths > 0]
         per_split[split]["docs"] += len(lengths)
@@ -271,8 +296,12 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     splits = {}
     for s in SPLITS:
         recs = records[s]
-        splits[s] = {"shards": recs, "samples": sum(r["samples"] for r in recs),
-                     "tokens": sum(r["tokens"] for r in recs), **per_split[s]}
+        splits[s] = {
+            "shards": recs,
+            "samples": sum(r["samples"] for r in recs),
+            "tokens": sum(r["tokens"] for r in recs),
+            **per_split[s],
+        }
     result = {
         "result_version": RESULT_VERSION,
         "unit": unit.to_dict(),
@@ -329,7 +358,8 @@ def finalize(cfg, wall_seconds: float | None = None, verify: bool = False) -> Pa
         raise DataPipelineError(
             f"{cfg.out}: {len(missing)} of {len(units)} units unfinished ({', '.join(missing[:5])}"
             f"{', ...' if len(missing) > 5 else ''}); run them (`python -m data_pipeline run-unit "
-            f"--out {cfg.out} --all`) and finalize again")
+            f"--out {cfg.out} --all`) and finalize again"
+        )
     tok_file = cfg.out / TOKENIZER_NAME
     tok_sha = sha256_file(tok_file)
     splits = {}
@@ -341,14 +371,19 @@ def finalize(cfg, wall_seconds: float | None = None, verify: bool = False) -> Pa
             for rec in r["splits"][s]["shards"]:
                 p = cfg.out / rec["path"]
                 if not p.is_file() or p.stat().st_size != rec["bytes"]:
-                    raise DataPipelineError(f"{p}: shard missing or of the wrong size; delete "
-                                            f"{result_path(cfg.work_dir, Unit.from_dict(r['unit']))} and re-run")
+                    raise DataPipelineError(
+                        f"{p}: shard missing or of the wrong size; delete "
+                        f"{result_path(cfg.work_dir, Unit.from_dict(r['unit']))} and re-run"
+                    )
                 if verify and sha256_file(p) != rec["sha256"]:
                     raise DataPipelineError(f"{p}: sha256 mismatch; delete the unit's result and re-run")
                 shards.append({k: rec[k] for k in ("path", "samples", "tokens", "sha256", "bytes")})
-        splits[s] = {"shards": shards, "samples": sum(x["samples"] for x in shards),
-                     "tokens": sum(x["tokens"] for x in shards),
-                     "docs": sum(r["splits"][s]["docs"] for r in results)}
+        splits[s] = {
+            "shards": shards,
+            "samples": sum(x["samples"] for x in shards),
+            "tokens": sum(x["tokens"] for x in shards),
+            "docs": sum(r["splits"][s]["docs"] for r in results),
+        }
     counts = _sum_counts(results)
     unit_seconds = sum(r["seconds"] for r in results)
     report = {
@@ -395,8 +430,9 @@ def format_report(report: dict) -> str:
     if report.get("corrupt_files"):
         lines.append(f"corrupt files      {report['corrupt_files']:>14,} (read up to the damage)")
     if report.get("tokens_per_second"):
-        lines.append(f"throughput         {report['tokens_per_second']:>14,.0f} tokens/s "
-                     f"({report['wall_seconds']:.1f} s wall)")
+        lines.append(
+            f"throughput         {report['tokens_per_second']:>14,.0f} tokens/s ({report['wall_seconds']:.1f} s wall)"
+        )
     elif report.get("tokens_per_second_per_process"):
         lines.append(f"throughput         {report['tokens_per_second_per_process']:>14,.0f} tokens/s per process")
     return "\n".join(lines)
@@ -443,6 +479,7 @@ def build(cfg, workers: int = 1, progress: bool = True, verify: bool = False) ->
     if cfg.dedup == "global" and todo and not all(dups_path(cfg, u).is_file() for u in units):
         # global dedup needs every unit's hashes before any unit is built
         from .dedup import hashes_path
+
         to_hash = [u for u in units if not hashes_path(cfg, u).is_file()]
         bar = _bar(progress, total=sum(u.est_bytes for u in to_hash) or None, desc="dedup hashes", unit="B")
         try:
@@ -472,7 +509,7 @@ def build(cfg, workers: int = 1, progress: bool = True, verify: bool = False) ->
 
 
 def _run_pool(cfg: BuildConfig, todo: list[Unit], workers: int, update, fn=_worker_run) -> None:
-    ctx = mp.get_context("spawn")   # no fork: the parent may hold tokenizer thread pools
+    ctx = mp.get_context("spawn")  # no fork: the parent may hold tokenizer thread pools
     threads = max(1, (os.cpu_count() or 1) // workers)
     manager = None
     if update is not None:
@@ -487,12 +524,17 @@ def _run_pool(cfg: BuildConfig, todo: list[Unit], workers: int, update, fn=_work
                 update(queue.get(timeout=0.2))
             except Exception:
                 pass
+
     drainer = threading.Thread(target=drain, daemon=True) if queue is not None else None
     if drainer is not None:
         drainer.start()
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(threads, os.getpid())) as ex:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(todo)),
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(threads, os.getpid()),
+        ) as ex:
             futs = [ex.submit(fn, cfg.to_dict(), u.to_dict(), queue) for u in todo]
             done, pending = wait(futs, return_when=FIRST_EXCEPTION)
             for f in futs:

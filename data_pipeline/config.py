@@ -5,6 +5,7 @@ to ``<out_dir>/config.json``; array tasks (``run-unit``), ``finalize`` and re-ru
 back from there, and a re-run with different output-affecting settings is refused.
 The number of workers is deliberately *not* part of it: the output does not depend on it.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,37 +37,45 @@ class BuildConfig(Checked):
     out_dir: str
     text_field: str = Field("text", min_length=1, description="jsonl field / parquet or datasets column")
     txt_mode: Literal["line", "block"] = Field(
-        "line", description=".txt documents: one per line, or blank-line separated blocks")
+        "line", description=".txt documents: one per line, or blank-line separated blocks"
+    )
     hf_split: str = Field("train", description="default split for hf: inputs and DatasetDict folders")
     on_error: Literal["fail", "skip"] = Field(
-        "fail", description="bad records / corrupt files: stop with an error, or skip and count")
+        "fail", description="bad records / corrupt files: stop with an error, or skip and count"
+    )
     unicode_normalization: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFC"
     min_chars: int = Field(0, ge=0, description="drop documents shorter than this (after normalising); 0 = off")
     dedup: Literal["none", "unit", "global"] = Field(
-        "none", description="drop exact duplicate documents: within each unit, or across the whole input "
-                            "(global: an extra hash pass before the units)")
+        "none",
+        description="drop exact duplicate documents: within each unit, or across the whole input "
+        "(global: an extra hash pass before the units)",
+    )
     # -- tokenizer: a tokenizer.json (or a folder holding one) to reuse, or None to train one
     tokenizer: str | None = Field(
-        None, description="reuse this tokenizer.json (or a folder holding one) instead of training one")
+        None, description="reuse this tokenizer.json (or a folder holding one) instead of training one"
+    )
     tokenizer_kind: TokenizerKind = "wordpiece"
     vocab_size: int = Field(32768, ge=16)
     lowercase: bool = True
     min_frequency: int = Field(2, ge=1)
     tokenizer_sample_mb: float = Field(512.0, gt=0, description="cap on the text streamed into tokenizer training")
-    special_tokens: dict[str, str] = Field(default_factory=lambda: {
-        "pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"})
+    special_tokens: dict[str, str] = Field(
+        default_factory=lambda: {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+    )
     # -- packing
     seq_len: int = Field(128, ge=3, description="tokens per sequence, [CLS] and [SEP] included")
     packing: Literal["concat", "single"] = Field(
-        "concat", description="concat: documents joined by [SEP] and cut; single: one document per sequence, padded")
+        "concat", description="concat: documents joined by [SEP] and cut; single: one document per sequence, padded"
+    )
     # -- split: a document goes to validation when its hash falls below this fraction
     validation_fraction: float = Field(0.005, ge=0, lt=1)
     split_salt: str = Field("", description="change to draw another (still stable) train/validation split")
     # -- work units and shards
     unit_mb: float = Field(256.0, gt=0, description="cut big inputs into work units of about this size")
     shard_mb: float = Field(128.0, gt=0, description="target shard size")
-    block_sequences: int = Field(1024, ge=1, description="sequences per tar member (one .npy block); a shard holds "
-                                                         "whole blocks")
+    block_sequences: int = Field(
+        1024, ge=1, description="sequences per tar member (one .npy block); a shard holds whole blocks"
+    )
     batch_docs: int = Field(2048, ge=1, description="documents per tokenizer call")
 
     @field_validator("inputs", mode="before")
@@ -101,6 +110,7 @@ class BuildConfig(Checked):
 
     def save(self, path: str | Path | None = None) -> Path:
         from common.files import write_json_atomic
+
         path = Path(path) if path else self.out / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, self.to_dict())

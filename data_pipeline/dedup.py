@@ -14,6 +14,7 @@ in unit order, survives) as well as repeats inside the unit.  The hash is the fi
 of the same blake2b digest that draws the train/validation split: at 10^9 documents the
 expected number of documents dropped by a 64-bit collision is about 0.03.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,9 @@ def hash_unit(cfg, unit) -> Path:
     if p.is_file():
         return p
     filt = DocFilter(cfg, dedup=False)
-    hs = np.fromiter((int.from_bytes(d[:8], "little") for _, d in filt.kept(iter_docs(unit, cfg, ReadStats()))),
-                     dtype=np.uint64)
+    hs = np.fromiter(
+        (int.from_bytes(d[:8], "little") for _, d in filt.kept(iter_docs(unit, cfg, ReadStats()))), dtype=np.uint64
+    )
     _save_atomic(p, np.unique(hs))
     return p
 
@@ -62,8 +64,10 @@ def resolve_duplicates(cfg, units, bucket_hashes: int = 50_000_000) -> None:
     cfg = as_config(cfg)
     missing = [u.name for u in units if not hashes_path(cfg, u).is_file()]
     if missing:
-        raise DataPipelineError(f"{cfg.out}: {len(missing)} units not hashed yet ({', '.join(missing[:5])}); "
-                                "run the hash pass first (`python -m data_pipeline hash-units --all`)")
+        raise DataPipelineError(
+            f"{cfg.out}: {len(missing)} units not hashed yet ({', '.join(missing[:5])}); "
+            "run the hash pass first (`python -m data_pipeline hash-units --all`)"
+        )
     if all(dups_path(cfg, u).is_file() for u in units):
         return
     sizes = [np.load(hashes_path(cfg, u), mmap_mode="r").shape[0] for u in units]
@@ -78,8 +82,7 @@ def resolve_duplicates(cfg, units, bucket_hashes: int = 50_000_000) -> None:
             if bits:
                 # sorted input: the bucket (top bits) is a contiguous slice
                 lo = np.searchsorted(h, np.uint64(b) << np.uint64(64 - bits))
-                hi = (np.searchsorted(h, np.uint64(b + 1) << np.uint64(64 - bits))
-                      if b + 1 < (1 << bits) else h.shape[0])
+                hi = np.searchsorted(h, np.uint64(b + 1) << np.uint64(64 - bits)) if b + 1 < (1 << bits) else h.shape[0]
                 h = h[lo:hi]
             hs.append(np.asarray(h))
             owner.append(np.full(h.shape[0], i, dtype=np.int64))
@@ -87,10 +90,10 @@ def resolve_duplicates(cfg, units, bucket_hashes: int = 50_000_000) -> None:
             continue
         h = np.concatenate(hs)
         o = np.concatenate(owner)
-        order = np.lexsort((o, h))           # by hash, then by unit
+        order = np.lexsort((o, h))  # by hash, then by unit
         h, o = h[order], o[order]
         repeat = np.zeros(h.shape[0], dtype=bool)
-        repeat[1:] = h[1:] == h[:-1]         # not the first (lowest-unit) occurrence
+        repeat[1:] = h[1:] == h[:-1]  # not the first (lowest-unit) occurrence
         for i in np.unique(o[repeat]):
             dups[i].append(h[repeat & (o == i)])
     for i, u in enumerate(units):
@@ -101,6 +104,8 @@ def resolve_duplicates(cfg, units, bucket_hashes: int = 50_000_000) -> None:
 def load_drop_set(cfg, unit) -> set[int]:
     p = dups_path(cfg, unit)
     if not p.is_file():
-        raise DataPipelineError(f"{p}: missing; with dedup=global, run the hash pass and resolve_duplicates "
-                                "before the units (`build` does it; or `hash-units --all` then `resolve-duplicates`)")
+        raise DataPipelineError(
+            f"{p}: missing; with dedup=global, run the hash pass and resolve_duplicates "
+            "before the units (`build` does it; or `hash-units --all` then `resolve-duplicates`)"
+        )
     return set(np.load(p).tolist())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from typing import Iterator
+from collections.abc import Iterator
 
 from .config import BuildConfig
 

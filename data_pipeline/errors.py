@@ -5,6 +5,7 @@ Every user-facing failure (bad input, bad config, unfinished build) raises
 where it makes sense, the line.  The CLI prints it as
 ``data_pipeline: error: <message>`` and exits with code 2, without a traceback.
 """
+
 from __future__ import annotations
 
 

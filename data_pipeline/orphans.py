@@ -6,6 +6,7 @@ initializer): a daemon thread that notices the parent is gone (the child was re-
 child at once. A thread rather than Linux's PR_SET_PDEATHSIG, which fires when the *thread* that
 started the child ends (a pool may start children from a helper thread) and exists only on Linux.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ after its closing [SEP].  So, per unit and split, concatenating ``seq[1:-1]`` of
 ``single``: one document per sequence, ``[CLS] doc [SEP] [PAD]...``; a document longer than
 ``seq_len - 2`` continues in the next sequence(s), so no token is dropped.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,7 @@ class Packer:
         """One sequence [CLS] rest [SEP] [PAD]... for len(rest) <= seq_len-2."""
         out = np.full((1, self.seq_len), self.pad, dtype=np.uint32)
         out[0, 0] = self.cls
-        out[0, 1:1 + len(rest)] = rest
+        out[0, 1 : 1 + len(rest)] = rest
         out[0, 1 + len(rest)] = self.sep
         return out
 
@@ -61,12 +62,12 @@ class Packer:
         if len(self._buf):
             stream = np.concatenate((self._buf, stream))
         m = len(stream) // self.body
-        self._buf = stream[m * self.body:].copy()
-        return self._frame(stream[:m * self.body].reshape(m, self.body))
+        self._buf = stream[m * self.body :].copy()
+        return self._frame(stream[: m * self.body].reshape(m, self.body))
 
     def _add_single(self, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         # each document is padded up to a whole number of bodies, then framed
-        pieces = -(-lengths // self.body)                      # ceil
+        pieces = -(-lengths // self.body)  # ceil
         total = int(pieces.sum())
         body = np.full(total * self.body, self.pad, dtype=np.uint32)
         starts = np.concatenate(([0], np.cumsum(pieces[:-1]))) * self.body
@@ -77,7 +78,7 @@ class Packer:
         out = self._frame(body.reshape(total, self.body))
         # the closing [SEP] of a document's last piece goes right after its last token
         last_row = np.cumsum(pieces) - 1
-        fill = lengths - (pieces - 1) * self.body              # tokens in the last piece (1..body)
+        fill = lengths - (pieces - 1) * self.body  # tokens in the last piece (1..body)
         short = fill < self.body
         out[last_row[short], -1] = self.pad
         out[last_row[short], 1 + fill[short]] = self.sep
@@ -91,8 +92,9 @@ class Packer:
         return np.empty((0, self.seq_len), dtype=np.uint32)
 
 
-def unpack(seqs: list[np.ndarray] | np.ndarray, cls_id: int, sep_id: int, pad_id: int, mode: str = "concat"
-           ) -> list[list[int]]:
+def unpack(
+    seqs: list[np.ndarray] | np.ndarray, cls_id: int, sep_id: int, pad_id: int, mode: str = "concat"
+) -> list[list[int]]:
     """Inverse of packing for one unit's split: sequences -> documents (lists of ids).
 
     Used by tests and ``inspect``; assumes documents contain no [SEP] id (the build

@@ -14,6 +14,7 @@ Big uncompressed ``.txt``/``.jsonl`` files are read by byte range: a unit owns t
 lines (or blank-line-separated blocks) that *start* inside ``[start, end)``, reading past
 ``end`` to finish its last one, so neighbouring units neither lose nor repeat a document.
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,9 +22,9 @@ import gzip
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from .errors import DataPipelineError, where
 
@@ -36,8 +37,8 @@ SEEKABLE_EXTS = (".txt", ".jsonl", ".ndjson")
 @dataclass
 class ReadStats:
     docs_read: int = 0
-    bad_records: int = 0            # skipped structural errors (on_error=skip)
-    corrupt_files: int = 0          # compressed files cut short by damage (on_error=skip)
+    bad_records: int = 0  # skipped structural errors (on_error=skip)
+    corrupt_files: int = 0  # compressed files cut short by damage (on_error=skip)
     encoding_errors_replaced: int = 0
     messages: list = field(default_factory=list)  # first few skipped-error messages
 
@@ -52,11 +53,11 @@ class ReadStats:
 
 @dataclass(frozen=True)
 class Source:
-    kind: str            # "txt" | "jsonl" | "parquet" | "hf_disk" | "hf_hub"
-    path: str            # file/folder path, or the hub dataset name
-    size: int = 0        # bytes on disk (0 when unknown)
+    kind: str  # "txt" | "jsonl" | "parquet" | "hf_disk" | "hf_hub"
+    path: str  # file/folder path, or the hub dataset name
+    size: int = 0  # bytes on disk (0 when unknown)
     config: str | None = None  # hub config name
-    split: str | None = None   # hub / DatasetDict split
+    split: str | None = None  # hub / DatasetDict split
 
 
 def kind_of(path: str) -> str | None:
@@ -115,12 +116,14 @@ def expand_inputs(inputs: list[str], default_split: str = "train") -> list[Sourc
                 if _is_saved_dataset(pp):
                     out.append(Source("hf_disk", str(pp.resolve()), 0, None, split or default_split))
                     continue
-                raise DataPipelineError(f"{p}: is a directory but not a datasets save_to_disk folder "
-                                        f"(use a glob such as '{p}/*.jsonl')")
+                raise DataPipelineError(
+                    f"{p}: is a directory but not a datasets save_to_disk folder (use a glob such as '{p}/*.jsonl')"
+                )
             k = kind_of(p)
             if k is None:
-                raise DataPipelineError(f"{p}: unsupported input type (expected one of "
-                                        f"{', '.join(TEXT_EXTS + JSONL_EXTS + PARQUET_EXTS)})")
+                raise DataPipelineError(
+                    f"{p}: unsupported input type (expected one of {', '.join(TEXT_EXTS + JSONL_EXTS + PARQUET_EXTS)})"
+                )
             out.append(Source(k, str(pp.resolve()), pp.stat().st_size))
     return out
 
@@ -166,6 +169,7 @@ def _zst_chunks(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
     (the ``zstd`` tool writes one by default) are verified by the library.
     """
     import zstandard
+
     dctx = zstandard.ZstdDecompressor()
     obj, fed = dctx.decompressobj(), False
     with open(path, "rb") as fh:
@@ -178,7 +182,7 @@ def _zst_chunks(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
                 fed = True
                 if out:
                     yield out
-                if obj.eof:                      # frame done; the rest starts the next frame
+                if obj.eof:  # frame done; the rest starts the next frame
                     data = obj.unused_data
                     obj, fed = dctx.decompressobj(), False
                 else:
@@ -222,6 +226,7 @@ _CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile, OSError)
 def _corrupt_errors():
     try:
         import zstandard
+
         return _CORRUPT + (zstandard.ZstdError,)
     except ImportError:  # pragma: no cover
         return _CORRUPT
@@ -271,7 +276,7 @@ def _prev_line_blank(path: str, line_start: int) -> bool:
     if line_start <= 0:
         return True
     with open(path, "rb") as f:
-        end = line_start - 1                 # offset of the previous line's '\n'
+        end = line_start - 1  # offset of the previous line's '\n'
         lo = end
         buf = b""
         while lo > 0:
@@ -281,7 +286,7 @@ def _prev_line_blank(path: str, line_start: int) -> bool:
             buf = f.read(step) + buf
             j = buf.rfind(b"\n", 0, end - lo)
             if j >= 0:
-                return not buf[j + 1:end - lo].strip()
+                return not buf[j + 1 : end - lo].strip()
         return not buf[:end].strip()
 
 
@@ -315,7 +320,7 @@ def read_txt(unit, mode: str, stats: ReadStats, on_error: str) -> Iterator[str]:
     block: list[bytes] = []
     for line, pos in src:
         blank = not line.strip()
-        if skip_tail:                  # tail of a block that started in the previous unit
+        if skip_tail:  # tail of a block that started in the previous unit
             skip_tail = not blank
             continue
         if blank:
@@ -325,7 +330,7 @@ def read_txt(unit, mode: str, stats: ReadStats, on_error: str) -> Iterator[str]:
                 block = []
             continue
         if not block and end is not None and pos >= end:
-            break                       # this block starts in the next unit
+            break  # this block starts in the next unit
         block.append(line)
     if block:
         stats.docs_read += 1
@@ -337,11 +342,11 @@ def read_jsonl(unit, field_name: str, stats: ReadStats, on_error: str) -> Iterat
     loads = json.loads
     for line, i in _lines(unit, stats, on_error):
         if not line.strip():
-            continue                    # blank lines are not records
+            continue  # blank lines are not records
         stats.docs_read += 1
         text = _decode(line, stats)
         if i == 0 and text.startswith("\ufeff"):
-            text = text[1:]             # a UTF-8 byte-order mark on the first line
+            text = text[1:]  # a UTF-8 byte-order mark on the first line
         try:
             rec = loads(text)
         except ValueError as e:
@@ -354,8 +359,10 @@ def read_jsonl(unit, field_name: str, stats: ReadStats, on_error: str) -> Iterat
             if not isinstance(rec, dict):
                 msg = f"{where(unit.path, counter.line(i))}: not a JSON object (got {type(rec).__name__})"
             elif field_name not in rec:
-                msg = (f"{where(unit.path, counter.line(i))}: no field {field_name!r} "
-                       f"(fields: {', '.join(sorted(rec)[:8])}; set --text-field)")
+                msg = (
+                    f"{where(unit.path, counter.line(i))}: no field {field_name!r} "
+                    f"(fields: {', '.join(sorted(rec)[:8])}; set --text-field)"
+                )
             else:
                 msg = f"{where(unit.path, counter.line(i))}: field {field_name!r} is {type(val).__name__}, not a string"
         if on_error == "fail":
@@ -363,21 +370,23 @@ def read_jsonl(unit, field_name: str, stats: ReadStats, on_error: str) -> Iterat
         stats.skipped(msg)
 
 
-def read_parquet(unit, field_name: str, stats: ReadStats, on_error: str, batch_rows: int = 8192
-                 ) -> Iterator[str]:
+def read_parquet(unit, field_name: str, stats: ReadStats, on_error: str, batch_rows: int = 8192) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     try:
         pf = pq.ParquetFile(unit.path)
     except (pa.ArrowException, OSError) as e:
         raise DataPipelineError(f"{unit.path}: cannot read parquet ({e})") from None
     if field_name not in pf.schema_arrow.names:
-        raise DataPipelineError(f"{unit.path}: no column {field_name!r} (columns: "
-                                f"{', '.join(pf.schema_arrow.names[:8])}; set --text-field)")
+        raise DataPipelineError(
+            f"{unit.path}: no column {field_name!r} (columns: {', '.join(pf.schema_arrow.names[:8])}; set --text-field)"
+        )
     row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
     try:
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(range(unit.start, unit.end)),
-                                     columns=[field_name]):
+        for batch in pf.iter_batches(
+            batch_size=batch_rows, row_groups=list(range(unit.start, unit.end)), columns=[field_name]
+        ):
             col = batch.column(0)
             if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
                 raise DataPipelineError(f"{unit.path}: column {field_name!r} has type {col.type}, not string")
@@ -403,8 +412,11 @@ def _text_of(row, field_name, src, i, stats, on_error):
     val = row.get(field_name) if isinstance(row, dict) else None
     if isinstance(val, str):
         return val
-    msg = (f"{src}: row {i}: no field {field_name!r}" if not isinstance(row, dict) or field_name not in row
-           else f"{src}: row {i}: field {field_name!r} is {type(val).__name__}, not a string")
+    msg = (
+        f"{src}: row {i}: no field {field_name!r}"
+        if not isinstance(row, dict) or field_name not in row
+        else f"{src}: row {i}: field {field_name!r} is {type(val).__name__}, not a string"
+    )
     if on_error == "fail":
         raise DataPipelineError(msg)
     stats.skipped(msg)
@@ -413,6 +425,7 @@ def _text_of(row, field_name, src, i, stats, on_error):
 
 def load_saved_dataset(path: str, split: str | None):
     import datasets
+
     try:
         ds = datasets.load_from_disk(path)
     except Exception as e:  # datasets raises several types here
@@ -427,6 +440,7 @@ def load_saved_dataset(path: str, split: str | None):
 def load_hub_dataset(name: str, config: str | None, split: str | None):
     """A streaming (``IterableDataset``) view of a hub dataset (or anything ``load_dataset`` takes)."""
     import datasets
+
     try:
         return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # network, missing dataset, bad config: all user-facing
@@ -438,7 +452,7 @@ def read_hf_disk(unit, field_name, stats, on_error, batch_rows: int = 2048) -> I
     if field_name not in ds.column_names:
         raise DataPipelineError(f"{unit.path}: no column {field_name!r} (columns: {', '.join(ds.column_names[:8])})")
     for off in range(unit.start, unit.end, batch_rows):
-        vals = ds[off:min(off + batch_rows, unit.end)][field_name]
+        vals = ds[off : min(off + batch_rows, unit.end)][field_name]
         for j, val in enumerate(vals):
             stats.docs_read += 1
             if isinstance(val, str):

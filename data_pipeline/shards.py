@@ -25,6 +25,7 @@ seekable); plain webdataset works too, one block per sample::
     m = read_manifest("out/")
     ds = webdataset.WebDataset(shard_urls(m, "train"), shardshuffle=False).map(decode_block)  # int64 (n, seq_len)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -107,12 +108,21 @@ def _manifest_problem(m: Any) -> str | None:
     if not isinstance(m, dict):
         return "top level is not an object"
     if m.get("format_version") not in READABLE_FORMATS:
-        return (f"format_version is {m.get('format_version')!r}, this reader knows {list(READABLE_FORMATS)}; "
-                "rebuild the shards with this version (`python -m data_pipeline build ...`)")
+        return (
+            f"format_version is {m.get('format_version')!r}, this reader knows {list(READABLE_FORMATS)}; "
+            "rebuild the shards with this version (`python -m data_pipeline build ...`)"
+        )
     if m["format_version"] >= 2 and not (isinstance(m.get("block_sequences"), int) and m["block_sequences"] > 0):
         return "missing or mistyped field 'block_sequences'"
-    for k, t in (("seq_len", int), ("vocab_size", int), ("dtype", str), ("tokenizer", dict),
-                 ("special_ids", dict), ("packing", str), ("splits", dict)):
+    for k, t in (
+        ("seq_len", int),
+        ("vocab_size", int),
+        ("dtype", str),
+        ("tokenizer", dict),
+        ("special_ids", dict),
+        ("packing", str),
+        ("splits", dict),
+    ):
         if not isinstance(m.get(k), t):
             return f"missing or mistyped field {k!r}"
     if m["dtype"] not in DTYPES:
@@ -158,8 +168,11 @@ def _block_header(f, where_: str, seq_len: int | None) -> tuple[int, np.dtype]:
     except (ValueError, SyntaxError, EOFError) as e:
         raise _corrupt(where_, f"not a .npy block ({e})") from None
     if dtype.str not in ("<u2", "<u4") or fortran or len(shape) != 2 or shape[0] < 1:
-        raise _corrupt(where_, f".npy block of {dtype.str} {shape}{' (fortran order)' if fortran else ''}, "
-                               "expected little-endian uint16/uint32 (sequences, seq_len)")
+        raise _corrupt(
+            where_,
+            f".npy block of {dtype.str} {shape}{' (fortran order)' if fortran else ''}, "
+            "expected little-endian uint16/uint32 (sequences, seq_len)",
+        )
     if seq_len is not None and shape[1] != seq_len:
         raise _corrupt(where_, f"{shape[1]} ids per sequence, expected seq_len={seq_len}")
     return shape[0], dtype
@@ -186,8 +199,9 @@ def _legacy_row(raw: bytes, field: str, where_: str, seq_len: int | None) -> np.
 
 
 def _unknown_field(where_: str, fields) -> DataPipelineError:
-    return DataPipelineError(f"{where_}: expected exactly one of {[BLOCK_FIELD, *sorted(FIELD_TO_DTYPE)]}, found "
-                             f"fields {sorted(fields)}")
+    return DataPipelineError(
+        f"{where_}: expected exactly one of {[BLOCK_FIELD, *sorted(FIELD_TO_DTYPE)]}, found fields {sorted(fields)}"
+    )
 
 
 def decode_block(sample: dict, seq_len: int | None = None) -> np.ndarray:
@@ -204,8 +218,10 @@ def decode_block(sample: dict, seq_len: int | None = None) -> np.ndarray:
         raise _unknown_field(where_, (k for k in sample if not k.startswith("__")))
     raw = sample[fields[0]]
     if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise DataPipelineError(f"{where_}: field {fields[0]} is {type(raw).__name__}, expected raw bytes "
-                                "(open the dataset without a decoder)")
+        raise DataPipelineError(
+            f"{where_}: field {fields[0]} is {type(raw).__name__}, expected raw bytes "
+            "(open the dataset without a decoder)"
+        )
     if fields[0] != BLOCK_FIELD:
         return _legacy_row(bytes(raw), fields[0], where_, seq_len)
     f = io.BytesIO(raw)
@@ -213,8 +229,9 @@ def decode_block(sample: dict, seq_len: int | None = None) -> np.ndarray:
     return _block_body(f, n, dtype, where_, seq_len)
 
 
-def _blocks(tf: tarfile.TarFile, path: str, seq_len: int | None, start: int = 0
-            ) -> Iterator[tuple[str, int, int, np.ndarray | None]]:
+def _blocks(
+    tf: tarfile.TarFile, path: str, seq_len: int | None, start: int = 0
+) -> Iterator[tuple[str, int, int, np.ndarray | None]]:
     """``(member name, index of its first sequence in the shard, sequences, ids)`` per member, in order;
     ids is None for a block that ends before sample `start`: only its header is read, its ids are not
     decoded (their bytes still stream through the reader, and its hash)."""
@@ -260,13 +277,22 @@ def check_ids(ids: np.ndarray, vocab_size: int, where_: str, first: int = 0) -> 
     bad = ids >= vocab_size
     if bad.any():
         row, position = divmod(int(np.argmax(bad.ravel())), ids.shape[1])
-        raise DataPipelineError(f"{where_} (sample {first + row}): id {int(ids[row, position])} at position "
-                                f"{position} is outside the vocabulary ({vocab_size} ids): the shard is corrupt; "
-                                "rebuild or restore it")
+        raise DataPipelineError(
+            f"{where_} (sample {first + row}): id {int(ids[row, position])} at position "
+            f"{position} is outside the vocabulary ({vocab_size} ids): the shard is corrupt; "
+            "rebuild or restore it"
+        )
 
 
-def read_shard(path: str | os.PathLike, *, seq_len: int | None = None, vocab_size: int | None = None,
-               sha256: str | None = None, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+def read_shard(
+    path: str | os.PathLike,
+    *,
+    seq_len: int | None = None,
+    vocab_size: int | None = None,
+    sha256: str | None = None,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[np.ndarray]:
     """Yield the ids (int64, one sequence each) of a shard's samples [start, stop) (to the end without
     `stop`), in order, checked: the length (`seq_len`), every id of each decoded block against the
     vocabulary (`vocab_size`), and the whole file against the manifest's `sha256`, hashed as it is read
@@ -288,23 +314,27 @@ def read_shard(path: str | os.PathLike, *, seq_len: int | None = None, vocab_siz
                         continue
                     if vocab_size is not None:
                         check_ids(ids, vocab_size, f"{path}: member {name!r}", first)
-                    for row in ids[max(start - first, 0):n if stop is None else min(n, stop - first)]:
+                    for row in ids[max(start - first, 0) : n if stop is None else min(n, stop - first)]:
                         if pending is not None:
                             yield pending
                         pending = row
                     if stop is not None and index >= stop:
                         break
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataPipelineError(f"{path}: unreadable tar after sample {index} ({type(e).__name__}: {e}); "
-                                    "the shard is corrupt or truncated; rebuild or restore it") from None
+            raise DataPipelineError(
+                f"{path}: unreadable tar after sample {index} ({type(e).__name__}: {e}); "
+                "the shard is corrupt or truncated; rebuild or restore it"
+            ) from None
         needed = start if stop is None else stop
         if index < needed:
             raise DataPipelineError(f"{path}: {index} samples, but the manifest says at least {needed}")
         if sha256 is not None:
             digest = reader.drain()
             if digest != sha256:
-                raise DataPipelineError(f"{path}: sha256 {digest[:16]}... differs from the manifest's "
-                                        f"{sha256[:16]}...: the shard is corrupt; rebuild or restore it")
+                raise DataPipelineError(
+                    f"{path}: sha256 {digest[:16]}... differs from the manifest's "
+                    f"{sha256[:16]}...: the shard is corrupt; rebuild or restore it"
+                )
     if pending is not None:
         yield pending
 
@@ -358,9 +388,19 @@ class ShardWriter:
     ``close()`` returns the shard records ``{"path", "samples", "tokens", "sha256", "bytes"}``.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, split: str, unit_name: str, dtype: str,
-                 seq_len: int, pad_id: int, shard_bytes: int, *, block_sequences: int = BLOCK_SEQUENCES,
-                 on_shard_done=None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        split: str,
+        unit_name: str,
+        dtype: str,
+        seq_len: int,
+        pad_id: int,
+        shard_bytes: int,
+        *,
+        block_sequences: int = BLOCK_SEQUENCES,
+        on_shard_done=None,
+    ):
         check_unit_name(unit_name)
         if dtype not in DTYPES:
             raise DataPipelineError(f"unknown dtype {dtype!r}")
@@ -395,15 +435,20 @@ class ShardWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self._final)
-        rec = {"path": self._rel, "samples": self._samples, "tokens": self._tokens,
-               "sha256": sha256_file(self._final), "bytes": self._final.stat().st_size}
+        rec = {
+            "path": self._rel,
+            "samples": self._samples,
+            "tokens": self._tokens,
+            "sha256": sha256_file(self._final),
+            "bytes": self._final.stat().st_size,
+        }
         self.records.append(rec)
         self._k += 1
         if self.on_shard_done is not None:
             self.on_shard_done(rec)
 
     def _add_block(self, rows: np.ndarray) -> None:
-        if self.seq_index + rows.shape[0] > 10 ** 8:
+        if self.seq_index + rows.shape[0] > 10**8:
             raise DataPipelineError(f"unit {self.unit_name}: more than 10**8 sequences; use a smaller unit_mb")
         data = block_bytes(rows)
         member = _BLOCK + -(-len(data) // _BLOCK) * _BLOCK
@@ -428,7 +473,7 @@ class ShardWriter:
         seqs = np.concatenate([self._held, seqs.astype(self.np_dtype, copy=False)])
         full = seqs.shape[0] - seqs.shape[0] % self.block_sequences
         for i in range(0, full, self.block_sequences):
-            self._add_block(seqs[i:i + self.block_sequences])
+            self._add_block(seqs[i : i + self.block_sequences])
         self._held = seqs[full:].copy()
 
     def close(self) -> list[dict]:

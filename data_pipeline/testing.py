@@ -4,6 +4,7 @@ The reference (:func:`reference_documents`) re-derives, one document at a time a
 the pipeline's batching, readers or packing code, what each split must contain; the tests
 compare it with what decoding the shards gives.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,15 +32,31 @@ def crash_hook():
         _shards_done_in_process += 1
         if _shards_done_in_process >= n:
             os.kill(os.getpid(), signal.SIGKILL)
+
     return hook
 
 
-WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this "
-         "be or has had first one their its new after who they two been have more also time but not "
-         "lobster river album season game city war film north church station music team band school "
-         "Valkyria Chronicles Homarus gammarus BERT MLP-Mixer HyperMixer tokenizer").split()
-ODD = ["café", "naïve", "Ångström", "東京", "Straße", "emoji 🙂", "[SEP]", "[CLS] x", "tab\there",
-       "ctrl\x07bell", "–dash—", "ﬁligature", "e\u0301"]
+WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this "
+    "be or has had first one their its new after who they two been have more also time but not "
+    "lobster river album season game city war film north church station music team band school "
+    "Valkyria Chronicles Homarus gammarus BERT MLP-Mixer HyperMixer tokenizer"
+).split()
+ODD = [
+    "café",
+    "naïve",
+    "Ångström",
+    "東京",
+    "Straße",
+    "emoji 🙂",
+    "[SEP]",
+    "[CLS] x",
+    "tab\there",
+    "ctrl\x07bell",
+    "–dash—",
+    "ﬁligature",
+    "e\u0301",
+]
 
 
 def synthetic_docs(n: int, seed: int = 0, dup_every: int = 23, empty_every: int = 17) -> list[str]:
@@ -68,10 +85,19 @@ def write_lines(path: Path, docs: list[str], eol: str = "\n") -> Path:
     return path
 
 
-def reference_documents(texts, tokenizer_file, *, validation_fraction: float, salt: str = "",
-                        form: str = "NFC", min_chars: int = 0, dedup: bool = False) -> dict[str, list[list[int]]]:
+def reference_documents(
+    texts,
+    tokenizer_file,
+    *,
+    validation_fraction: float,
+    salt: str = "",
+    form: str = "NFC",
+    min_chars: int = 0,
+    dedup: bool = False,
+) -> dict[str, list[list[int]]]:
     """Expected token ids of every kept document per split, in input order."""
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(tokenizer_file))
     tok.encode_special_tokens = True
     thr = round(validation_fraction * 1_000_000)
@@ -83,8 +109,7 @@ def reference_documents(texts, tokenizer_file, *, validation_fraction: float, sa
             t = unicodedata.normalize(form, t).strip()
         if not t or len(t) < min_chars:
             continue
-        d = hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16,
-                            key=salt.encode()[:64]).digest()
+        d = hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16, key=salt.encode()[:64]).digest()
         if dedup:
             if d in seen:
                 continue
@@ -107,6 +132,7 @@ def write_format1_copy(build_dir: str | Path, out_dir: str | Path) -> Path:
     from common.files import write_json_atomic
 
     from .shards import DTYPES, iter_shard, read_manifest, sha256_file
+
     m = read_manifest(build_dir)
     src, out = Path(m.pop("_root")), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

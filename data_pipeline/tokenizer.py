@@ -6,14 +6,15 @@ loads in ``tokenizers.Tokenizer.from_file`` and in ``transformers.PreTrainedToke
 :func:`save_tokenizer` also writes ``tokenizer_config.json`` / ``special_tokens_map.json``
 so that ``AutoTokenizer.from_pretrained(folder)`` knows the special tokens.
 """
+
 from __future__ import annotations
 
 import json
 import shutil
 import unicodedata
+from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -23,40 +24,58 @@ BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
 SPECIAL_ORDER = ("pad", "unk", "cls", "sep", "mask")
 
 
-def train_tokenizer(texts: Iterable[str], kind: str = "wordpiece", vocab_size: int = 32768,
-                    lowercase: bool = True, min_frequency: int = 2, specials: dict | None = None,
-                    length: int | None = None, show_progress: bool = False):
+def train_tokenizer(
+    texts: Iterable[str],
+    kind: str = "wordpiece",
+    vocab_size: int = 32768,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    specials: dict | None = None,
+    length: int | None = None,
+    show_progress: bool = False,
+):
     """Train a WordPiece (BERT-style), byte-level BPE or Unigram tokenizer from a text stream."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
     specials = dict(specials or BERT_SPECIALS)
     special_list = [specials[k] for k in SPECIAL_ORDER]
     unk = specials["unk"]
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token=unk, max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=lowercase)
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=special_list, show_progress=show_progress,
-                                            continuing_subword_prefix="##")
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special_list,
+            show_progress=show_progress,
+            continuing_subword_prefix="##",
+        )
     elif kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token=None))
         norm = [normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else [])
         tok.normalizer = normalizers.Sequence(norm)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                      special_tokens=special_list, show_progress=show_progress,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special_list,
+            show_progress=show_progress,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
     elif kind == "unigram":
         tok = Tokenizer(models.Unigram())
         norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
         tok.normalizer = normalizers.Sequence(norm)
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special_list,
-                                          unk_token=unk, show_progress=show_progress)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=special_list, unk_token=unk, show_progress=show_progress
+        )
     else:
         raise DataPipelineError(f"unknown tokenizer kind {kind!r}")
     tok.train_from_iterator(texts, trainer=trainer, length=length)
@@ -68,7 +87,8 @@ def train_tokenizer(texts: Iterable[str], kind: str = "wordpiece", vocab_size: i
     tok.post_processor = processors.TemplateProcessing(
         single=f"{specials['cls']} $A {specials['sep']}",
         pair=f"{specials['cls']} $A {specials['sep']} $B:1 {specials['sep']}:1",
-        special_tokens=[(specials["cls"], cls_id), (specials["sep"], sep_id)])
+        special_tokens=[(specials["cls"], cls_id), (specials["sep"], sep_id)],
+    )
     return tok
 
 
@@ -78,6 +98,7 @@ def _canonical_wordpiece(tok, special_list: list[str]):
     the same text give the same tokens under shuffled ids; WordPiece encoding depends only on
     the set of tokens, so sorted ids make the same training give the same tokenizer.json."""
     from tokenizers import Tokenizer
+
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
     rest = sorted(t for t in vocab if t not in special_list)
@@ -98,6 +119,7 @@ def resolve_tokenizer_file(spec: str) -> Path:
 
 def load_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
+
     p = resolve_tokenizer_file(str(path))
     try:
         return Tokenizer.from_file(str(p))
@@ -116,10 +138,10 @@ def special_ids(tok, specials: dict | None = None) -> dict[str, int]:
     return out
 
 
-def save_tokenizer(tok, out_dir: str | Path, specials: dict | None = None, model_max_length: int | None = None
-                   ) -> Path:
+def save_tokenizer(tok, out_dir: str | Path, specials: dict | None = None, model_max_length: int | None = None) -> Path:
     """Write ``tokenizer.json`` (+ transformers side files) into ``out_dir``."""
     from common.files import write_json_atomic
+
     specials = dict(specials or BERT_SPECIALS)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +168,7 @@ def copy_tokenizer(src: str | Path, out_dir: str | Path, specials: dict | None =
         shutil.copyfile(p, out_dir / "tokenizer.json.tmp")
         (out_dir / "tokenizer.json.tmp").replace(dst)
     from common.files import write_json_atomic
+
     specials = dict(specials or BERT_SPECIALS)
     names = {f"{k}_token": specials[k] for k in SPECIAL_ORDER}
     write_json_atomic(out_dir / "special_tokens_map.json", names)
@@ -205,6 +228,7 @@ class BulkEncoder:
 
     def __init__(self, tok):
         from tokenizers import Tokenizer
+
         self.tok = Tokenizer.from_str(tok.to_str())
         self.tok.encode_special_tokens = True
         self.fast = None
@@ -223,7 +247,7 @@ class BulkEncoder:
         if not t.isascii():
             cm = self.charmap
             for c in set(t):
-                cm[ord(c)]                      # fills the table (and the unsafe set) lazily
+                cm[ord(c)]  # fills the table (and the unsafe set) lazily
             if cm.unsafe and not cm.unsafe.isdisjoint(map(ord, set(t))):
                 return None
             return t.translate(cm)

@@ -10,6 +10,7 @@ Done-markers: ``<out>/_work/units/<name>.json`` holds a finished unit's result (
 records and counters).  It is written atomically and *last*, after every shard of the unit
 has been renamed into place, so its presence means the unit is complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,12 @@ MB = 1 << 20
 @dataclass(frozen=True)
 class Unit:
     index: int
-    name: str                 # "u000012": shard and key prefix (no dots)
-    kind: str                 # reader kind, see readers.iter_docs
+    name: str  # "u000012": shard and key prefix (no dots)
+    kind: str  # reader kind, see readers.iter_docs
     path: str
-    start: int = 0            # byte offset / first row group / first row / shard index
-    end: int | None = None    # exclusive end; None = whole file; hub: number of shards
-    est_bytes: int = 0        # input size estimate (progress bar)
+    start: int = 0  # byte offset / first row group / first row / shard index
+    end: int | None = None  # exclusive end; None = whole file; hub: number of shards
+    est_bytes: int = 0  # input size estimate (progress bar)
     config: str | None = None
     split: str | None = None
 
@@ -39,7 +40,7 @@ class Unit:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Unit":
+    def from_dict(cls, d: dict) -> Unit:
         return cls(**d)
 
     def describe(self) -> str:
@@ -58,12 +59,15 @@ def _pieces(source: Source, unit_bytes: int) -> list[dict]:
         if source.path.lower().endswith(SEEKABLE_EXTS) and source.size > unit_bytes:
             n = math.ceil(source.size / unit_bytes)
             step = math.ceil(source.size / n)
-            return [dict(base, start=s, end=min(s + step, source.size), est_bytes=min(step, source.size - s))
-                    for s in range(0, source.size, step)]
+            return [
+                dict(base, start=s, end=min(s + step, source.size), est_bytes=min(step, source.size - s))
+                for s in range(0, source.size, step)
+            ]
         # compressed streams cannot be split without reading them: one unit per file
         return [dict(base, start=0, end=None, est_bytes=source.size)]
     if source.kind == "parquet":
         import pyarrow.parquet as pq
+
         try:
             md = pq.ParquetFile(source.path).metadata
         except Exception as e:
@@ -81,8 +85,10 @@ def _pieces(source: Source, unit_bytes: int) -> list[dict]:
         nbytes = int(getattr(ds.data, "nbytes", 0) or 0)
         k = max(1, math.ceil(nbytes / unit_bytes)) if nbytes else 1
         step = max(1, math.ceil(n / k)) if n else 1
-        return [dict(base, start=s, end=min(s + step, n), est_bytes=nbytes * (min(s + step, n) - s) // max(n, 1))
-                for s in range(0, n, step)]
+        return [
+            dict(base, start=s, end=min(s + step, n), est_bytes=nbytes * (min(s + step, n) - s) // max(n, 1))
+            for s in range(0, n, step)
+        ]
     if source.kind == "hf_hub":
         ds = load_hub_dataset(source.path, source.config, source.split)
         n = max(1, int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1))
@@ -114,6 +120,7 @@ def read_result(work_dir: Path, unit: Unit) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None  # cannot happen with atomic writes; treat as unfinished and redo
     if res.get("unit") != unit.to_dict():
-        raise DataPipelineError(f"{p}: done-marker is for a different unit ({res.get('unit')}); "
-                                "the output folder belongs to another plan")
+        raise DataPipelineError(
+            f"{p}: done-marker is for a different unit ({res.get('unit')}); the output folder belongs to another plan"
+        )
     return res

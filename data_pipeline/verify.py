@@ -3,6 +3,7 @@
 Used by the tests and by ``inspect --verify``; also handy for users who want to be sure
 that what is on disk is what the manifest says.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,8 +63,9 @@ def verify_build(manifest: dict) -> list[str]:
             except DataPipelineError as e:
                 problems.append(str(e))
             if n != sh["samples"] or t != sh["tokens"]:
-                problems.append(f"{sh['path']}: {n} samples / {t} tokens, manifest says "
-                                f"{sh['samples']} / {sh['tokens']}")
+                problems.append(
+                    f"{sh['path']}: {n} samples / {t} tokens, manifest says {sh['samples']} / {sh['tokens']}"
+                )
             tot_s += n
             tot_t += t
         if tot_s != info["samples"] or tot_t != info["tokens"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +23,40 @@ def collect(out: Path, mixers: list[str], stamps: dict[str, dict[str, Any]]) -> 
         records = read_metrics(out / f"pretrain-{mixer}")
         train = [r for r in records if r["kind"] == "train"]
         evals = [r for r in records if r["kind"] == "eval"]
-        curves[mixer] = {"train_steps": [r["step"] for r in train], "train_loss": [r["loss"] for r in train],
-                         "eval_steps": [r["step"] for r in evals], "eval_loss": [r["loss"] for r in evals]}
-        pre = {"steps": train[-1]["step"] if train else 0,
-               "seconds": stamps.get(f"pretrain-{mixer}", {}).get("seconds"),
-               "resumed": bool(stamps.get(f"pretrain-{mixer}", {}).get("resumed")),
-               "tokens_per_s": train[-1]["tokens_per_s"] if train else None,
-               "mlm_loss": evals[-1]["loss"] if evals else None,
-               "mlm_accuracy": evals[-1]["accuracy"] if evals else None}
+        curves[mixer] = {
+            "train_steps": [r["step"] for r in train],
+            "train_loss": [r["loss"] for r in train],
+            "eval_steps": [r["step"] for r in evals],
+            "eval_loss": [r["loss"] for r in evals],
+        }
+        pre = {
+            "steps": train[-1]["step"] if train else 0,
+            "seconds": stamps.get(f"pretrain-{mixer}", {}).get("seconds"),
+            "resumed": bool(stamps.get(f"pretrain-{mixer}", {}).get("resumed")),
+            "tokens_per_s": train[-1]["tokens_per_s"] if train else None,
+            "mlm_loss": evals[-1]["loss"] if evals else None,
+            "mlm_accuracy": evals[-1]["accuracy"] if evals else None,
+        }
         for spec in load_plan(out / f"finetune-{mixer}"):
             result = json.loads((spec.output_dir / RESULT_FILE).read_text())
             scratch = bool(spec.config["from_scratch"])
-            rows.append({
-                "mixer": mixer, "init": "scratch" if scratch else "pretrained", "model": spec.model,
-                "parameters": result["parameters"], "pretraining": None if scratch else pre,
-                "task": TASK, "dev_accuracy": result["dev"][TASK]["accuracy"], "best_epoch": result["best_epoch"],
-                "epochs": spec.config["epochs"], "learning_rate": spec.config["learning_rate"],
-                "train_examples": result["train_examples"], "finetune_seconds": result["seconds"],
-                "run_dir": str(spec.output_dir),
-            })
+            rows.append(
+                {
+                    "mixer": mixer,
+                    "init": "scratch" if scratch else "pretrained",
+                    "model": spec.model,
+                    "parameters": result["parameters"],
+                    "pretraining": None if scratch else pre,
+                    "task": TASK,
+                    "dev_accuracy": result["dev"][TASK]["accuracy"],
+                    "best_epoch": result["best_epoch"],
+                    "epochs": spec.config["epochs"],
+                    "learning_rate": spec.config["learning_rate"],
+                    "train_examples": result["train_examples"],
+                    "finetune_seconds": result["seconds"],
+                    "run_dir": str(spec.output_dir),
+                }
+            )
     return {"task": TASK, "majority_class_accuracy": majority_accuracy(), "rows": rows, "curves": curves}
 
 
@@ -53,8 +67,16 @@ def majority_accuracy() -> float:
     return max(labels.count(v) for v in set(labels)) / len(labels)
 
 
-HEADERS = ("model", "init", "parameters", "pretraining", "MLM loss (val)", "MLM accuracy (val)",
-           f"{TASK} dev accuracy", "fine-tuning")
+HEADERS = (
+    "model",
+    "init",
+    "parameters",
+    "pretraining",
+    "MLM loss (val)",
+    "MLM accuracy (val)",
+    f"{TASK} dev accuracy",
+    "fine-tuning",
+)
 
 
 def cells(results: dict[str, Any]) -> list[list[str]]:
@@ -71,16 +93,30 @@ def cells(results: dict[str, Any]) -> list[list[str]]:
             acc = f"{100 * pre['mlm_accuracy']:.1f}%" if pre["mlm_accuracy"] is not None else "-"
         else:
             pretraining, loss, acc = "none (random init)", "-", "-"
-        finetuning = (f"{r['train_examples']:,} examples, epoch {r['best_epoch']} of {r['epochs']}, "
-                      f"lr {r['learning_rate']:g}, {r['finetune_seconds']:.0f} s")
-        out.append([r["mixer"], r["init"], f"{r['parameters']:,}", pretraining, loss, acc,
-                    f"{100 * r['dev_accuracy']:.1f}%", finetuning])
+        finetuning = (
+            f"{r['train_examples']:,} examples, epoch {r['best_epoch']} of {r['epochs']}, "
+            f"lr {r['learning_rate']:g}, {r['finetune_seconds']:.0f} s"
+        )
+        out.append(
+            [
+                r["mixer"],
+                r["init"],
+                f"{r['parameters']:,}",
+                pretraining,
+                loss,
+                acc,
+                f"{100 * r['dev_accuracy']:.1f}%",
+                finetuning,
+            ]
+        )
     return out
 
 
 def footnote(results: dict[str, Any]) -> str:
-    return (f"Majority class on {TASK} dev: {100 * results['majority_class_accuracy']:.1f}%. One seed and one "
-            "learning rate per row: a demonstration of the pipeline, not a benchmark.")
+    return (
+        f"Majority class on {TASK} dev: {100 * results['majority_class_accuracy']:.1f}%. One seed and one "
+        "learning rate per row: a demonstration of the pipeline, not a benchmark."
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -108,7 +144,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mixer, c in results["curves"].items():
-        line, = ax.plot(c["train_steps"], c["train_loss"], alpha=0.45, label=f"{mixer} (train)")
+        (line,) = ax.plot(c["train_steps"], c["train_loss"], alpha=0.45, label=f"{mixer} (train)")
         ax.plot(c["eval_steps"], c["eval_loss"], marker="o", color=line.get_color(), label=f"{mixer} (validation)")
     ax.set(xlabel="optimizer step", ylabel="masked-LM loss", title="Pretraining on WikiText-2 (validation split)")
     ax.grid(alpha=0.3)

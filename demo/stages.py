@@ -53,8 +53,14 @@ class Stage:
 
     def write_stamp(self, status: str, **extra: Any) -> dict[str, Any]:
         """Atomically: a reader sees the old stamp or the new one, never half of one."""
-        values = {"stage": self.name, "status": status, "id": uuid.uuid4().hex, "settings": self.settings,
-                  "inputs": self.inputs, **extra}
+        values = {
+            "stage": self.name,
+            "status": status,
+            "id": uuid.uuid4().hex,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            **extra,
+        }
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.stamp_path, values)
         return values
@@ -80,13 +86,17 @@ def decide(stage: Stage, complete: bool, force: bool) -> dict[str, Any] | None:
         return None
     if stamp is None:
         if stage.out.exists() and any(stage.out.iterdir()):
-            raise DemoError(f"{display_path(stage.out)} exists but was not written by this demo; "
-                            "re-run with --force to replace it, or choose another --out")
+            raise DemoError(
+                f"{display_path(stage.out)} exists but was not written by this demo; "
+                "re-run with --force to replace it, or choose another --out"
+            )
         return None
     if stamp.get("settings") != stage.settings:
         old = stamp.get("settings", {}).get("size", "?")
-        raise DemoError(f"{display_path(stage.out)} was made with other settings (--size {old}); "
-                        f"re-run with --force to redo it, or choose another --out")
+        raise DemoError(
+            f"{display_path(stage.out)} was made with other settings (--size {old}); "
+            f"re-run with --force to redo it, or choose another --out"
+        )
     if stamp.get("inputs") != stage.inputs:
         print(f"{stage.name}: its input was redone since; redoing it", flush=True)
         remove(stage.out)
@@ -115,8 +125,9 @@ def run_command(argv: list[str], shown: str, log: Path, env: dict[str, str] | No
     with log.open("ab") as sink:
         sink.write(f"\n$ {shown}\n".encode())
         # Same process group as the demo: Ctrl-C in the terminal reaches the command (and its ranks) too.
-        proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         try:
             while chunk := os.read(proc.stdout.fileno(), 1 << 16):
                 sys.stdout.buffer.write(chunk)
@@ -130,9 +141,11 @@ def run_command(argv: list[str], shown: str, log: Path, env: dict[str, str] | No
 
 def show(argv: list[str]) -> str:
     """A command line to print: absolute paths (also in key=path) shortened to the working directory."""
+
     def short(arg: str) -> str:
         key, sep, value = arg.rpartition("=")
         return key + sep + display_path(value) if value.startswith("/") else arg
+
     return shlex.join(short(a) for a in argv)
 
 
@@ -166,20 +179,47 @@ def pretrain(out: Path, data: Path, data_id: str, mixer: str, size: Size, force:
     if stamp:
         return reused(stage, stamp)
     if status:
-        print(f"continuing the unfinished run in {display_path(out)} (--resume auto: from its newest checkpoint, "
-              "if it has one)", flush=True)
+        print(
+            f"continuing the unfinished run in {display_path(out)} (--resume auto: from its newest checkpoint, "
+            "if it has one)",
+            flush=True,
+        )
     stage.write_stamp("running")
     began = time.monotonic()
-    tail = ["pretrain/main.py", "--config", "cpu", "--set", f"data.path={data}", f"output_dir={out}", *sets,
-            "--resume", "auto"]
+    tail = [
+        "pretrain/main.py",
+        "--config",
+        "cpu",
+        "--set",
+        f"data.path={data}",
+        f"output_dir={out}",
+        *sets,
+        "--resume",
+        "auto",
+    ]
     # DS_ACCELERATOR=cpu: the demo runs on CPU even where a GPU exists. One thread per rank and core.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // 2))
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
-    run_command([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                 "--master_port", str(free_port()), *tail],
-                f"DS_ACCELERATOR=cpu OMP_NUM_THREADS={threads} " + show(["deepspeed", "--num_gpus", "2", *tail]),
-                logs / f"{stage.name}.log", env)
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": threads,
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    }
+    run_command(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *tail,
+        ],
+        f"DS_ACCELERATOR=cpu OMP_NUM_THREADS={threads} " + show(["deepspeed", "--num_gpus", "2", *tail]),
+        logs / f"{stage.name}.log",
+        env,
+    )
     final = _run_status(out).get("status")
     if final != "completed":
         raise DemoError(f"pretraining ended with status {final!r}, not completed; run the demo again to continue it")
@@ -195,8 +235,9 @@ def _run_status(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def export(out: Path, run_dir: Path, pretrain_id: str, mixer: str, size: Size, force: bool,
-           logs: Path) -> dict[str, Any]:
+def export(
+    out: Path, run_dir: Path, pretrain_id: str, mixer: str, size: Size, force: bool, logs: Path
+) -> dict[str, Any]:
     """The release folder (config.json, model.safetensors, tokenizer.json, model card), checked
     against the validation loss the engine logged."""
     stage = Stage(f"release-{mixer}", out, {"size": size.name}, {"pretrain": pretrain_id})
@@ -211,11 +252,22 @@ def export(out: Path, run_dir: Path, pretrain_id: str, mixer: str, size: Size, f
     return stage.write_stamp("done", seconds=time.monotonic() - began)
 
 
-def finetune(out: Path, release: Path, release_id: str, mixer: str, size: Size, force: bool,
-             logs: Path) -> dict[str, Any]:
+def finetune(
+    out: Path, release: Path, release_id: str, mixer: str, size: Size, force: bool, logs: Path
+) -> dict[str, Any]:
     """A fine-tuning sweep on the shipped SST-2 sample: the release, and the same model from scratch."""
-    args = ["--release", f"{mixer}={release}", "--init", ",".join(size.inits), "--tasks", TASK,
-            "--glue-dir", str(GLUE_DIR), *size.finetune_args, "--no-predict"]
+    args = [
+        "--release",
+        f"{mixer}={release}",
+        "--init",
+        ",".join(size.inits),
+        "--tasks",
+        TASK,
+        "--glue-dir",
+        str(GLUE_DIR),
+        *size.finetune_args,
+        "--no-predict",
+    ]
     settings = {"size": size.name, "task": TASK, "inits": list(size.inits), "args": list(size.finetune_args)}
     stage = Stage(f"finetune-{mixer}", out, settings, {"release": release_id})
     stamp = decide(stage, _sweep_done(out), force)
@@ -240,5 +292,8 @@ def _sweep_done(sweep_dir: Path) -> bool:
         specs = load_plan(sweep_dir)
     except (FinetuneError, json.JSONDecodeError):
         return False  # not planned yet
-    return (bool(specs) and all((spec.output_dir / RESULT_FILE).is_file() for spec in specs)
-            and (sweep_dir / "results.json").is_file())
+    return (
+        bool(specs)
+        and all((spec.output_dir / RESULT_FILE).is_file() for spec in specs)
+        and (sweep_dir / "results.json").is_file()
+    )

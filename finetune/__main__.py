@@ -15,8 +15,20 @@ from finetune.errors import FinetuneError
 
 # Flags whose spelling is not the field's name (kept as users type them).
 FLAG_NAMES = {"learning_rate": "--lr", "save_model": "--save-model", "predict_test": "--predict"}
-TRAINING_FIELDS = ("epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "adam_eps", "max_seq_len",
-                   "max_train_examples", "eval_batch_size", "device", "precision", "save_model", "predict_test")
+TRAINING_FIELDS = (
+    "epochs",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "adam_eps",
+    "max_seq_len",
+    "max_train_examples",
+    "eval_batch_size",
+    "device",
+    "precision",
+    "save_model",
+    "predict_test",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,41 +45,68 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune released HyperMixer (and baseline) "
-                                     "encoders on GLUE; sweeps, result tables and GLUE submission files.")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune released HyperMixer (and baseline) "
+        "encoders on GLUE; sweeps, result tables and GLUE submission files.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="fine-tune one release on one task",
-                                description="Fine-tune a release on a GLUE task: dev evaluation after each epoch, the "
-                                "best epoch kept in <output-dir>/model, test predictions in <output-dir>/predictions.")
-    add_flags(train, FinetuneConfig, ("release", "task", "output_dir", "from_scratch", "learning_rate", "batch_size",
-                                      "seed"), rename=FLAG_NAMES)
+    train = commands.add_parser(
+        "train",
+        help="fine-tune one release on one task",
+        description="Fine-tune a release on a GLUE task: dev evaluation after each epoch, the "
+        "best epoch kept in <output-dir>/model, test predictions in <output-dir>/predictions.",
+    )
+    add_flags(
+        train,
+        FinetuneConfig,
+        ("release", "task", "output_dir", "from_scratch", "learning_rate", "batch_size", "seed"),
+        rename=FLAG_NAMES,
+    )
     _data_args(train)
     _training_args(train)
     train.set_defaults(func=cmd_train)
 
-    sweep = commands.add_parser("sweep", help="plan and run a grid of runs, then aggregate",
-                                description="Plan a grid over release x init x task x learning rate x batch size x seed "
-                                "into <sweep-dir>/plan.json, run it here one run after another (finished runs are "
-                                "skipped), then aggregate. With --plan-only, stop after planning (for a SLURM array: "
-                                "python -m slurm, or `run-one --index i` per array task).")
+    sweep = commands.add_parser(
+        "sweep",
+        help="plan and run a grid of runs, then aggregate",
+        description="Plan a grid over release x init x task x learning rate x batch size x seed "
+        "into <sweep-dir>/plan.json, run it here one run after another (finished runs are "
+        "skipped), then aggregate. With --plan-only, stop after planning (for a SLURM array: "
+        "python -m slurm, or `run-one --index i` per array task).",
+    )
     sweep.add_argument("--sweep-dir", required=True)
-    sweep.add_argument("--release", action="append", required=True, dest="releases",
-                       help="release folder, or LABEL=FOLDER; repeat for several")
+    sweep.add_argument(
+        "--release",
+        action="append",
+        required=True,
+        dest="releases",
+        help="release folder, or LABEL=FOLDER; repeat for several",
+    )
     sweep.add_argument("--tasks", default="all", help="'all' (the nine) or a comma-separated list (default: all)")
-    sweep.add_argument("--lrs", type=_floats, default=(2e-5, 3e-5, 5e-5), help="comma-separated (default: 2e-5,3e-5,5e-5)")
+    sweep.add_argument(
+        "--lrs", type=_floats, default=(2e-5, 3e-5, 5e-5), help="comma-separated (default: 2e-5,3e-5,5e-5)"
+    )
     sweep.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="comma-separated (default: 0,1,2)")
     sweep.add_argument("--batch-sizes", type=_ints, default=(32,), help="comma-separated (default: 32)")
-    sweep.add_argument("--init", type=lambda s: s.split(","), default=["pretrained"],
-                       help="pretrained, scratch or pretrained,scratch (default: pretrained)")
+    sweep.add_argument(
+        "--init",
+        type=lambda s: s.split(","),
+        default=["pretrained"],
+        help="pretrained, scratch or pretrained,scratch (default: pretrained)",
+    )
     sweep.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
     _data_args(sweep)
     _training_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
-    one = commands.add_parser("run-one", help="run one planned run of a sweep (a SLURM array task)",
-                              description="Run the run at --index (default: $SLURM_ARRAY_TASK_ID) or --name of "
-                              "<sweep-dir>/plan.json; a run already done is skipped.")
+    one = commands.add_parser(
+        "run-one",
+        help="run one planned run of a sweep (a SLURM array task)",
+        description="Run the run at --index (default: $SLURM_ARRAY_TASK_ID) or --name of "
+        "<sweep-dir>/plan.json; a run already done is skipped.",
+    )
     one.add_argument("--sweep-dir", required=True)
     pick = one.add_mutually_exclusive_group()
     pick.add_argument("--index", type=int)
@@ -75,15 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     one.set_defaults(func=cmd_run_one)
 
-    agg = commands.add_parser("aggregate", help="results.json, results.md and results.png of a sweep",
-                              description="Per model and task: the median over seeds of the best (lr, batch size), the "
-                              "best single run, and the GLUE score when all nine tasks are there.")
+    agg = commands.add_parser(
+        "aggregate",
+        help="results.json, results.md and results.png of a sweep",
+        description="Per model and task: the median over seeds of the best (lr, batch size), the "
+        "best single run, and the GLUE score when all nine tasks are there.",
+    )
     agg.add_argument("--sweep-dir", required=True)
     agg.set_defaults(func=cmd_aggregate)
 
-    predict = commands.add_parser("predict", help="test-set predictions from a fine-tuned model folder",
-                                  description="Predict the test sets of the task a model was fine-tuned on (MNLI: "
-                                  "also AX) and write them as the GLUE server expects.")
+    predict = commands.add_parser(
+        "predict",
+        help="test-set predictions from a fine-tuned model folder",
+        description="Predict the test sets of the task a model was fine-tuned on (MNLI: "
+        "also AX) and write them as the GLUE server expects.",
+    )
     predict.add_argument("--model", required=True, help="a run's model/ folder")
     predict.add_argument("--out-dir", required=True)
     predict.add_argument("--task", help="check that the model was fine-tuned on this task")
@@ -93,9 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(predict)
     predict.set_defaults(func=cmd_predict)
 
-    submit = commands.add_parser("submit", help="zip test predictions for the GLUE server",
-                                 description="Zip prediction files into submission.zip. From a sweep: per task, the "
-                                 "predictions of the run with the best dev score.")
+    submit = commands.add_parser(
+        "submit",
+        help="zip test predictions for the GLUE server",
+        description="Zip prediction files into submission.zip. From a sweep: per task, the "
+        "predictions of the run with the best dev score.",
+    )
     source = submit.add_mutually_exclusive_group(required=True)
     source.add_argument("--sweep-dir")
     source.add_argument("--predictions", action="append", help="folder of prediction files; repeat for several")
@@ -111,23 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--glue-dir", help="GLUE folder: <glue-dir>/<TASK>/{train,dev,test}.tsv")
-    group.add_argument("--hf", dest="hf_dataset", nargs="?", const=HF_HUB_NAME, metavar="NAME_OR_FOLDER",
-                       help=f"Hugging Face `datasets`: a hub name (default {HF_HUB_NAME}) or a folder of "
-                       "DatasetDict.save_to_disk copies (<folder>/<config>, e.g. <folder>/cola)")
+    group.add_argument(
+        "--hf",
+        dest="hf_dataset",
+        nargs="?",
+        const=HF_HUB_NAME,
+        metavar="NAME_OR_FOLDER",
+        help=f"Hugging Face `datasets`: a hub name (default {HF_HUB_NAME}) or a folder of "
+        "DatasetDict.save_to_disk copies (<folder>/<config>, e.g. <folder>/cola)",
+    )
 
 
 def _training_args(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, FinetuneConfig, TRAINING_FIELDS, rename=FLAG_NAMES)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a progress bar per epoch (default: only on a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar per epoch (default: only on a terminal)",
+    )
 
 
 def _settings(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """The FinetuneConfig fields given on the command line (the rest keep the model's defaults), and
     the flag each came from (so a mistake names it)."""
     values, sources = config_values(args, FinetuneConfig, rename=FLAG_NAMES)
-    return ({k: v for k, v in values.items() if k not in skip and v is not None},
-            {k: v for k, v in sources.items() if k not in skip})
+    return (
+        {k: v for k, v in values.items() if k not in skip and v is not None},
+        {k: v for k, v in sources.items() if k not in skip},
+    )
 
 
 def sweep_settings(args: argparse.Namespace) -> dict:
@@ -142,8 +202,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     values, sources = _settings(args)
     config = FinetuneConfig.with_sources(values, sources)
     result = train(config, progress=args.progress)
-    print(json.dumps({"task": result["task"], "score": result["score"], "dev": result["dev"],
-                      "best_epoch": result["best_epoch"], "output_dir": config.output_dir}, indent=2))
+    print(
+        json.dumps(
+            {
+                "task": result["task"],
+                "score": result["score"],
+                "dev": result["dev"],
+                "best_epoch": result["best_epoch"],
+                "output_dir": config.output_dir,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -151,7 +221,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from finetune.sweep import plan_sweep, run_sweep
 
     settings = sweep_settings(args)
-    specs = plan_sweep(args.sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings)
+    specs = plan_sweep(
+        args.sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings
+    )
     print(f"finetune: planned {len(specs)} runs in {Path(args.sweep_dir) / 'plan.json'}")
     if args.plan_only:
         return 0
@@ -193,8 +265,16 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from finetune.submission import predict_model
 
-    written = predict_model(args.model, args.out_dir, args.glue_dir, args.hf_dataset, args.task,
-                            args.device, args.precision, args.batch_size)
+    written = predict_model(
+        args.model,
+        args.out_dir,
+        args.glue_dir,
+        args.hf_dataset,
+        args.task,
+        args.device,
+        args.precision,
+        args.batch_size,
+    )
     for path in written:
         print(path)
     return 0
@@ -212,9 +292,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     report = write_submission(files, out)
     print(f"finetune: wrote {report['zip']} with {len(report['files'])} files: {', '.join(report['files'])}")
     if report["missing"]:
-        print(f"finetune: warning: the GLUE server wants all 11 files; missing {', '.join(report['missing'])}", file=sys.stderr)
+        print(
+            f"finetune: warning: the GLUE server wants all 11 files; missing {', '.join(report['missing'])}",
+            file=sys.stderr,
+        )
     for name, counts in report["unexpected_row_counts"].items():
-        print(f"finetune: warning: {name} has {counts['rows']} rows; the GLUE test set has {counts['expected']}", file=sys.stderr)
+        print(
+            f"finetune: warning: {name} has {counts['rows']} rows; the GLUE test set has {counts['expected']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -244,11 +330,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     for task in TASKS.values():
         labels = "regression 0..5" if task.labels is None else "/".join(task.labels)
-        files = [s.file for s in ([task.train] if task.train else []) + [x for ev in task.evals for x in (ev.dev, ev.test) if x]]
+        files = [
+            s.file
+            for s in ([task.train] if task.train else []) + [x for ev in task.evals for x in (ev.dev, ev.test) if x]
+        ]
         metrics = ", ".join(task.metrics) or f"(predicted by the {task.predicted_by} model)"
         print(f"{task.name:6} {labels:36} {metrics:18} {' '.join(files)}")
     return 0
-
 
 
 def _floats(text: str) -> list[float]:

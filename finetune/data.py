@@ -13,10 +13,10 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,9 +43,11 @@ class Examples:
     def __len__(self) -> int:
         return len(self.text_a)
 
-    def subset(self, rows: list[int]) -> "Examples":
-        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
-        return Examples(pick(self.text_a), pick(self.text_b), pick(self.labels), pick(self.index), self.origin, self.skipped)
+    def subset(self, rows: list[int]) -> Examples:
+        pick = lambda values: None if values is None else [values[i] for i in rows]
+        return Examples(
+            pick(self.text_a), pick(self.text_b), pick(self.labels), pick(self.index), self.origin, self.skipped
+        )
 
 
 def read_split(task: Task, split: Split, glue_dir: str | None = None, hf_dataset: str | None = None) -> Examples:
@@ -84,7 +86,9 @@ def read_tsv(task: Task, split: Split, glue_dir: str | Path) -> Examples:
             positions = _positions(split.columns, header, path)
         else:
             positions = split.columns
-        needed = 1 + max(p for p in (positions.text_a, positions.text_b, positions.label, positions.index) if p is not None)
+        needed = 1 + max(
+            p for p in (positions.text_a, positions.text_b, positions.label, positions.index) if p is not None
+        )
         out = Examples([], [] if positions.text_b is not None else None, [] if split.labelled else None, [], str(path))
         first_skipped = None
         for row in rows:
@@ -96,7 +100,9 @@ def read_tsv(task: Task, split: Split, glue_dir: str | Path) -> Examples:
                     out.skipped += 1
                     first_skipped = first_skipped or line
                     continue
-                raise FinetuneError(f"{where(path, line)}: expected at least {needed} tab-separated fields, found {len(row)}")
+                raise FinetuneError(
+                    f"{where(path, line)}: expected at least {needed} tab-separated fields, found {len(row)}"
+                )
             out.text_a.append(row[positions.text_a])
             if out.text_b is not None:
                 out.text_b.append(row[positions.text_b])
@@ -104,8 +110,11 @@ def read_tsv(task: Task, split: Split, glue_dir: str | Path) -> Examples:
                 out.labels.append(parse_label(task, row[positions.label], where(path, line)))
             out.index.append(row[positions.index] if positions.index is not None else str(len(out.index)))
     if out.skipped:
-        print(f"finetune: {path}: skipped {out.skipped} malformed rows with fewer than {needed} fields "
-              f"(the first at line {first_skipped})", file=sys.stderr)
+        print(
+            f"finetune: {path}: skipped {out.skipped} malformed rows with fewer than {needed} fields "
+            f"(the first at line {first_skipped})",
+            file=sys.stderr,
+        )
     if not len(out):
         raise FinetuneError(f"{path}: no examples")
     return out
@@ -113,6 +122,7 @@ def read_tsv(task: Task, split: Split, glue_dir: str | Path) -> Examples:
 
 def _positions(columns: Columns, header: list[str], path: Path) -> Columns:
     """Header names -> positions; a missing column is an error naming what the header has."""
+
     def find(name):
         if name is None or isinstance(name, int):
             return name
@@ -155,8 +165,13 @@ def read_hf(task: Task, split: Split, source: str) -> Examples:
     labels = None
     if split.labelled:
         labels = [_hf_label(task, value, f"{origin} row {row}") for row, value in enumerate(dataset["label"])]
-    out = Examples(list(dataset[text_a]), list(dataset[text_b]) if text_b else None, labels,
-                   [str(i) for i in dataset["idx"]], origin)
+    out = Examples(
+        list(dataset[text_a]),
+        list(dataset[text_b]) if text_b else None,
+        labels,
+        [str(i) for i in dataset["idx"]],
+        origin,
+    )
     if not len(out):
         raise FinetuneError(f"{origin}: no examples")
     return out
@@ -169,8 +184,10 @@ def _load_hf(task: Task, split: str, source: str):
     if path.is_dir():
         folder = hf_folder(task, path)
         if folder is None:
-            raise FinetuneError(f"{path}: not a `datasets` folder (expected {path / task.hf_config}/dataset_dict.json, "
-                                "written by DatasetDict.save_to_disk)")
+            raise FinetuneError(
+                f"{path}: not a `datasets` folder (expected {path / task.hf_config}/dataset_dict.json, "
+                "written by DatasetDict.save_to_disk)"
+            )
         splits = datasets.load_from_disk(str(folder))
         if split not in splits:
             raise FinetuneError(f"{folder}: no split {split!r} (found: {', '.join(splits)})")
@@ -178,8 +195,10 @@ def _load_hf(task: Task, split: str, source: str):
     try:
         return datasets.load_dataset(source, task.hf_config, split=split)
     except Exception as err:  # the hub's errors are many and unrelated; keep one clear line
-        raise FinetuneError(f"datasets.load_dataset({source!r}, {task.hf_config!r}, split={split!r}) failed: "
-                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise FinetuneError(
+            f"datasets.load_dataset({source!r}, {task.hf_config!r}, split={split!r}) failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
 
 
 def hf_folder(task: Task, path: Path) -> Path | None:
@@ -193,7 +212,9 @@ def _hf_label(task: Task, value, place: str) -> int | float:
             raise FinetuneError(f"{place}: label {value!r} is not a score in [{STSB_RANGE[0]:g}, {STSB_RANGE[1]:g}]")
         return float(value)
     if not isinstance(value, int) or not 0 <= value < len(task.labels):
-        raise FinetuneError(f"{place}: label {value!r} is not one of 0..{len(task.labels) - 1} ({', '.join(task.labels)})")
+        raise FinetuneError(
+            f"{place}: label {value!r} is not one of 0..{len(task.labels) - 1} ({', '.join(task.labels)})"
+        )
     return value
 
 
@@ -219,10 +240,10 @@ class Encoded:
         return np.diff(self.offsets)
 
     def ids(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
     def type_ids(self, i: int) -> np.ndarray:
-        return self.types[self.offsets[i]:self.offsets[i + 1]]
+        return self.types[self.offsets[i] : self.offsets[i + 1]]
 
 
 def load_tokenizer(release: str | Path, max_len: int):
@@ -231,14 +252,18 @@ def load_tokenizer(release: str | Path, max_len: int):
 
     path = Path(release) / TOKENIZER_FILE
     if not path.is_file():
-        raise FinetuneError(f"{path}: no such file (a release folder holds config.json, model.safetensors, tokenizer.json)")
+        raise FinetuneError(
+            f"{path}: no such file (a release folder holds config.json, model.safetensors, tokenizer.json)"
+        )
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:
         raise FinetuneError(f"{path}: not a `tokenizers` file ({err})") from None
     if tokenizer.post_processor is None:
-        raise FinetuneError(f"{path}: the tokenizer has no post-processor, so inputs would get no [CLS]/[SEP] "
-                            "and sentence pairs no segment ids")
+        raise FinetuneError(
+            f"{path}: the tokenizer has no post-processor, so inputs would get no [CLS]/[SEP] "
+            "and sentence pairs no segment ids"
+        )
     tokenizer.no_padding()  # batches are padded here, to what each batch needs
     tokenizer.enable_truncation(max_length=max_len)  # longest_first: pairs lose tokens from the longer side
     return tokenizer
@@ -248,8 +273,8 @@ def encode(tokenizer, examples: Examples, regression: bool, chunk: int = 8192) -
     """Tokenise in chunks (the tokenizer's per-example objects are large), keeping flat arrays."""
     tokens, types, lengths = [], [], []
     for start in range(0, len(examples), chunk):
-        a = examples.text_a[start:start + chunk]
-        inputs = a if examples.text_b is None else list(zip(a, examples.text_b[start:start + chunk]))
+        a = examples.text_a[start : start + chunk]
+        inputs = a if examples.text_b is None else list(zip(a, examples.text_b[start : start + chunk]))
         for e in tokenizer.encode_batch(inputs):
             tokens.append(np.asarray(e.ids, dtype=np.int32))
             types.append(np.asarray(e.type_ids, dtype=np.int8))
@@ -274,7 +299,7 @@ def batches(
     if order is None:
         order = torch.from_numpy(np.argsort(-data.lengths, kind="stable"))
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         yield rows, collate(data, rows.tolist(), pad_id, pad_to)
 
 
@@ -284,8 +309,8 @@ def collate(data: Encoded, rows: list[int], pad_id: int, pad_to: int | None = No
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     type_ids = torch.zeros((len(rows), length), dtype=torch.long)
     for r, i in enumerate(rows):
-        input_ids[r, :lengths[r]] = torch.from_numpy(data.ids(i))
-        type_ids[r, :lengths[r]] = torch.from_numpy(data.type_ids(i))
+        input_ids[r, : lengths[r]] = torch.from_numpy(data.ids(i))
+        type_ids[r, : lengths[r]] = torch.from_numpy(data.type_ids(i))
     mask = (torch.arange(length) < torch.from_numpy(lengths)[:, None]).long()
     batch = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": type_ids}
     if data.labels is not None:

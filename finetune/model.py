@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from hypermixer import EncoderConfig, ForSequenceClassification, read_release_config
-
 from finetune.data import Encoded, Examples, batches, encode, load_tokenizer
 from finetune.errors import FinetuneError
+from hypermixer import EncoderConfig, ForSequenceClassification, read_release_config
 
 FIXED_LENGTH_MIXERS = ("fnet",)
 
@@ -53,7 +52,9 @@ class Runner:
     def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's keyword arguments on the device. Segment ids only when the encoder has
         segment embeddings for both segments (type_vocab_size >= 2)."""
-        keep = ("input_ids", "attention_mask", "labels") + (("token_type_ids",) if self.config.type_vocab_size >= 2 else ())
+        keep = ("input_ids", "attention_mask", "labels") + (
+            ("token_type_ids",) if self.config.type_vocab_size >= 2 else ()
+        )
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in keep}
 
     def autocast(self):
@@ -96,11 +97,15 @@ def load(
         raise FinetuneError(f"{release}: cannot load the model ({str(err).splitlines()[0]})") from None
     max_len = max_seq_len or encoder_config.max_seq_len
     if max_len > encoder_config.max_seq_len:
-        raise FinetuneError(f"max_seq_len {max_len} exceeds the release's max_seq_len {encoder_config.max_seq_len} ({release})")
+        raise FinetuneError(
+            f"max_seq_len {max_len} exceeds the release's max_seq_len {encoder_config.max_seq_len} ({release})"
+        )
     tokenizer = load_tokenizer(release, max_len)
     if tokenizer.get_vocab_size() > encoder_config.vocab_size:
-        raise FinetuneError(f"{release}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
-                            f"more than the model's vocab_size {encoder_config.vocab_size}")
+        raise FinetuneError(
+            f"{release}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+            f"more than the model's vocab_size {encoder_config.vocab_size}"
+        )
     torch_device = resolve_device(device)
     model.to(torch_device)
     pad_to = max_len if encoder_config.mixer in FIXED_LENGTH_MIXERS else None

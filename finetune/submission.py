@@ -10,7 +10,6 @@ score clipped to [0, 5]. AX is predicted by the MNLI model. The server wants all
 from __future__ import annotations
 
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -42,20 +41,32 @@ def write_predictions(path: str | Path, index: list[str], strings: list[str]) ->
     return write_text_atomic(path, text)
 
 
-def predict_tests(runner: Runner, task: Task, out_dir: str | Path, glue_dir: str | None = None,
-                  hf_dataset: str | None = None, batch_size: int = 128) -> list[Path]:
+def predict_tests(
+    runner: Runner,
+    task: Task,
+    out_dir: str | Path,
+    glue_dir: str | None = None,
+    hf_dataset: str | None = None,
+    batch_size: int = 128,
+) -> list[Path]:
     """Predict every test set this task's model answers (MNLI: also AX) that the data source has;
     write <out_dir>/<name>.tsv for each. Returns the files written."""
     written = []
     for answered in [task] + [t for t in TASKS.values() if t.predicted_by == task.name]:
         for ev in answered.evals:
             if not _has_split(answered, ev, glue_dir, hf_dataset):
-                print(f"finetune: no {ev.name} test set in {glue_dir or hf_dataset}; no {ev.name}.tsv written", file=sys.stderr)
+                print(
+                    f"finetune: no {ev.name} test set in {glue_dir or hf_dataset}; no {ev.name}.tsv written",
+                    file=sys.stderr,
+                )
                 continue
             examples = read_split(answered, ev.test, glue_dir, hf_dataset)
             predictions = runner.predict(runner.encode(examples), batch_size)
-            written.append(write_predictions(Path(out_dir) / f"{ev.name}.tsv", examples.index,
-                                             prediction_strings(answered, predictions)))
+            written.append(
+                write_predictions(
+                    Path(out_dir) / f"{ev.name}.tsv", examples.index, prediction_strings(answered, predictions)
+                )
+            )
     return written
 
 
@@ -80,7 +91,9 @@ def check_file(path: Path) -> list[str]:
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
         if len(fields) != 2 or (allowed is not None and fields[1] not in allowed):
-            return [f"{path}:{number}: expected <index><TAB><one of {', '.join(task.labels or ['a score'])}>, got {line!r}"]
+            return [
+                f"{path}:{number}: expected <index><TAB><one of {', '.join(task.labels or ['a score'])}>, got {line!r}"
+            ]
     return []
 
 
@@ -107,8 +120,11 @@ def write_submission(files: list[str | Path], out: str | Path) -> dict:
         "zip": str(out),
         "files": sorted(by_name),
         "missing": [name for name in SUBMISSION_FILES if name not in by_name],
-        "unexpected_row_counts": {name: {"rows": n, "expected": SUBMISSION_FILES[name][1].test_size}
-                                  for name, n in rows.items() if n != SUBMISSION_FILES[name][1].test_size},
+        "unexpected_row_counts": {
+            name: {"rows": n, "expected": SUBMISSION_FILES[name][1].test_size}
+            for name, n in rows.items()
+            if n != SUBMISSION_FILES[name][1].test_size
+        },
     }
     return report
 
@@ -118,9 +134,16 @@ def prediction_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.tsv") if p.name in SUBMISSION_FILES)
 
 
-
-def predict_model(model_dir: str | Path, out_dir: str | Path, glue_dir: str | None = None, hf_dataset: str | None = None,
-                  task: str | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 128) -> list[Path]:
+def predict_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    glue_dir: str | None = None,
+    hf_dataset: str | None = None,
+    task: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 128,
+) -> list[Path]:
     """Test-set predictions from a fine-tuned model folder (a run's `model/`)."""
     info_path = Path(model_dir) / FINETUNE_FILE
     if not info_path.is_file():

@@ -13,15 +13,16 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from common.files import write_json_atomic
 from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.errors import FinetuneError
 from finetune.tasks import GLUE_TASKS, get_task, parse_tasks
-from common.files import write_json_atomic
 from finetune.trainer import RESULT_FILE, train
 
 PLAN_FILE = "plan.json"
@@ -40,7 +41,7 @@ class RunSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RunSpec":
+    def from_dict(cls, values: dict[str, Any]) -> RunSpec:
         return cls(**values)
 
     @property
@@ -75,8 +76,16 @@ def plan_sweep(
         models, parse_tasks(tasks), _unique(learning_rates), _unique(batch_sizes), _unique(seeds)
     ):
         name = f"{label}--{task}--lr{lr:g}--bs{bs}--seed{seed}"
-        config = FinetuneConfig(release=release, task=task, output_dir=str(sweep_dir / "runs" / name),
-                                from_scratch=scratch, learning_rate=lr, batch_size=bs, seed=seed, **settings)
+        config = FinetuneConfig(
+            release=release,
+            task=task,
+            output_dir=str(sweep_dir / "runs" / name),
+            from_scratch=scratch,
+            learning_rate=lr,
+            batch_size=bs,
+            seed=seed,
+            **settings,
+        )
         specs.append(RunSpec(name, label, task, config.to_dict()))
     _record_plan(sweep_dir, specs)
     return specs
@@ -132,8 +141,9 @@ def aggregate(sweep_dir: str | Path) -> dict:
         raise FinetuneError(f"{sweep_dir}: none of the {len(specs)} planned runs has finished yet")
     models: dict[str, dict] = {}
     for spec in specs:
-        entry = models.setdefault(spec.model, {"release": spec.config["release"],
-                                               "from_scratch": spec.config["from_scratch"], "tasks": {}})
+        entry = models.setdefault(
+            spec.model, {"release": spec.config["release"], "from_scratch": spec.config["from_scratch"], "tasks": {}}
+        )
         if spec.name in results:
             entry["tasks"].setdefault(spec.task, []).append((spec, results[spec.name]))
     for entry in models.values():
@@ -148,7 +158,7 @@ def aggregate(sweep_dir: str | Path) -> dict:
         "runs_done": len(results),
         "missing_runs": missing,
         "glue_score_convention": "mean of the nine task scores; a task's score is the mean of its metrics; "
-                                 "MNLI's is the mean of matched and mismatched accuracy; AX not included",
+        "MNLI's is the mean of matched and mismatched accuracy; AX not included",
         "models": models,
     }
     write_json_atomic(sweep_dir / "results.json", summary)
@@ -163,24 +173,34 @@ def _summarise_task(task: str, runs: list[tuple[RunSpec, dict]]) -> dict:
         by_setting.setdefault((spec.config["learning_rate"], spec.config["batch_size"]), []).append((spec, result))
     settings = []
     for (lr, bs), group in by_setting.items():
-        settings.append({
-            "learning_rate": lr, "batch_size": bs,
-            "seeds": [spec.config["seed"] for spec, _ in group],
-            "scores": [result["score"] for _, result in group],
-            "score": statistics.median(result["score"] for _, result in group),
-            # Each metric's own median over seeds, as papers report "median of N runs" per metric.
-            "dev": {ev: {m: statistics.median(r["dev"][ev][m] for _, r in group) for m in values}
-                    for ev, values in group[0][1]["dev"].items()},
-        })
+        settings.append(
+            {
+                "learning_rate": lr,
+                "batch_size": bs,
+                "seeds": [spec.config["seed"] for spec, _ in group],
+                "scores": [result["score"] for _, result in group],
+                "score": statistics.median(result["score"] for _, result in group),
+                # Each metric's own median over seeds, as papers report "median of N runs" per metric.
+                "dev": {
+                    ev: {m: statistics.median(r["dev"][ev][m] for _, r in group) for m in values}
+                    for ev, values in group[0][1]["dev"].items()
+                },
+            }
+        )
     chosen = max(settings, key=lambda s: s["score"])  # first of equals: plan order
     best_spec, best_result = max(runs, key=lambda run: run[1]["score"])
     return {
         "metrics": list(get_task(task).metrics),
         "runs": len(runs),
         "median": chosen,
-        "best": {"score": best_result["score"], "dev": best_result["dev"], "run": best_spec.name,
-                 "learning_rate": best_spec.config["learning_rate"], "batch_size": best_spec.config["batch_size"],
-                 "seed": best_spec.config["seed"]},
+        "best": {
+            "score": best_result["score"],
+            "dev": best_result["dev"],
+            "run": best_spec.name,
+            "learning_rate": best_spec.config["learning_rate"],
+            "batch_size": best_spec.config["batch_size"],
+            "seed": best_spec.config["seed"],
+        },
         "settings": settings,
     }
 
@@ -205,15 +225,22 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_pct(model['glue_score']['median'])} |")
     for label, model in summary["models"].items():
         kind = "random init" if model["from_scratch"] else "pretrained"
-        lines += ["", f"## {label} ({kind}, `{model['release']}`)", "",
-                  "| Task | Metrics | Median over seeds | Best run | lr | batch | seeds |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {label} ({kind}, `{model['release']}`)",
+            "",
+            "| Task | Metrics | Median over seeds | Best run | lr | batch | seeds |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for task in tasks:
             if task not in model["tasks"]:
                 continue
             s = model["tasks"][task]
             names = "/".join(metrics.DISPLAY[m] for m in s["metrics"])
-            lines.append(f"| {_task_head(task)} | {names} | {_cell(s['median']['dev'])} | {_cell(s['best']['dev'])} | "
-                         f"{s['median']['learning_rate']:g} | {s['median']['batch_size']} | {len(s['median']['seeds'])} |")
+            lines.append(
+                f"| {_task_head(task)} | {names} | {_cell(s['median']['dev'])} | {_cell(s['best']['dev'])} | "
+                f"{s['median']['learning_rate']:g} | {s['median']['batch_size']} | {len(s['median']['seeds'])} |"
+            )
         lines.append(f"| GLUE | | {_pct(model['glue_score']['median'])} | {_pct(model['glue_score']['best'])} | | | |")
     if summary["missing_runs"]:
         lines += ["", f"Not finished: {len(summary['missing_runs'])} runs, e.g. `{summary['missing_runs'][0]}`."]
@@ -267,8 +294,9 @@ def _models(releases: Iterable[str], init: Iterable[str]) -> list[tuple[str, str
         folder = str(Path(folder).resolve())
         label = label or Path(folder).name
         if label in seen and seen[label] != folder:
-            raise FinetuneError(f"two releases are both called {label!r} ({seen[label]}, {folder}); "
-                                "name them with label=folder")
+            raise FinetuneError(
+                f"two releases are both called {label!r} ({seen[label]}, {folder}); name them with label=folder"
+            )
         seen[label] = folder
         for kind in inits:
             models.append((label + ("-scratch" if kind == "scratch" else ""), folder, kind == "scratch"))
@@ -284,8 +312,10 @@ def _record_plan(sweep_dir: Path, specs: list[RunSpec]) -> None:
         old = known.get(spec.name)
         if old is not None and old != spec:
             differ = sorted(k for k in spec.config if spec.config[k] != old.config.get(k))
-            raise FinetuneError(f"{path}: run {spec.name} is already planned with other settings "
-                                f"({', '.join(differ)}); use another sweep folder")
+            raise FinetuneError(
+                f"{path}: run {spec.name} is already planned with other settings "
+                f"({', '.join(differ)}); use another sweep folder"
+            )
         known[spec.name] = spec
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"format": PLAN_FORMAT, "runs": [spec.to_dict() for spec in known.values()]})

@@ -79,15 +79,27 @@ NLI3 = ("entailment", "neutral", "contradiction")
 NLI2 = ("entailment", "not_entailment")
 
 
-def _task(name: str, labels, metrics, text_a, text_b, label, hf_config, hf_text, test_size, test_index="index", **kw) -> Task:
+def _task(
+    name: str, labels, metrics, text_a, text_b, label, hf_config, hf_text, test_size, test_index="index", **kw
+) -> Task:
     """A task with the usual layout: <name>/{train,dev,test}.tsv, all with a header."""
     labelled = Columns(text_a, text_b, label=label)
     test = Columns(text_a, text_b, index=test_index)
     return Task(
-        name=name, labels=labels, metrics=metrics, hf_config=hf_config, hf_text=hf_text,
+        name=name,
+        labels=labels,
+        metrics=metrics,
+        hf_config=hf_config,
+        hf_text=hf_text,
         train=Split((f"{name}/train.tsv",), "train", labelled),
-        evals=(EvalSet(name, Split((f"{name}/dev.tsv",), "validation", labelled),
-                       Split((f"{name}/test.tsv",), "test", test), test_size),),
+        evals=(
+            EvalSet(
+                name,
+                Split((f"{name}/dev.tsv",), "validation", labelled),
+                Split((f"{name}/test.tsv",), "test", test),
+                test_size,
+            ),
+        ),
         **kw,
     )
 
@@ -97,42 +109,113 @@ _COLA_LABELLED = Columns(text_a=3, label=1)
 _MNLI_LABELLED = Columns("sentence1", "sentence2", label="gold_label")  # the last column: train has 12, dev 16
 _MNLI_TEST = Columns("sentence1", "sentence2", index="index")
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task(
-        name="CoLA", labels=BINARY, metrics=("mcc",), hf_config="cola", hf_text=("sentence", None),
-        train=Split(("CoLA/train.tsv",), "train", _COLA_LABELLED, header=False),
-        evals=(EvalSet("CoLA", Split(("CoLA/dev.tsv",), "validation", _COLA_LABELLED, header=False),
-                       Split(("CoLA/test.tsv",), "test", Columns("sentence", index="index")), 1063),),
-    ),
-    _task("SST-2", BINARY, ("accuracy",), "sentence", None, "label", "sst2", ("sentence", None), 1821),
-    _task("MRPC", BINARY, ("f1", "accuracy"), "#1 String", "#2 String", "Quality", "mrpc",
-          ("sentence1", "sentence2"), 1725),
-    _task("STS-B", None, ("pearson", "spearman"), "sentence1", "sentence2", "score", "stsb",
-          ("sentence1", "sentence2"), 1379),
-    _task("QQP", BINARY, ("f1", "accuracy"), "question1", "question2", "is_duplicate", "qqp",
-          ("question1", "question2"), 390965, test_index="id", skip_malformed=True),
-    Task(
-        name="MNLI", labels=NLI3, metrics=("accuracy",), hf_config="mnli", hf_text=("premise", "hypothesis"),
-        train=Split(("MNLI/train.tsv",), "train", _MNLI_LABELLED),
-        evals=(
-            EvalSet("MNLI-m", Split(("MNLI/dev_matched.tsv",), "validation_matched", _MNLI_LABELLED),
-                    Split(("MNLI/test_matched.tsv",), "test_matched", _MNLI_TEST), 9796),
-            EvalSet("MNLI-mm", Split(("MNLI/dev_mismatched.tsv",), "validation_mismatched", _MNLI_LABELLED),
-                    Split(("MNLI/test_mismatched.tsv",), "test_mismatched", _MNLI_TEST), 9847),
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            name="CoLA",
+            labels=BINARY,
+            metrics=("mcc",),
+            hf_config="cola",
+            hf_text=("sentence", None),
+            train=Split(("CoLA/train.tsv",), "train", _COLA_LABELLED, header=False),
+            evals=(
+                EvalSet(
+                    "CoLA",
+                    Split(("CoLA/dev.tsv",), "validation", _COLA_LABELLED, header=False),
+                    Split(("CoLA/test.tsv",), "test", Columns("sentence", index="index")),
+                    1063,
+                ),
+            ),
         ),
-    ),
-    _task("QNLI", NLI2, ("accuracy",), "question", "sentence", "label", "qnli", ("question", "sentence"), 5463),
-    _task("RTE", NLI2, ("accuracy",), "sentence1", "sentence2", "label", "rte", ("sentence1", "sentence2"), 3000),
-    _task("WNLI", BINARY, ("accuracy",), "sentence1", "sentence2", "label", "wnli", ("sentence1", "sentence2"), 146),
-    # The diagnostic set: test only, predicted with the MNLI model. download_glue_data.py writes
-    # diagnostic/diagnostic.tsv; AX/test.tsv is accepted too.
-    Task(
-        name="AX", labels=NLI3, metrics=(), hf_config="ax", hf_text=("premise", "hypothesis"), train=None,
-        evals=(EvalSet("AX", None, Split(("diagnostic/diagnostic.tsv", "AX/test.tsv"), "test",
-                                         Columns("sentence1", "sentence2", index="index")), 1104),),
-        predicted_by="MNLI",
-    ),
-)}
+        _task("SST-2", BINARY, ("accuracy",), "sentence", None, "label", "sst2", ("sentence", None), 1821),
+        _task(
+            "MRPC",
+            BINARY,
+            ("f1", "accuracy"),
+            "#1 String",
+            "#2 String",
+            "Quality",
+            "mrpc",
+            ("sentence1", "sentence2"),
+            1725,
+        ),
+        _task(
+            "STS-B",
+            None,
+            ("pearson", "spearman"),
+            "sentence1",
+            "sentence2",
+            "score",
+            "stsb",
+            ("sentence1", "sentence2"),
+            1379,
+        ),
+        _task(
+            "QQP",
+            BINARY,
+            ("f1", "accuracy"),
+            "question1",
+            "question2",
+            "is_duplicate",
+            "qqp",
+            ("question1", "question2"),
+            390965,
+            test_index="id",
+            skip_malformed=True,
+        ),
+        Task(
+            name="MNLI",
+            labels=NLI3,
+            metrics=("accuracy",),
+            hf_config="mnli",
+            hf_text=("premise", "hypothesis"),
+            train=Split(("MNLI/train.tsv",), "train", _MNLI_LABELLED),
+            evals=(
+                EvalSet(
+                    "MNLI-m",
+                    Split(("MNLI/dev_matched.tsv",), "validation_matched", _MNLI_LABELLED),
+                    Split(("MNLI/test_matched.tsv",), "test_matched", _MNLI_TEST),
+                    9796,
+                ),
+                EvalSet(
+                    "MNLI-mm",
+                    Split(("MNLI/dev_mismatched.tsv",), "validation_mismatched", _MNLI_LABELLED),
+                    Split(("MNLI/test_mismatched.tsv",), "test_mismatched", _MNLI_TEST),
+                    9847,
+                ),
+            ),
+        ),
+        _task("QNLI", NLI2, ("accuracy",), "question", "sentence", "label", "qnli", ("question", "sentence"), 5463),
+        _task("RTE", NLI2, ("accuracy",), "sentence1", "sentence2", "label", "rte", ("sentence1", "sentence2"), 3000),
+        _task(
+            "WNLI", BINARY, ("accuracy",), "sentence1", "sentence2", "label", "wnli", ("sentence1", "sentence2"), 146
+        ),
+        # The diagnostic set: test only, predicted with the MNLI model. download_glue_data.py writes
+        # diagnostic/diagnostic.tsv; AX/test.tsv is accepted too.
+        Task(
+            name="AX",
+            labels=NLI3,
+            metrics=(),
+            hf_config="ax",
+            hf_text=("premise", "hypothesis"),
+            train=None,
+            evals=(
+                EvalSet(
+                    "AX",
+                    None,
+                    Split(
+                        ("diagnostic/diagnostic.tsv", "AX/test.tsv"),
+                        "test",
+                        Columns("sentence1", "sentence2", index="index"),
+                    ),
+                    1104,
+                ),
+            ),
+            predicted_by="MNLI",
+        ),
+    )
+}
 
 # The nine tasks of the benchmark (AX is a diagnostic, not part of the GLUE score).
 GLUE_TASKS: tuple[str, ...] = tuple(name for name, task in TASKS.items() if task.train is not None)
@@ -151,7 +234,9 @@ def get_task(name: str) -> Task:
 def trainable_task(name: str) -> Task:
     task = get_task(name)
     if task.train is None:
-        raise FinetuneError(f"task {task.name} has no training data: it is predicted with the {task.predicted_by} model")
+        raise FinetuneError(
+            f"task {task.name} has no training data: it is predicted with the {task.predicted_by} model"
+        )
     return task
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -25,14 +24,13 @@ from tqdm.auto import tqdm
 
 from common.files import write_json_atomic
 from common.optim import lr_scheduler, param_groups
-from hypermixer.hf.release import tokenizer_files
-
 from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.data import Encoded, read_split
 from finetune.model import Runner, load
 from finetune.submission import FINETUNE_FILE, predict_tests
 from finetune.tasks import get_task
+from hypermixer.hf.release import tokenizer_files
 
 RESULT_FILE = "result.json"
 
@@ -47,7 +45,9 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
     (out / RESULT_FILE).unlink(missing_ok=True)
     write_json_atomic(out / "config.json", config.to_dict())
     seed_everything(config.seed)
-    runner = load(config.release, task.num_labels, config.from_scratch, config.max_seq_len, config.device, config.precision)
+    runner = load(
+        config.release, task.num_labels, config.from_scratch, config.max_seq_len, config.device, config.precision
+    )
     source = dict(glue_dir=config.glue_dir, hf_dataset=config.hf_dataset)
 
     train_examples = read_split(task, task.train, **source)
@@ -56,14 +56,17 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
         train_examples = train_examples.subset(sorted(pick[: config.max_train_examples].tolist()))
     train_data = runner.encode(train_examples)
     dev_data = {ev.name: runner.encode(read_split(task, ev.dev, **source)) for ev in task.evals}
-    _log(f"{task.name}: {len(train_data)} training examples, dev {', '.join(f'{k} {len(v)}' for k, v in dev_data.items())}; "
-         f"{runner.config.mixer} from {config.release}{' (random init)' if config.from_scratch else ''} "
-         f"on {runner.device} ({runner.precision})")
+    _log(
+        f"{task.name}: {len(train_data)} training examples, dev {', '.join(f'{k} {len(v)}' for k, v in dev_data.items())}; "
+        f"{runner.config.mixer} from {config.release}{' (random init)' if config.from_scratch else ''} "
+        f"on {runner.device} ({runner.precision})"
+    )
 
     optimizer = make_optimizer(runner.model, config.learning_rate, config.weight_decay, config.adam_eps)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    scheduler = lr_scheduler(optimizer, round(config.warmup_ratio * steps_per_epoch * config.epochs),
-                             steps_per_epoch * config.epochs)
+    scheduler = lr_scheduler(
+        optimizer, round(config.warmup_ratio * steps_per_epoch * config.epochs), steps_per_epoch * config.epochs
+    )
     scaler = torch.amp.GradScaler(runner.device.type, enabled=runner.amp_dtype == torch.float16)
     shuffle = torch.Generator().manual_seed(config.seed)
 
@@ -71,12 +74,27 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
     (out / "metrics.jsonl").write_text("")
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.perf_counter()
-        loss = train_epoch(runner, train_data, config, optimizer, scheduler, scaler, shuffle,
-                           desc=f"{task.name} epoch {epoch}/{config.epochs}", progress=progress)
+        loss = train_epoch(
+            runner,
+            train_data,
+            config,
+            optimizer,
+            scheduler,
+            scaler,
+            shuffle,
+            desc=f"{task.name} epoch {epoch}/{config.epochs}",
+            progress=progress,
+        )
         dev = evaluate(runner, task, dev_data, config.eval_batch_size)
         score = metrics.task_score(dev)
-        record = {"epoch": epoch, "train_loss": loss, "dev": dev, "score": score,
-                  "seconds": round(time.perf_counter() - epoch_start, 2), "lr": scheduler.get_last_lr()[0]}
+        record = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "dev": dev,
+            "score": score,
+            "seconds": round(time.perf_counter() - epoch_start, 2),
+            "lr": scheduler.get_last_lr()[0],
+        }
         history.append(record)
         with open(out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -85,8 +103,10 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             best = record
             # A CPU copy, not a file per improvement: one write at the end.
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in runner.model.state_dict().items()}
-        _log(f"{task.name} epoch {epoch}/{config.epochs}: train loss {loss:.4f}, dev {_format(dev)}"
-             f"{' (best)' if improved else ''} [{record['seconds']:.0f} s]")
+        _log(
+            f"{task.name} epoch {epoch}/{config.epochs}: train loss {loss:.4f}, dev {_format(dev)}"
+            f"{' (best)' if improved else ''} [{record['seconds']:.0f} s]"
+        )
 
     runner.model.load_state_dict(best_state)
     if config.save_model:
@@ -120,16 +140,32 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
     return result
 
 
-def train_epoch(runner: Runner, data: Encoded, config: FinetuneConfig, optimizer, scheduler, scaler,
-                shuffle: torch.Generator, desc: str, progress: bool | None) -> float:
+def train_epoch(
+    runner: Runner,
+    data: Encoded,
+    config: FinetuneConfig,
+    optimizer,
+    scheduler,
+    scaler,
+    shuffle: torch.Generator,
+    desc: str,
+    progress: bool | None,
+) -> float:
     """One pass over the shuffled training set; returns the mean training loss."""
     model = runner.model
     model.train()
     order = torch.randperm(len(data), generator=shuffle)
     steps = math.ceil(len(data) / config.batch_size)
     total = torch.zeros((), device=runner.device)  # summed on the device: no sync per step
-    bar = tqdm(runner.batches(data, config.batch_size, order), total=steps, desc=desc, unit="step",
-               disable=None if progress is None else not progress, leave=False, file=sys.stderr)
+    bar = tqdm(
+        runner.batches(data, config.batch_size, order),
+        total=steps,
+        desc=desc,
+        unit="step",
+        disable=None if progress is None else not progress,
+        leave=False,
+        file=sys.stderr,
+    )
     for step, (_, batch) in enumerate(bar, start=1):
         with runner.autocast():
             loss = model(**runner.inputs(batch)).loss
@@ -149,12 +185,15 @@ def train_epoch(runner: Runner, data: Encoded, config: FinetuneConfig, optimizer
 
 def evaluate(runner: Runner, task, dev_data: dict[str, Encoded], batch_size: int) -> dict[str, dict[str, float]]:
     """{eval set: {metric: value}} on the labelled dev sets."""
-    return {name: metrics.compute(task.metrics, data.labels.numpy(), runner.predict(data, batch_size).numpy())
-            for name, data in dev_data.items()}
+    return {
+        name: metrics.compute(task.metrics, data.labels.numpy(), runner.predict(data, batch_size).numpy())
+        for name, data in dev_data.items()
+    }
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, eps=eps)
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -163,8 +202,10 @@ def seed_everything(seed: int) -> None:
 
 
 def _format(dev: dict[str, dict[str, float]]) -> str:
-    return "; ".join(f"{name} " + ", ".join(f"{metrics.DISPLAY[m]} {100 * v:.2f}" for m, v in values.items())
-                     for name, values in dev.items())
+    return "; ".join(
+        f"{name} " + ", ".join(f"{metrics.DISPLAY[m]} {100 * v:.2f}" for m, v in values.items())
+        for name, values in dev.items()
+    )
 
 
 def _log(message: str) -> None:

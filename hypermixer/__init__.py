@@ -17,8 +17,22 @@ from hypermixer.mixers import MIXER_CLASSES, FourierMixing, HyperMixing, MLPMixi
 MIXERS = tuple(MIXER_CLASSES)
 
 __all__ = [
-    "EncoderConfig", "PRESETS", "MIXERS", "Encoder", "ForMaskedLM", "ForSequenceClassification",
-    "MaskedLMOutput", "ClassifierOutput", "IGNORE_INDEX", "HyperMixing", "SelfAttention", "MLPMixing",
-    "FourierMixing", "flops_per_token", "forward_flops_per_token", "mixer_forward_flops_per_token",
-    "read_release_config", "max_predictions_per_seq",
+    "EncoderConfig",
+    "PRESETS",
+    "MIXERS",
+    "Encoder",
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "MaskedLMOutput",
+    "ClassifierOutput",
+    "IGNORE_INDEX",
+    "HyperMixing",
+    "SelfAttention",
+    "MLPMixing",
+    "FourierMixing",
+    "flops_per_token",
+    "forward_flops_per_token",
+    "mixer_forward_flops_per_token",
+    "read_release_config",
+    "max_predictions_per_seq",
 ]

@@ -56,22 +56,31 @@ class EncoderConfig:
 
     def _validate(self) -> None:
         for name in (
-            "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len",
-            "hypermixer_hypernet_hidden_size", "hypermixer_token_mixing_size", "mlpmixer_token_mixing_size",
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_seq_len",
+            "hypermixer_hypernet_hidden_size",
+            "hypermixer_token_mixing_size",
+            "mlpmixer_token_mixing_size",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EncoderConfig.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+        if (
+            isinstance(self.type_vocab_size, bool)
+            or not isinstance(self.type_vocab_size, int)
+            or self.type_vocab_size < 0
+        ):
             raise ValueError(f"EncoderConfig.type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
         _check_choice("mixer", self.mixer, MIXERS)
         _check_choice("position_embedding", self.position_embedding, EMBEDDING_POSITIONS)
         _check_choice("hypermixer_position", self.hypermixer_position, HYPERMIXER_POSITIONS)
         _check_choice("pooling", self.pooling, POOLINGS)
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"EncoderConfig.num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})"
-            )
+            raise ValueError(f"EncoderConfig.num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         for name in ("hypermixer_hypernet_hidden_size", "hypermixer_token_mixing_size"):
             if getattr(self, name) % self.num_heads:
                 raise ValueError(
@@ -94,7 +103,7 @@ class EncoderConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EncoderConfig":
+    def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in known:
@@ -102,18 +111,18 @@ class EncoderConfig:
         return cls(**values)
 
     @classmethod
-    def from_saved(cls, values: dict[str, Any]) -> "EncoderConfig":
+    def from_saved(cls, values: dict[str, Any]) -> EncoderConfig:
         """A dict that to_dict() wrote, possibly by an older version: keys added since then take the
         value that reproduces the model it saved."""
         return cls.from_dict({**SAVED_BEFORE_THE_KEY_EXISTED, **values})
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "EncoderConfig":
+    def preset(cls, name: str, **overrides: Any) -> EncoderConfig:
         if name not in PRESETS:
             raise ValueError(f"EncoderConfig: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
         return cls.from_dict({**PRESETS[name], **overrides})
 
-    def replace(self, **changes: Any) -> "EncoderConfig":
+    def replace(self, **changes: Any) -> EncoderConfig:
         return EncoderConfig.from_dict({**self.to_dict(), **changes})
 
 

@@ -31,7 +31,9 @@ class Embeddings(nn.Module):
         if self.position is not None:
             length = input_ids.shape[1]
             if length > self.position.num_embeddings:
-                raise ValueError(f"Encoder: sequence length {length} exceeds max_seq_len {self.position.num_embeddings}")
+                raise ValueError(
+                    f"Encoder: sequence length {length} exceeds max_seq_len {self.position.num_embeddings}"
+                )
             x = x + self.position.weight[:length]
         if self.segment is not None:
             # No segment ids means one segment: segment 0, as BERT does, so MLM pretraining trains it.

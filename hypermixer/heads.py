@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,13 @@ def max_predictions_per_seq(seq_len: int, mask_prob: float, miss: float = 1e-12)
     log_p, log_q = math.log(mask_prob), math.log1p(-mask_prob)
 
     def log_pmf(i: int) -> float:
-        return (math.lgamma(seq_len + 1) - math.lgamma(i + 1) - math.lgamma(seq_len - i + 1)
-                + i * log_p + (seq_len - i) * log_q)
+        return (
+            math.lgamma(seq_len + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(seq_len - i + 1)
+            + i * log_p
+            + (seq_len - i) * log_q
+        )
 
     tail = 0.0  # P(count > k), summed from the top down
     for k in range(seq_len, -1, -1):
@@ -119,8 +124,10 @@ class ForMaskedLM(PretrainedMixin, nn.Module):
         denominator = count.clamp(min=1).float()
         # Sum over the real targets, then divide: the mean of the dynamic path (padding slots add 0). With
         # no target at all the loss is 0 and still reaches every parameter (ZeRO/DDP need them in the graph).
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum") / denominator
+        loss = (
+            F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            / denominator
+        )
         correct = ((logits.argmax(dim=-1) == targets) & valid).sum()
         return MaskedLMOutput(logits=logits, loss=loss, accuracy=correct.float() / denominator, num_masked=count)
 

@@ -32,12 +32,16 @@ def check_format_version(version: Any, where: str | os.PathLike) -> int:
     """The release format version if this code reads it; otherwise a one-line ValueError saying why."""
     supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
     if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{where}: format_version {version!r} is not a hypermixer release format "
-                         f"(supported: {supported}); is this a folder written by hypermixer's save_pretrained?")
+        raise ValueError(
+            f"{where}: format_version {version!r} is not a hypermixer release format "
+            f"(supported: {supported}); is this a folder written by hypermixer's save_pretrained?"
+        )
     if version not in SUPPORTED_FORMAT_VERSIONS:
         newer = "a newer" if version > max(SUPPORTED_FORMAT_VERSIONS) else "an older"
-        raise ValueError(f"{where}: format_version {version} was written by {newer} hypermixer; "
-                         f"this one reads format_version {supported}")
+        raise ValueError(
+            f"{where}: format_version {version} was written by {newer} hypermixer; "
+            f"this one reads format_version {supported}"
+        )
     return version
 
 
@@ -67,7 +71,11 @@ def read_release_config(directory: str | os.PathLike) -> dict[str, Any]:
     for key in ("architecture", "encoder"):
         if key not in raw:
             raise ValueError(f"{path}: missing key {key!r}")
-    return {"architecture": raw["architecture"], "encoder": EncoderConfig.from_saved(raw["encoder"]), "head": raw.get("head", {})}
+    return {
+        "architecture": raw["architecture"],
+        "encoder": EncoderConfig.from_saved(raw["encoder"]),
+        "head": raw.get("head", {}),
+    }
 
 
 class PretrainedMixin:
@@ -102,7 +110,7 @@ class PretrainedMixin:
             model.load_state_dict(state, strict=True)
         else:
             prefix = "encoder."
-            encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             model.encoder.load_state_dict(encoder_state, strict=True)
         return model.to(map_location)
 
@@ -117,5 +125,13 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-__all__ = ["PretrainedMixin", "read_release_config", "release_config", "check_format_version", "CONFIG_FILE",
-           "WEIGHTS_FILE", "FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS"]
+__all__ = [
+    "PretrainedMixin",
+    "read_release_config",
+    "release_config",
+    "check_format_version",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "FORMAT_VERSION",
+    "SUPPORTED_FORMAT_VERSIONS",
+]

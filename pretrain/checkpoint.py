@@ -38,9 +38,10 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,8 +90,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 def read_state(path: Path) -> dict[str, Any]:
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("format_version") != STATE_FORMAT_VERSION:
-        raise ValueError(f"{path / STATE_FILE}: format_version {state.get('format_version')!r} is not "
-                         f"{STATE_FORMAT_VERSION}")
+        raise ValueError(
+            f"{path / STATE_FILE}: format_version {state.get('format_version')!r} is not {STATE_FORMAT_VERSION}"
+        )
     return state
 
 
@@ -149,21 +151,27 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any], keep_last: i
     failed = _agree(error is not None)  # every rank's files are on disk before the marker says "complete"
     if not failed and rank == 0:
         try:
-            write_text_atomic(path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1))
+            write_text_atomic(
+                path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1)
+            )
             write_text_atomic(root / LATEST_FILE, path.name)
             replace_unsafe_converter(root)
             prune(root, keep_last)
         except OSError as err:
             error = err
     if _agree(error is not None):
-        reason = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                  if error is not None else "failed on another rank")
+        reason = (
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if error is not None
+            else "failed on another rank"
+        )
         try:  # torch reports a full disk as "unexpected pos ...": say how much room there is
             reason += f" ({root} has {shutil.disk_usage(root).free / 2**20:.2f} MiB free)"
         except OSError:
             pass
-        line = (f"checkpoint step {step} failed: {reason}; "
-                + (f"step {step_of(intact)} is intact ({intact})" if intact else "no earlier checkpoint exists"))
+        line = f"checkpoint step {step} failed: {reason}; " + (
+            f"step {step_of(intact)} is intact ({intact})" if intact else "no earlier checkpoint exists"
+        )
         if rank == 0:
             print(f"pretrain: {line}", flush=True)
         raise CheckpointSaveError(line)
@@ -177,9 +185,12 @@ def replace_unsafe_converter(root: Path) -> None:
         (root / name).unlink(missing_ok=True)
     note = root / EXPORT_NOTE
     if not note.exists():
-        write_text_atomic(note, "Release these checkpoints with `python -m pretrain.export <this folder> <out>`: it\n"
-                            "consolidates every ZeRO stage and reads the files with torch.load(weights_only=True).\n"
-                            "(DeepSpeed's zero_to_fp32.py and zero_to_torch.py were removed: they unpickle without restriction.)\n")
+        write_text_atomic(
+            note,
+            "Release these checkpoints with `python -m pretrain.export <this folder> <out>`: it\n"
+            "consolidates every ZeRO stage and reads the files with torch.load(weights_only=True).\n"
+            "(DeepSpeed's zero_to_fp32.py and zero_to_torch.py were removed: they unpickle without restriction.)\n",
+        )
 
 
 def remove_incomplete(root: Path) -> list[Path]:
@@ -201,7 +212,7 @@ def check_pickles(path: Path) -> str | None:
                 torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except UnsafeCheckpointError as err:
             return str(err)
-        except Exception as err:  # noqa: BLE001 - unreadable is a refusal too, named
+        except Exception as err:
             return f"{file}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     return None
 
@@ -245,8 +256,10 @@ def weights_only_loads(path: Path) -> Iterator[None]:
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = found.group(1) if found else "a pickled object"
-        raise UnsafeCheckpointError(f"{path}: holds {what}, which is not plain data; refusing to unpickle it "
-                                    "(checkpoints are read with torch.load(weights_only=True))") from None
+        raise UnsafeCheckpointError(
+            f"{path}: holds {what}, which is not plain data; refusing to unpickle it "
+            "(checkpoints are read with torch.load(weights_only=True))"
+        ) from None
     finally:
         if previous is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
@@ -273,9 +286,15 @@ def to_universal(path: Path) -> Path:
     for stale in (out, scratch):  # a conversion interrupted before, or left by a crash after loading
         shutil.rmtree(stale, ignore_errors=True)
     scratch.mkdir()
-    args = argparse.Namespace(input_folder=str(path), output_folder=str(scratch / UNIVERSAL_DIR),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(path),
+        output_folder=str(scratch / UNIVERSAL_DIR),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     chatter = io.StringIO()
     with weights_only_loads(path), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         ds_to_universal(args)
@@ -300,8 +319,9 @@ def load(engine: Any, path: Path, universal: bool = False) -> tuple[dict[str, An
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO
     own = per_group_settings(optimizer.param_groups)
     with weights_only_loads(source):
-        loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        loaded, _ = engine.load_checkpoint(
+            str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if loaded is None:
         raise RuntimeError(f"{source}: DeepSpeed could not load this checkpoint")
     if universal:
@@ -349,7 +369,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.getsignal(signum)

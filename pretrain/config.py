@@ -82,11 +82,15 @@ class DataConfig(Section):
     def problems(self) -> list[str]:
         p = []
         if not self.path:
-            p.append("data.path: required (a data_pipeline build folder or its manifest.json; "
-                     "e.g. --set data.path=/data/shards)")
+            p.append(
+                "data.path: required (a data_pipeline build folder or its manifest.json; "
+                "e.g. --set data.path=/data/shards)"
+            )
         if self.mask_token_prob + self.random_token_prob > 1.0 + 1e-9:
-            p.append("data.mask_token_prob + data.random_token_prob must be <= 1, got "
-                     f"{self.mask_token_prob + self.random_token_prob}")
+            p.append(
+                "data.mask_token_prob + data.random_token_prob must be <= 1, got "
+                f"{self.mask_token_prob + self.random_token_prob}"
+            )
         return p
 
 
@@ -108,8 +112,10 @@ class OptimConfig(Section):
         if not all(0.0 <= b < 1.0 for b in self.betas):
             p.append(f"optim.betas: must be two numbers in [0, 1), got {self.betas}")
         if (self.total_steps is None) == (self.total_tokens is None):
-            p.append("optim.total_steps: give exactly one of optim.total_steps and optim.total_tokens "
-                     f"(got total_steps={self.total_steps}, total_tokens={self.total_tokens})")
+            p.append(
+                "optim.total_steps: give exactly one of optim.total_steps and optim.total_tokens "
+                f"(got total_steps={self.total_steps}, total_tokens={self.total_tokens})"
+            )
         if self.total_steps is not None and self.warmup_steps > self.total_steps:
             p.append(f"optim.warmup_steps ({self.warmup_steps}) must not exceed optim.total_steps ({self.total_steps})")
         return p
@@ -121,8 +127,10 @@ class BatchConfig(Section):
 
     def problems(self) -> list[str]:
         if self.global_batch_size % self.micro_batch_size:
-            return [f"batch.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                    f"batch.micro_batch_size ({self.micro_batch_size})"]
+            return [
+                f"batch.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"batch.micro_batch_size ({self.micro_batch_size})"
+            ]
         return []
 
 
@@ -189,8 +197,9 @@ else:
 def _model_problems(model: Any) -> list[str]:
     # The data fills vocab_size / max_seq_len / pad_token_id later; check the rest now with stand-ins.
     try:
-        encoder_config(model, vocab_size=model.vocab_size or 30522, seq_len=model.max_seq_len or 8,
-                       pad_id=model.pad_token_id or 0)
+        encoder_config(
+            model, vocab_size=model.vocab_size or 30522, seq_len=model.max_seq_len or 8, pad_id=model.pad_token_id or 0
+        )
     except ValueError as err:
         return [f"model: {err}"]
     return []
@@ -242,8 +251,11 @@ class PretrainConfig(Section):
 
 def deepspeed_problems(ds: dict[str, Any]) -> list[str]:
     """The `deepspeed` section passes through to DeepSpeed, except what this config derives."""
-    p = [f"deepspeed.{key}: derived by this config; set {instead} instead"
-         for key, instead in DERIVED_DEEPSPEED_KEYS.items() if key in ds]
+    p = [
+        f"deepspeed.{key}: derived by this config; set {instead} instead"
+        for key, instead in DERIVED_DEEPSPEED_KEYS.items()
+        if key in ds
+    ]
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         p.append(f"deepspeed.zero_optimization: expected an object, got {json.dumps(zero)}")
@@ -275,8 +287,12 @@ def config_path(name_or_path: str) -> Path:
     if not path.is_file():
         close = difflib.get_close_matches(stem, shipped_configs(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError([f"config {name_or_path!r}: no such file, and not a shipped config{hint} "
-                           f"(shipped: {', '.join(shipped_configs())})"])
+        raise ConfigError(
+            [
+                f"config {name_or_path!r}: no such file, and not a shipped config{hint} "
+                f"(shipped: {', '.join(shipped_configs())})"
+            ]
+        )
     return path
 
 
@@ -301,8 +317,9 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     return config
 
 
-def from_dict(raw: dict[str, Any], sources: dict[str, str] | None = None,
-              default_source: str = "") -> tuple[PretrainConfig, list[str]]:
+def from_dict(
+    raw: dict[str, Any], sources: dict[str, str] | None = None, default_source: str = ""
+) -> tuple[PretrainConfig, list[str]]:
     """The config and every mistake in it (mistaken keys keep their defaults, so the rest is still checked)."""
     config, problems = build(PretrainConfig, raw, sources, default_source)
     if config is None:  # unreachable: every key has a default (kept for the type checker)
@@ -352,8 +369,12 @@ class Resolved:
         for free in ("path", "validation_path", "validation_split", "num_workers"):  # the order ignores them
             data.pop(free)
         return {
-            "model": self.model.to_dict(), "data": data, "manifest_sha256": self.manifest_sha256,
-            "seed": c.seed, "precision": c.precision, "batch": c.batch.model_dump(),
+            "model": self.model.to_dict(),
+            "data": data,
+            "manifest_sha256": self.manifest_sha256,
+            "seed": c.seed,
+            "precision": c.precision,
+            "batch": c.batch.model_dump(),
             "zero_stage": self.zero_stage,
         }
 
@@ -388,13 +409,17 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
         problems.append(f"data.path: {manifest_file} has no train shards")
     split = config.data.validation_split
     if split not in validation_manifest.get("splits", {}):
-        problems.append(f"data.validation_split: {split!r} is not a split of "
-                        f"{validation_manifest['_root']} (has {', '.join(validation_manifest.get('splits', {}))})")
+        problems.append(
+            f"data.validation_split: {split!r} is not a split of "
+            f"{validation_manifest['_root']} (has {', '.join(validation_manifest.get('splits', {}))})"
+        )
     elif validation_manifest is not manifest:
         for key in ("seq_len", "vocab_size"):
             if validation_manifest[key] != manifest[key]:
-                problems.append(f"data.validation_path: {key} {validation_manifest[key]} differs from the "
-                                f"training data's {manifest[key]}")
+                problems.append(
+                    f"data.validation_path: {key} {validation_manifest[key]} differs from the "
+                    f"training data's {manifest[key]}"
+                )
         if validation_manifest["tokenizer"].get("sha256") != manifest["tokenizer"].get("sha256"):
             problems.append("data.validation_path: built with another tokenizer than data.path (sha256 differs)")
 
@@ -405,13 +430,17 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
         problems.append(f"model: {err}")
     if model is not None:
         if model.vocab_size < manifest["vocab_size"]:
-            problems.append(f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary "
-                            f"({manifest['vocab_size']})")
+            problems.append(
+                f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary "
+                f"({manifest['vocab_size']})"
+            )
         if model.max_seq_len < seq_len:
             problems.append(f"model.max_seq_len ({model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
         if model.pad_token_id != manifest["special_ids"]["pad"]:
-            problems.append(f"model.pad_token_id ({model.pad_token_id}) differs from the data's pad id "
-                            f"({manifest['special_ids']['pad']})")
+            problems.append(
+                f"model.pad_token_id ({model.pad_token_id}) differs from the data's pad id "
+                f"({manifest['special_ids']['pad']})"
+            )
 
     b = config.batch
     if "train" in manifest["splits"]:
@@ -425,13 +454,15 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
             problems.append(
                 f"data.path: the train split has {train_samples} sequences, fewer than one micro-batch "
                 f"({b.micro_batch_size}) for each of the {layout.streams} streams (data.streams); lower "
-                "batch.micro_batch_size or data.streams")
+                "batch.micro_batch_size or data.streams"
+            )
     per_step = b.micro_batch_size * world_size
     grad_accum = b.global_batch_size // per_step if per_step else 0
     if grad_accum < 1 or b.global_batch_size % per_step:
         problems.append(
             f"batch: global_batch_size ({b.global_batch_size}) must be a multiple of micro_batch_size "
-            f"({b.micro_batch_size}) x world size ({world_size}) = {per_step}")
+            f"({b.micro_batch_size}) x world size ({world_size}) = {per_step}"
+        )
         grad_accum = 1
     o = config.optim
     total_steps = o.total_steps or math.ceil((o.total_tokens or 0) / (b.global_batch_size * seq_len))
@@ -440,9 +471,16 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
     if problems or model is None:
         raise ConfigError(problems)
     return Resolved(
-        config=config, model=model, manifest=manifest, manifest_sha256=manifest_sha256,
-        validation_manifest=validation_manifest, world_size=world_size, grad_accum=grad_accum,
-        total_steps=total_steps, seq_len=seq_len, deepspeed=deepspeed_config(config, grad_accum),
+        config=config,
+        model=model,
+        manifest=manifest,
+        manifest_sha256=manifest_sha256,
+        validation_manifest=validation_manifest,
+        world_size=world_size,
+        grad_accum=grad_accum,
+        total_steps=total_steps,
+        seq_len=seq_len,
+        deepspeed=deepspeed_config(config, grad_accum),
     )
 
 
@@ -464,13 +502,25 @@ def deepspeed_config(config: PretrainConfig, grad_accum: int) -> dict[str, Any]:
         "gradient_clipping": o.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       "torch_adam": impl == "torch"},
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": impl == "torch",
+            },
         },
         "bf16": {**precision_options["bf16"], "enabled": config.precision == "bf16"},
         # fp16: dynamic loss scaling (loss_scale 0); deepspeed.fp16.* overrides these defaults
-        "fp16": {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                 "min_loss_scale": 1, **precision_options["fp16"], "enabled": config.precision == "fp16"},
+        "fp16": {
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+            **precision_options["fp16"],
+            "enabled": config.precision == "fp16",
+        },
         "steps_per_print": 2**62,  # our metrics report progress; DeepSpeed's own print would duplicate it
         "wall_clock_breakdown": False,
     }

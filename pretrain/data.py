@@ -37,8 +37,9 @@ micro-batches is made, so no step trains on a sample of a corrupt shard.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,8 +104,10 @@ class Layout:
     def problem(self) -> str | None:
         """Why this layout cannot serve the order (None: it can)."""
         if self.streams % (self.world_size * self.workers):
-            return (f"data.streams ({self.streams}) must be a multiple of world size x loader workers "
-                    f"({self.world_size} x {self.workers} = {self.world_size * self.workers})")
+            return (
+                f"data.streams ({self.streams}) must be a multiple of world size x loader workers "
+                f"({self.world_size} x {self.workers} = {self.world_size * self.workers})"
+            )
         return None
 
     def samples_per_stream(self, total_samples: int) -> int:
@@ -127,8 +130,14 @@ class Masking:
     become [MASK], `random_token_prob` a random non-special token, the rest stay. Labels are the
     original ids at selected positions and IGNORE_INDEX elsewhere (special tokens and padding never)."""
 
-    def __init__(self, special_ids: dict[str, int], vocab_size: int, mask_prob: float = 0.15,
-                 mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> None:
+    def __init__(
+        self,
+        special_ids: dict[str, int],
+        vocab_size: int,
+        mask_prob: float = 0.15,
+        mask_token_prob: float = 0.8,
+        random_token_prob: float = 0.1,
+    ) -> None:
         self.vocab_size = int(vocab_size)
         self.mask_id = int(special_ids["mask"])
         self.pad_id = int(special_ids["pad"])
@@ -139,17 +148,23 @@ class Masking:
         self.random_token_prob = random_token_prob
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], data_config: Any) -> "Masking":
-        return cls(manifest["special_ids"], manifest["vocab_size"], data_config.mask_prob,
-                   data_config.mask_token_prob, data_config.random_token_prob)
+    def from_manifest(cls, manifest: dict[str, Any], data_config: Any) -> Masking:
+        return cls(
+            manifest["special_ids"],
+            manifest["vocab_size"],
+            data_config.mask_prob,
+            data_config.mask_token_prob,
+            data_config.random_token_prob,
+        )
 
     def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         length = ids.shape[0]
         selected = ~np.isin(ids, self.special) & (rng.random(length) < self.mask_prob)
         action = rng.random(length)
         to_mask = selected & (action < self.mask_token_prob)
-        to_random = selected & (action >= self.mask_token_prob) & (
-            action < self.mask_token_prob + self.random_token_prob)
+        to_random = (
+            selected & (action >= self.mask_token_prob) & (action < self.mask_token_prob + self.random_token_prob)
+        )
         inputs = ids.copy()
         inputs[to_mask] = self.mask_id
         inputs[to_random] = self.random_pool[rng.integers(0, len(self.random_pool), int(to_random.sum()))]
@@ -183,8 +198,9 @@ def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> li
     return [shards[i] for i in order]
 
 
-def stream_pieces(shards: list[Shard], layout: Layout, stream: int, seed: int, epoch: int,
-                  shuffle: bool) -> list[Piece]:
+def stream_pieces(
+    shards: list[Shard], layout: Layout, stream: int, seed: int, epoch: int, shuffle: bool
+) -> list[Piece]:
     """The pieces of virtual stream `stream`'s range, in reading order."""
     per_stream = layout.samples_per_stream(sum(s.samples for s in shards))
     return cut(shard_order(shards, seed, epoch, shuffle), stream * per_stream, (stream + 1) * per_stream)
@@ -202,8 +218,9 @@ def chunk_order(size: int, seed: int, epoch: int, stream: int, chunk_index: int,
     return np.random.default_rng([seed, CHUNK_ORDER, epoch, stream, chunk_index]).permutation(size)
 
 
-def global_order(shards: list[Shard], layout: Layout, seed: int, epoch: int, shuffle: bool,
-                 shuffle_shards: int) -> list[list[tuple[int, int]]]:
+def global_order(
+    shards: list[Shard], layout: Layout, seed: int, epoch: int, shuffle: bool, shuffle_shards: int
+) -> list[list[tuple[int, int]]]:
     """The epoch's global micro-batches, each as its (shard index, index in shard) rows, from the manifest's
     counts alone (no shard is read). Only layout.streams and layout.micro_batch_size matter: the order is
     the same for every world size and worker count. What training consumes; for tests and audits."""
@@ -214,22 +231,29 @@ def global_order(shards: list[Shard], layout: Layout, seed: int, epoch: int, shu
         pieces = stream_pieces(shards, layout, stream, seed, epoch, shuffle)
         ids: list[tuple[int, int]] = []
         for chunk_index in range(0, len(pieces), shuffle_shards):
-            chunk = pieces[chunk_index:chunk_index + shuffle_shards]
+            chunk = pieces[chunk_index : chunk_index + shuffle_shards]
             origin = chunk_origins(chunk)
             ids += [origin[k] for k in chunk_order(len(origin), seed, epoch, stream, chunk_index, shuffle)]
-        streams.append([ids[b * mb:(b + 1) * mb] for b in range(per_stream)])
+        streams.append([ids[b * mb : (b + 1) * mb] for b in range(per_stream)])
     return [streams[m % layout.streams][m // layout.streams] for m in range(layout.streams * per_stream)]
 
 
 def read_piece(piece: Piece, seq_len: int, vocab_size: int | None = None) -> Iterator[np.ndarray]:
     """The piece's samples in shard order, checked (ids, the shard's sha256: see `read_shard`). Blocks
     that end before `start` stream through the hash without being decoded."""
-    yield from read_shard(piece.shard.url, seq_len=seq_len, vocab_size=vocab_size, sha256=piece.shard.sha256,
-                          start=piece.start, stop=piece.stop)
+    yield from read_shard(
+        piece.shard.url,
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        sha256=piece.shard.sha256,
+        start=piece.start,
+        stop=piece.stop,
+    )
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int,
-            origins: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int, origins: list[tuple[int, int]] | None = None
+) -> dict[str, torch.Tensor]:
     """A micro-batch; `sample_ids` (rows of [shard index, index in shard]) when origins are given."""
     inputs = torch.from_numpy(np.stack([r[0] for r in rows]))
     labels = torch.from_numpy(np.stack([r[1] for r in rows]))
@@ -288,7 +312,7 @@ def stream_batches(spec: StreamSpec, stream: int, done_batches: int) -> Iterator
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     origins: list[tuple[int, int]] = []  # the rows' (shard, index): a micro-batch may span two chunks
     for chunk_index in range(0, len(pieces), spec.shuffle_shards):
-        chunk = pieces[chunk_index:chunk_index + spec.shuffle_shards]
+        chunk = pieces[chunk_index : chunk_index + spec.shuffle_shards]
         size = sum(p.size for p in chunk)
         if position + size <= skip:  # consumed before the checkpoint: skipped by count, never opened
             position += size
@@ -298,7 +322,7 @@ def stream_batches(spec: StreamSpec, stream: int, done_batches: int) -> Iterator
         ids = [sample for piece in chunk for sample in read_piece(piece, spec.seq_len, spec.masking.vocab_size)]
         origin = chunk_origins(chunk)
         order = chunk_order(size, spec.seed, spec.epoch, stream, chunk_index, spec.shuffle)
-        for k in order[max(skip - position, 0):min(size, usable - position)]:
+        for k in order[max(skip - position, 0) : min(size, usable - position)]:
             shard_index, sample_index = origin[k]
             rng = np.random.default_rng([spec.seed, TRAIN_MASKS, spec.epoch, shard_index, sample_index])
             rows.append(spec.masking(ids[k], rng))
@@ -313,9 +337,18 @@ class TrainBatches:
     """Endless micro-batches over epochs for one rank; `cursor` counts what the job's training loop took
     (every rank takes one micro-batch at a time, in step: world_size global micro-batches)."""
 
-    def __init__(self, manifest: dict[str, Any], layout: Layout, masking: Masking, seed: int, shuffle: bool,
-                 shuffle_shards: int, cursor: Cursor | None = None, pin_memory: bool = False,
-                 record_ids: bool = False) -> None:
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        layout: Layout,
+        masking: Masking,
+        seed: int,
+        shuffle: bool,
+        shuffle_shards: int,
+        cursor: Cursor | None = None,
+        pin_memory: bool = False,
+        record_ids: bool = False,
+    ) -> None:
         self.shards = tuple(shards_of(manifest, "train"))
         self.layout = layout
         self.masking = masking
@@ -330,23 +363,42 @@ class TrainBatches:
             raise ValueError(problem)
         self.batches_per_epoch = layout.batches_per_epoch(sum(s.samples for s in self.shards))
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the train split has {sum(s.samples for s in self.shards)} sequences: fewer than one "
-                             f"micro-batch ({layout.micro_batch_size}) per stream ({layout.streams} streams)")
+            raise ValueError(
+                f"the train split has {sum(s.samples for s in self.shards)} sequences: fewer than one "
+                f"micro-batch ({layout.micro_batch_size}) per stream ({layout.streams} streams)"
+            )
         if self.cursor.micro_batches % layout.world_size:
-            raise ValueError(f"the data cursor ({self.cursor.micro_batches} micro-batches into epoch "
-                             f"{self.cursor.epoch}) is not a whole number of micro-steps on {layout.world_size} ranks")
+            raise ValueError(
+                f"the data cursor ({self.cursor.micro_batches} micro-batches into epoch "
+                f"{self.cursor.epoch}) is not a whole number of micro-steps on {layout.world_size} ranks"
+            )
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
 
     def _loader(self) -> DataLoader:
-        spec = StreamSpec(self.shards, self.layout, self.masking, self.seq_len, self.seed, self.cursor.epoch,
-                          self.cursor.micro_batches // self.layout.world_size, self.shuffle, self.shuffle_shards)
+        spec = StreamSpec(
+            self.shards,
+            self.layout,
+            self.masking,
+            self.seq_len,
+            self.seed,
+            self.cursor.epoch,
+            self.cursor.micro_batches // self.layout.world_size,
+            self.shuffle,
+            self.shuffle_shards,
+        )
         workers = self.layout.num_workers
         # Its own generator: a DataLoader draws a base seed when it starts iterating, and drawing it from
         # the global RNG would shift the dropout masks of a resumed run against the uninterrupted one.
-        return DataLoader(TrainStream(spec), batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                          prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            TrainStream(spec),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4 if workers else None,
+            generator=torch.Generator().manual_seed(0),
+        )
 
-    def __iter__(self) -> "TrainBatches":
+    def __iter__(self) -> TrainBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -375,9 +427,16 @@ def validation_samples(manifest: dict[str, Any], split: str, world_size: int, ma
     return min(total, max_samples or total) // world_size
 
 
-def validation_batches(manifest: dict[str, Any], split: str, masking: Masking, seed: int, rank: int,
-                       world_size: int, micro_batch_size: int, max_samples: int | None = None
-                       ) -> Iterator[dict[str, torch.Tensor]]:
+def validation_batches(
+    manifest: dict[str, Any],
+    split: str,
+    masking: Masking,
+    seed: int,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    max_samples: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Rank `rank`'s share of the first `max_samples` validation sequences, in manifest order, with
     masks fixed by (seed, shard, index): every evaluation (and every run with this seed) sees the same
     inputs and targets, whatever the world size."""

@@ -19,8 +19,9 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -60,23 +61,23 @@ def model_card(state: dict[str, Any], num_parameters: int, checkpoint: Path) -> 
         "",
         "```python",
         "from hypermixer import ForMaskedLM, ForSequenceClassification",
-        "mlm = ForMaskedLM.from_pretrained(\"<this folder>\")",
-        "clf = ForSequenceClassification.from_pretrained(\"<this folder>\", num_labels=2)",
+        'mlm = ForMaskedLM.from_pretrained("<this folder>")',
+        'clf = ForSequenceClassification.from_pretrained("<this folder>", num_labels=2)',
         "```",
         "",
         "or with Hugging Face transformers (the model code is in this folder, hence `trust_remote_code=True`):",
         "",
         "```python",
         "from transformers import AutoModelForSequenceClassification, pipeline",
-        "fill = pipeline(\"fill-mask\", model=\"<this folder>\", trust_remote_code=True)",
-        "clf = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\", num_labels=2, trust_remote_code=True)",
+        'fill = pipeline("fill-mask", model="<this folder>", trust_remote_code=True)',
+        'clf = AutoModelForSequenceClassification.from_pretrained("<this folder>", num_labels=2, trust_remote_code=True)',
         "```",
         "",
         "## Architecture",
         f"- token mixer: **{model['mixer']}**; {num_parameters:,} parameters",
         f"- hidden size {model['hidden_size']}, {model['num_layers']} layers, {model['num_heads']} heads, "
         f"feature MLP {model['intermediate_size']}, max sequence length {seq_len}, vocabulary {model['vocab_size']}",
-        f"- full encoder config: `config.json`",
+        "- full encoder config: `config.json`",
         "",
         "## Training",
         f"- steps: {state['step']:,} of {state['total_steps']:,}; tokens: {state['tokens']:,} "
@@ -97,10 +98,14 @@ def model_card(state: dict[str, Any], num_parameters: int, checkpoint: Path) -> 
     ]
     train, evaluation = state.get("last_train"), state.get("last_eval")
     if train:
-        lines.append(f"- training (step {train['step']}): MLM loss {train['loss']:.4f}, accuracy {train['accuracy']:.4f}")
+        lines.append(
+            f"- training (step {train['step']}): MLM loss {train['loss']:.4f}, accuracy {train['accuracy']:.4f}"
+        )
     if evaluation:
-        lines.append(f"- validation (step {evaluation['step']}, {evaluation['masked_tokens']:,} masked tokens): "
-                     f"MLM loss {evaluation['loss']:.4f}, accuracy {evaluation['accuracy']:.4f}")
+        lines.append(
+            f"- validation (step {evaluation['step']}, {evaluation['masked_tokens']:,} masked tokens): "
+            f"MLM loss {evaluation['loss']:.4f}, accuracy {evaluation['accuracy']:.4f}"
+        )
     if not train and not evaluation:
         lines.append("- none recorded")
     return "\n".join(lines) + "\n"
@@ -121,16 +126,33 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{tokenizer_file}: sha256 differs from the one the run was trained with")
     # tokenizer.json and the side files transformers' AutoTokenizer reads (special tokens, model_max_length)
     tokenizer = tokenizer_files(tokenizer_file, model.config.max_seq_len)
-    training = {key: state[key] for key in ("step", "total_steps", "tokens", "world_size", "zero_stage", "config",
-                                            "model", "data", "last_train", "last_eval", "nonfinite_dropped")}
+    training = {
+        key: state[key]
+        for key in (
+            "step",
+            "total_steps",
+            "tokens",
+            "world_size",
+            "zero_stage",
+            "config",
+            "model",
+            "data",
+            "last_train",
+            "last_eval",
+            "nonfinite_dropped",
+        )
+    }
     training["exported_from"] = str(path.resolve())
     num_parameters = sum(p.numel() for p in model.parameters())
     out = Path(out)
-    model.save_pretrained(out, extra_files={
-        **tokenizer,
-        "README.md": model_card(state, num_parameters, path),
-        "training.json": json.dumps(training, indent=1) + "\n",
-    })
+    model.save_pretrained(
+        out,
+        extra_files={
+            **tokenizer,
+            "README.md": model_card(state, num_parameters, path),
+            "training.json": json.dumps(training, indent=1) + "\n",
+        },
+    )
     return out
 
 
@@ -157,17 +179,35 @@ def check_release(release: str | Path) -> dict[str, Any]:
     sums = torch.zeros(3, dtype=torch.float64)
     micro = config["eval"]["micro_batch_size"] or config["batch"]["micro_batch_size"]
     for rank in range(world):
-        sums += masked_lm_sums(model, validation_batches(manifest, training["data"]["validation_split"], masking,
-                                                         config["seed"], rank, world, micro,
-                                                         config["eval"]["max_samples"]), torch.device("cpu"))
+        sums += masked_lm_sums(
+            model,
+            validation_batches(
+                manifest,
+                training["data"]["validation_split"],
+                masking,
+                config["seed"],
+                rank,
+                world,
+                micro,
+                config["eval"]["max_samples"],
+            ),
+            torch.device("cpu"),
+        )
     loss_sum, correct, masked = sums.tolist()
-    result = {"loss": loss_sum / masked, "accuracy": correct / masked, "masked_tokens": int(masked),
-              "logged_loss": logged["loss"], "logged_accuracy": logged["accuracy"]}
+    result = {
+        "loss": loss_sum / masked,
+        "accuracy": correct / masked,
+        "masked_tokens": int(masked),
+        "logged_loss": logged["loss"],
+        "logged_accuracy": logged["accuracy"],
+    }
     sixteen_bit = config["precision"] != "fp32"
     rtol, accuracy_tol = (5e-3, 0.01) if sixteen_bit else (1e-5, 0.0)
-    result["ok"] = (int(masked) == logged["masked_tokens"]
-                    and abs(result["loss"] - logged["loss"]) <= rtol * abs(logged["loss"])
-                    and abs(result["accuracy"] - logged["accuracy"]) <= accuracy_tol + 2.0 / masked)
+    result["ok"] = (
+        int(masked) == logged["masked_tokens"]
+        and abs(result["loss"] - logged["loss"]) <= rtol * abs(logged["loss"])
+        and abs(result["accuracy"] - logged["accuracy"]) <= accuracy_tol + 2.0 / masked
+    )
     return result
 
 
@@ -175,8 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step_* folder, a checkpoint dir (its latest) or a run dir")
     parser.add_argument("out", help="the release folder to write")
-    parser.add_argument("--check", action="store_true",
-                        help="re-evaluate the release on the validation data and compare with the training log")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="re-evaluate the release on the validation data and compare with the training log",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out)
@@ -186,9 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out}")
     if args.check:
         result = check_release(out)
-        print(f"check: validation loss {result['loss']:.6f} (logged {result['logged_loss']:.6f}), accuracy "
-              f"{result['accuracy']:.6f} (logged {result['logged_accuracy']:.6f}) on {result['masked_tokens']:,} "
-              f"masked tokens: {'OK' if result['ok'] else 'MISMATCH'}")
+        print(
+            f"check: validation loss {result['loss']:.6f} (logged {result['logged_loss']:.6f}), accuracy "
+            f"{result['accuracy']:.6f} (logged {result['logged_accuracy']:.6f}) on {result['masked_tokens']:,} "
+            f"masked tokens: {'OK' if result['ok'] else 'MISMATCH'}"
+        )
         return 0 if result["ok"] else 1
     return 0
 

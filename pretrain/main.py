@@ -29,12 +29,12 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != Path(_here)]
     sys.path.insert(0, str(Path(_here).parent))
 
-import argparse  # noqa: E402
-import os  # noqa: E402
+import argparse
+import os
+import time
+from collections.abc import Sequence
 
-from common.net import free_port  # noqa: E402
-import time  # noqa: E402
-from typing import Sequence  # noqa: E402
+from common.net import free_port
 
 EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED, EXIT_SAVE_FAILED = 0, 2, 3, 4
 STALE_LOCK_S = 15 * 60  # a DeepSpeed op compiles in ~1-2 min; a lock this old was left by a killed compile
@@ -45,20 +45,39 @@ REPORT_GRACE_S = 30.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pretrain", description="Masked-LM pretraining of HyperMixer encoders "
-                                     "under DeepSpeed ZeRO on data_pipeline shards.")
-    parser.add_argument("--config", required=True,
-                        help="a shipped config (tiny, small, base; .json optional) or a path to a JSON config")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a field, e.g. --set data.path=/data optim.lr=1e-4 "
-                             "deepspeed.zero_optimization.stage=3 (values parse as JSON, else as strings)")
-    parser.add_argument("--resume", default="none",
-                        help="auto: continue from the newest complete checkpoint (start fresh if none); "
-                             "none (default): start fresh, refusing to overwrite checkpoints; or a checkpoint path")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the validated config and the derived DeepSpeed config, then exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is what we use
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Masked-LM pretraining of HyperMixer encoders under DeepSpeed ZeRO on data_pipeline shards.",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="a shipped config (tiny, small, base; .json optional) or a path to a JSON config",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set data.path=/data optim.lr=1e-4 "
+        "deepspeed.zero_optimization.stage=3 (values parse as JSON, else as strings)",
+    )
+    parser.add_argument(
+        "--resume",
+        default="none",
+        help="auto: continue from the newest complete checkpoint (start fresh if none); "
+        "none (default): start fresh, refusing to overwrite checkpoints; or a checkpoint path",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the validated config and the derived DeepSpeed config, then exit",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher; LOCAL_RANK is what we use
     return parser.parse_args(argv)
 
 
@@ -67,10 +86,18 @@ def prepare_environment() -> None:
     On CPU without OMP_NUM_THREADS: share the cores between the node's ranks (oversubscription is slow)."""
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-            raise SystemExit("pretrain: SLURM started several tasks but no launcher set RANK/WORLD_SIZE; use "
-                             "`python -m slurm`, torchrun or deepspeed, or export the torch distributed variables")
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+            raise SystemExit(
+                "pretrain: SLURM started several tasks but no launcher set RANK/WORLD_SIZE; use "
+                "`python -m slurm`, torchrun or deepspeed, or export the torch distributed variables"
+            )
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -115,9 +142,18 @@ def run_from_argv(argv: Sequence[str] | None = None, build_model=None):
         import json
 
         resolved = resolve(config, int(os.environ.get("WORLD_SIZE", "1")))
-        print(json.dumps({"config": config.to_dict(), "model": resolved.model.to_dict(),
-                          "grad_accum": resolved.grad_accum, "total_steps": resolved.total_steps,
-                          "deepspeed": resolved.deepspeed}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "config": config.to_dict(),
+                    "model": resolved.model.to_dict(),
+                    "grad_accum": resolved.grad_accum,
+                    "total_steps": resolved.total_steps,
+                    "deepspeed": resolved.deepspeed,
+                },
+                indent=1,
+            )
+        )
         return None
     clear_stale_extension_locks()
     quiet_deepspeed()

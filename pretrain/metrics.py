@@ -34,8 +34,9 @@ def default_peak_tflops(device_name: str | None, precision: str) -> float | None
     return None
 
 
-def throughput(tokens: int, samples: int, seconds: float, world_size: int, flops_per_token: float,
-               peak_tflops: float | None) -> dict[str, float | None]:
+def throughput(
+    tokens: int, samples: int, seconds: float, world_size: int, flops_per_token: float, peak_tflops: float | None
+) -> dict[str, float | None]:
     """tokens/s and samples/s of the whole job, achieved TFLOP/s per device, and MFU (None without a peak)."""
     tokens_per_s = tokens / seconds if seconds > 0 else 0.0
     tflops_per_device = tokens_per_s * flops_per_token / world_size / 1e12
@@ -63,8 +64,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 class MetricsLog:
     """Rank 0's sinks. Construct on rank 0 only."""
 
-    def __init__(self, run_dir: Path, run_name: str, wandb_config: Any, run_config: dict[str, Any],
-                 wandb_run_id: str, resumed_step: int | None, total_steps: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        run_name: str,
+        wandb_config: Any,
+        run_config: dict[str, Any],
+        wandb_run_id: str,
+        resumed_step: int | None,
+        total_steps: int,
+    ) -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,9 +87,15 @@ class MetricsLog:
             import wandb
 
             self.wandb = wandb.init(
-                mode=wandb_config.mode, project=wandb_config.project, entity=wandb_config.entity,
-                name=wandb_config.name or run_name, tags=list(wandb_config.tags), dir=str(run_dir),
-                id=wandb_run_id, resume="allow", config=run_config,
+                mode=wandb_config.mode,
+                project=wandb_config.project,
+                entity=wandb_config.entity,
+                name=wandb_config.name or run_name,
+                tags=list(wandb_config.tags),
+                dir=str(run_dir),
+                id=wandb_run_id,
+                resume="allow",
+                config=run_config,
             )
 
     def log(self, record: dict[str, Any]) -> None:
@@ -88,8 +103,11 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             kind = record["kind"]
-            values = {f"{kind}/{k}": v for k, v in record.items()
-                      if k not in ("kind", "step") and isinstance(v, (int, float)) and v is not None}
+            values = {
+                f"{kind}/{k}": v
+                for k, v in record.items()
+                if k not in ("kind", "step") and isinstance(v, (int, float)) and v is not None
+            }
             self.wandb.log(values, step=record["step"])
         print(progress_line(record, self.total_steps), flush=True)
 
@@ -108,8 +126,10 @@ def progress_line(record: dict[str, Any], total_steps: int) -> str:
     step = record["step"]
     head = f"step {step:>{len(str(total_steps))}}/{total_steps}"
     if record["kind"] == "eval":
-        return (f"{head} | eval | loss {record['loss']:.4f} | acc {record['accuracy']:.4f} "
-                f"| {record['masked_tokens']:,} masked tokens | {record['seconds']:.1f}s")
+        return (
+            f"{head} | eval | loss {record['loss']:.4f} | acc {record['accuracy']:.4f} "
+            f"| {record['masked_tokens']:,} masked tokens | {record['seconds']:.1f}s"
+        )
     parts = [head, f"loss {record['loss']:.4f}", f"acc {record['accuracy']:.4f}", f"lr {record['lr']:.2e}"]
     if record.get("grad_norm") is not None:
         parts.append(f"gnorm {record['grad_norm']:.3f}")

@@ -7,16 +7,13 @@ source as its meaning.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import inspect
 import io
 import json
-import sys
 import tokenize
 import typing
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -28,10 +25,16 @@ from hypermixer import config as model_config
 from pretrain import config as cfg
 
 DATA_FILLED = ("vocab_size", "max_seq_len", "pad_token_id")  # encoder_config takes them from the data
-CHOICES = {"precision": cfg.PRECISIONS, "optim.decay": cfg.DECAYS, "optim.implementation": cfg.OPTIMIZER_IMPLS,
-           "logging.wandb.mode": cfg.WANDB_MODES, "model.mixer": model_config.MIXERS,
-           "model.position_embedding": model_config.EMBEDDING_POSITIONS,
-           "model.hypermixer_position": model_config.HYPERMIXER_POSITIONS, "model.pooling": model_config.POOLINGS}
+CHOICES = {
+    "precision": cfg.PRECISIONS,
+    "optim.decay": cfg.DECAYS,
+    "optim.implementation": cfg.OPTIMIZER_IMPLS,
+    "logging.wandb.mode": cfg.WANDB_MODES,
+    "model.mixer": model_config.MIXERS,
+    "model.position_embedding": model_config.EMBEDDING_POSITIONS,
+    "model.hypermixer_position": model_config.HYPERMIXER_POSITIONS,
+    "model.pooling": model_config.POOLINGS,
+}
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -107,17 +110,30 @@ def section_rows(cls: type[BaseModel], prefix: str, configs: dict[str, cfg.Pretr
             if {part.strip() for part in notes.get(name, "").split("|")} == set(CHOICES[key]):
                 meaning = ""  # the comment only lists the choices
             meaning = f"one of {', '.join(f'`{c}`' for c in CHOICES[key])}" + (f"; {meaning}" if meaning else "")
-        rows.append([f"`{key}`", type_text(f.annotation), value_text(f.get_default(call_default_factory=True)),
-                     *[value_text(_get(c, key)) for c in configs.values()], meaning])
+        rows.append(
+            [
+                f"`{key}`",
+                type_text(f.annotation),
+                value_text(f.get_default(call_default_factory=True)),
+                *[value_text(_get(c, key)) for c in configs.values()],
+                meaning,
+            ]
+        )
     return rows
 
 
 def model_rows(configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
     """`model`: a preset plus EncoderConfig fields; vocab_size, max_seq_len, pad_token_id come from the data."""
     hints, notes = typing.get_type_hints(EncoderConfig), field_comments(EncoderConfig)
-    rows = [["`model.preset`", "str \\| null", value_text(cfg.PretrainConfig().model.preset),
-             *[value_text(c.model.preset) for c in configs.values()],
-             f"one of {', '.join(f'`{p}`' for p in PRESETS)}: the preset's fields, then the keys below on top"]]
+    rows = [
+        [
+            "`model.preset`",
+            "str \\| null",
+            value_text(cfg.PretrainConfig().model.preset),
+            *[value_text(c.model.preset) for c in configs.values()],
+            f"one of {', '.join(f'`{p}`' for p in PRESETS)}: the preset's fields, then the keys below on top",
+        ]
+    ]
     for f in dataclasses.fields(EncoderConfig):
         values = []
         for c in configs.values():
@@ -137,10 +153,15 @@ def model_rows(configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
 
 
 def deepspeed_rows(configs: dict[str, cfg.PretrainConfig]) -> list[list[str]]:
-    return [["`deepspeed`", "object", value_text(cfg.PretrainConfig().deepspeed),
-             *[value_text(c.deepspeed) for c in configs.values()],
-             "passed to DeepSpeed as is (ZeRO stage and options, offload, communication, ...), "
-             "except the keys below"]]
+    return [
+        [
+            "`deepspeed`",
+            "object",
+            value_text(cfg.PretrainConfig().deepspeed),
+            *[value_text(c.deepspeed) for c in configs.values()],
+            "passed to DeepSpeed as is (ZeRO stage and options, offload, communication, ...), except the keys below",
+        ]
+    ]
 
 
 def table(rows: list[list[str]], names: list[str]) -> str:
@@ -158,8 +179,11 @@ def generate() -> str:
         kind = f.annotation
         if _is_section(kind) and name != "model":
             sections.append((f"`{name}`", kind, f"{name}."))
-            sections += [(f"`{name}.{sub}`", g.annotation, f"{name}.{sub}.")
-                         for sub, g in kind.model_fields.items() if _is_section(g.annotation)]
+            sections += [
+                (f"`{name}.{sub}`", g.annotation, f"{name}.{sub}.")
+                for sub, g in kind.model_fields.items()
+                if _is_section(g.annotation)
+            ]
     parts = [
         "# Pretraining config reference",
         "",
@@ -174,10 +198,19 @@ def generate() -> str:
     for title, cls, prefix in sections:
         parts += ["", f"## {title}", "", table(section_rows(cls, prefix, configs), names)]
     parts += ["", "## `model`", "", table(model_rows(configs), names)]
-    parts += ["", "## `deepspeed`", "", table(deepspeed_rows(configs), names), "",
-              "Refused under `deepspeed`, because this config derives them:", "",
-              "| DeepSpeed key | set instead |", "|---|---|"]
+    parts += [
+        "",
+        "## `deepspeed`",
+        "",
+        table(deepspeed_rows(configs), names),
+        "",
+        "Refused under `deepspeed`, because this config derives them:",
+        "",
+        "| DeepSpeed key | set instead |",
+        "|---|---|",
+    ]
     parts += [f"| `{key}` | {instead} |" for key, instead in cfg.DERIVED_DEEPSPEED_KEYS.items()]
-    parts += [f"| `{key}.enabled` | `precision` (the section's other options pass through) |"
-              for key in cfg.PRECISION_KEYS]
+    parts += [
+        f"| `{key}.enabled` | `precision` (the section's other options pass through) |" for key in cfg.PRECISION_KEYS
+    ]
     return "\n".join(parts) + "\n"

@@ -37,9 +37,11 @@ class SampleCount:
         return self.repeated == 0 and self.missing == 0 and self.in_order
 
     def line(self) -> str:
-        return (f"{self.steps} steps, {self.sequences} sequences; epoch 0: {self.epoch_sequences} trained on, "
-                f"{self.repeated} repeated, {self.missing} missing of the {self.ordered} the order uses "
-                f"({self.split} in the split); every step in the global order: {'yes' if self.in_order else 'NO'}")
+        return (
+            f"{self.steps} steps, {self.sequences} sequences; epoch 0: {self.epoch_sequences} trained on, "
+            f"{self.repeated} repeated, {self.missing} missing of the {self.ordered} the order uses "
+            f"({self.split} in the split); every step in the global order: {'yes' if self.in_order else 'NO'}"
+        )
 
 
 def count(run_dir: Path, config: PretrainConfig) -> SampleCount:
@@ -48,6 +50,7 @@ def count(run_dir: Path, config: PretrainConfig) -> SampleCount:
     layout = Layout(0, 1, 0, config.batch.micro_batch_size, d.streams)  # the order does not depend on the layout
     taken = read_sample_ids(run_dir)
     seen = [row for rows in taken.values() for row in rows]
+
     def epoch(index: int) -> list[tuple[int, int]]:
         order = global_order(train, layout, config.seed, index, d.shuffle, d.shuffle_shards)
         return [row for mb in order for row in mb]
@@ -56,12 +59,17 @@ def count(run_dir: Path, config: PretrainConfig) -> SampleCount:
     expected = list(first_epoch)
     while len(expected) < len(seen):
         expected += epoch(len(expected) // len(first_epoch))
-    first = seen[:len(first_epoch)]
+    first = seen[: len(first_epoch)]
     return SampleCount(
-        steps=len(taken), sequences=len(seen), epoch_sequences=len(first), repeated=len(first) - len(set(first)),
+        steps=len(taken),
+        sequences=len(seen),
+        epoch_sequences=len(first),
+        repeated=len(first) - len(set(first)),
         missing=len(set(first_epoch) - set(first)) if len(first) == len(first_epoch) else 0,
-        ordered=len(first_epoch), split=sum(s.samples for s in train),
-        in_order=list(taken) == list(range(1, len(taken) + 1)) and seen == expected[:len(seen)])
+        ordered=len(first_epoch),
+        split=sum(s.samples for s in train),
+        in_order=list(taken) == list(range(1, len(taken) + 1)) and seen == expected[: len(seen)],
+    )
 
 
 def audit(run_dir: Path, checkpoints: Path | None = None) -> SampleCount:
@@ -77,8 +85,9 @@ def audit(run_dir: Path, checkpoints: Path | None = None) -> SampleCount:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.sample_audit", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run's output_dir (trained with metrics.sample_ids=true)")
-    parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="its checkpoint dir (default RUN_DIR/checkpoints)")
+    parser.add_argument(
+        "--checkpoints", type=Path, default=None, help="its checkpoint dir (default RUN_DIR/checkpoints)"
+    )
     args = parser.parse_args(argv)
     if not (args.run_dir / SAMPLE_IDS_FILE).is_file():
         print(f"{args.run_dir}: no {SAMPLE_IDS_FILE} (train with --set metrics.sample_ids=true)", file=sys.stderr)

@@ -23,8 +23,9 @@ A stop signal seen on any rank at a step's read makes every rank finish that ste
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,12 +62,17 @@ class NonFiniteGuard:
             self.in_a_row += 1
             self.total += 1
             if rank == 0:
-                print(f"warning: non-finite loss on some rank: micro-batch dropped before the update "
-                      f"({self.in_a_row} in a row, {self.total} in total; the run aborts at {self.limit} in a row)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: non-finite loss on some rank: micro-batch dropped before the update "
+                    f"({self.in_a_row} in a row, {self.total} in total; the run aborts at {self.limit} in a row)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if self.in_a_row >= self.limit:
-                raise NonFiniteLossError(f"{self.in_a_row} non-finite losses in a row: the run diverged "
-                                         "(lower optim.lr, raise optim.warmup_steps, or check the data)")
+                raise NonFiniteLossError(
+                    f"{self.in_a_row} non-finite losses in a row: the run diverged "
+                    "(lower optim.lr, raise optim.warmup_steps, or check the data)"
+                )
         return bad
 
 
@@ -80,8 +86,11 @@ def discard_gradients(engine: Any) -> None:
     """Throw away every gradient accumulated since the last update, in each of DeepSpeed's optimizers,
     the way their own overflow handling does, and rewind the engine to the start of a step."""
     optimizer = engine.optimizer
-    if hasattr(optimizer, "averaged_gradients") and isinstance(optimizer.averaged_gradients, dict) \
-            and hasattr(optimizer, "all_grad_tensors"):  # ZeRO 1 and 2
+    if (
+        hasattr(optimizer, "averaged_gradients")
+        and isinstance(optimizer.averaged_gradients, dict)
+        and hasattr(optimizer, "all_grad_tensors")
+    ):  # ZeRO 1 and 2
         optimizer.zero_grad(set_to_none=True)
         if hasattr(optimizer, "_release_preflattened_grad_buffers"):
             optimizer._release_preflattened_grad_buffers()
@@ -102,9 +111,19 @@ def discard_gradients(engine: Any) -> None:
     engine.zero_grad()
 
 
-def train_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], device: torch.device,
-               guard: NonFiniteGuard, stop_requested: Callable[[], bool], grad_accum: int, norm_by_hand: bool,
-               rank: int, world_size: int = 1, slots: int | None = None, want_norm: bool = True) -> StepResult:
+def train_step(
+    engine: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    device: torch.device,
+    guard: NonFiniteGuard,
+    stop_requested: Callable[[], bool],
+    grad_accum: int,
+    norm_by_hand: bool,
+    rank: int,
+    world_size: int = 1,
+    slots: int | None = None,
+    want_norm: bool = True,
+) -> StepResult:
     """One optimizer update. slots: the model's static prediction slots per sequence (None: it has none).
     norm_by_hand: measure the gradient norm here (ZeRO-0 fp32 keeps none); want_norm: return a norm."""
     dropped = 0
@@ -121,8 +140,9 @@ def train_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], device: 
             count = torch.as_tensor(out.num_masked, device=device)
             loss_sum = out.loss * count.to(out.loss.dtype)
             flags[i] = (~torch.isfinite(loss_sum.detach())).float()
-            sums += torch.stack([loss_sum.detach().double(), out.accuracy.detach().double() * count.double(),
-                                 count.double()])
+            sums += torch.stack(
+                [loss_sum.detach().double(), out.accuracy.detach().double() * count.double(), count.double()]
+            )
             if scale is None:
                 pending.wait()
                 scale = (grad_accum * world_size) / total.clamp(min=1.0)

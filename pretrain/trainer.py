@@ -10,17 +10,15 @@ checkpoint together and return.
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
-import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,13 +28,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from common.files import write_json_atomic
 from common.optim import lr_scheduler, param_groups
-
 from data_pipeline.errors import DataPipelineError
 from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token, max_predictions_per_seq
 from pretrain import checkpoint as ckpt
-from pretrain.faults import inject_fault
 from pretrain.config import ConfigError, PretrainConfig, Resolved, config_diff, resolve
 from pretrain.data import Cursor, Layout, Masking, TrainBatches, validation_batches, validation_samples
+from pretrain.faults import inject_fault
 from pretrain.metrics import MetricsLog, default_peak_tflops, throughput
 from pretrain.step import NonFiniteGuard, NonFiniteLossError, StepResult, train_step
 from pretrain.watchdog import Watchdog, set_default_group_timeout
@@ -73,8 +70,9 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, 0x5EED, rank]).generate_state(1)[0])
 
 
-def masked_lm_sums(forward: Callable[..., Any], batches: Iterable[dict[str, torch.Tensor]],
-                   device: torch.device) -> torch.Tensor:
+def masked_lm_sums(
+    forward: Callable[..., Any], batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+) -> torch.Tensor:
     """[sum of per-token loss, correct predictions, masked tokens] over batches (float64)."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -94,7 +92,9 @@ def compile_problem(device_type: str) -> str | None:
         import torch._dynamo
 
         if not torch._dynamo.is_dynamo_supported():
-            return f"torch.compile does not support this Python ({sys.version.split()[0]}) with torch {torch.__version__}"
+            return (
+                f"torch.compile does not support this Python ({sys.version.split()[0]}) with torch {torch.__version__}"
+            )
     except Exception as err:  # an unsupported build raises on import or in the check
         return f"torch.compile is unavailable in torch {torch.__version__} ({type(err).__name__}: {err})"
     if device_type == "cpu":
@@ -110,8 +110,9 @@ def write_run_status(run_dir: Path, **values: Any) -> None:
     write_json_atomic(run_dir / RUN_STATUS_FILE, {**values, "updated_at": time.time()})
 
 
-def record_failure(record: Callable[[str, str], None], err: BaseException, signal_name: str | None,
-                   run_dir: Path) -> None:
+def record_failure(
+    record: Callable[[str, str], None], err: BaseException, signal_name: str | None, run_dir: Path
+) -> None:
     """run_status.json "killed" (a signal came first) or "failed", with the reason, if the disk still takes it.
     A corrupt-shard record written by the rank that found it is not overwritten by rank 0's consequence."""
     lines = str(err).strip().splitlines()
@@ -199,21 +200,31 @@ def check_resume(resolved: Resolved, state: dict[str, Any], path: Path) -> list[
     old, new = state["fingerprint"], resolved.fingerprint()
     old = {**old, "model": EncoderConfig.from_saved(old["model"]).to_dict()}  # keys added since it was written
     if "streams" not in old["data"]:
-        raise ConfigError([f"cannot resume from {path}: it was written with the per-world-size data order (before "
-                           f"data.streams), which this version cannot continue; start a new run in another output_dir"])
+        raise ConfigError(
+            [
+                f"cannot resume from {path}: it was written with the per-world-size data order (before "
+                f"data.streams), which this version cannot continue; start a new run in another output_dir"
+            ]
+        )
     changed = config_diff(old, new)
     if changed:
         details = []
         for key in changed:
             a, b = _dig(old, key), _dig(new, key)
             details.append(f"{key}: {json.dumps(a)} in the checkpoint, {json.dumps(b)} now")
-        raise ConfigError([f"cannot resume from {path}: {d}" for d in details]
-                          + ["(model, data, batch, seed, precision and ZeRO stage must match; start a new run in "
-                             "another output_dir to change them)"])
+        raise ConfigError(
+            [f"cannot resume from {path}: {d}" for d in details]
+            + [
+                "(model, data, batch, seed, precision and ZeRO stage must match; start a new run in "
+                "another output_dir to change them)"
+            ]
+        )
     lines = []
     if int(state["world_size"]) != resolved.world_size:
-        lines.append(f"world size: {state['world_size']} -> {resolved.world_size} (gradient accumulation "
-                     f"{resolved.grad_accum}; the same global sample order)")
+        lines.append(
+            f"world size: {state['world_size']} -> {resolved.world_size} (gradient accumulation "
+            f"{resolved.grad_accum}; the same global sample order)"
+        )
     for key in config_diff(state["config"], resolved.config.to_dict()):
         a, b = _dig(state["config"], key), _dig(resolved.config.to_dict(), key)
         lines.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
@@ -236,8 +247,12 @@ def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
     if resume in (None, "", "none"):
         existing = ckpt.latest_checkpoint(root)
         if existing is not None:
-            raise ConfigError([f"{root} already holds checkpoints (newest: {existing.name}); pass --resume auto to "
-                               "continue that run, or set output_dir / checkpoint.dir to start a new one"])
+            raise ConfigError(
+                [
+                    f"{root} already holds checkpoints (newest: {existing.name}); pass --resume auto to "
+                    "continue that run, or set output_dir / checkpoint.dir to start a new one"
+                ]
+            )
         return None
     try:
         return ckpt.resolve_checkpoint(resume)
@@ -245,8 +260,9 @@ def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
         raise ConfigError([f"--resume: {err}"]) from None
 
 
-def run(config: PretrainConfig, resume: str | None = None,
-        build_model: Callable[[EncoderConfig], nn.Module] = ForMaskedLM) -> RunOutcome:
+def run(
+    config: PretrainConfig, resume: str | None = None, build_model: Callable[[EncoderConfig], nn.Module] = ForMaskedLM
+) -> RunOutcome:
     """Train on every rank of an initialised or initialisable (env://) process group.
 
     build_model: the masked-LM module for the resolved encoder config. Its forward(input_ids,
@@ -281,8 +297,14 @@ def run(config: PretrainConfig, resume: str | None = None,
     device = torch.device(accelerator.device_name(local_rank))
     run_dir = config.run_dir
     if rank == 0:
-        write_run_status(run_dir, status="running", step=int(state.get("step", 0)), total_steps=resolved.total_steps,
-                         checkpoint=str(start) if start else None, signal=None)
+        write_run_status(
+            run_dir,
+            status="running",
+            step=int(state.get("step", 0)),
+            total_steps=resolved.total_steps,
+            checkpoint=str(start) if start else None,
+            signal=None,
+        )
         if start is not None:
             print(f"resuming from {start} (step {state['step']})", flush=True)
             for line in changed:
@@ -291,13 +313,16 @@ def run(config: PretrainConfig, resume: str | None = None,
     if start is not None:  # every rank refuses alike (exit 2), before any of them starts loading
         problem = ckpt.check_pickles(start) if rank == 0 else None
         if problem is None and reshard and rank == 0:
-            print(f"resume: re-partitioning the optimizer state of {start.name} from {state['world_size']} to "
-                  f"{world_size} ranks (DeepSpeed universal checkpoint)", flush=True)
+            print(
+                f"resume: re-partitioning the optimizer state of {start.name} from {state['world_size']} to "
+                f"{world_size} ranks (DeepSpeed universal checkpoint)",
+                flush=True,
+            )
             try:
                 ckpt.to_universal(start)
             except ckpt.UnsafeCheckpointError as err:
                 problem = str(err)
-            except Exception as err:  # noqa: BLE001 - named in one line, on every rank
+            except Exception as err:
                 problem = f"{start}: could not convert it for {world_size} ranks ({type(err).__name__}: {err})"
         flag = torch.tensor([0.0 if problem is None else 1.0])
         dist.all_reduce(flag)
@@ -316,8 +341,11 @@ def run(config: PretrainConfig, resume: str | None = None,
     if reshard:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, config.optim.weight_decay), config=ds_config,
-        lr_scheduler=make_scheduler(config, resolved.total_steps))
+        model=model,
+        model_parameters=param_groups(model, config.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=make_scheduler(config, resolved.total_steps),
+    )
     if config.train.compile:
         engine.compile()
     torch.manual_seed(rank_seed(config.seed, rank))
@@ -327,8 +355,9 @@ def run(config: PretrainConfig, resume: str | None = None,
         except ckpt.UnsafeCheckpointError as err:
             raise ConfigError([f"--resume: {err}"]) from None
         if not own_rng:  # a rank the checkpoint did not have: fresh dropout masks, seeded by rank and step
-            torch.manual_seed(int(np.random.SeedSequence([config.seed, 0x5EED, rank, int(state["step"])])
-                                  .generate_state(1)[0]))
+            torch.manual_seed(
+                int(np.random.SeedSequence([config.seed, 0x5EED, rank, int(state["step"])]).generate_state(1)[0])
+            )
 
     step = int(state.get("step", 0))
     tokens = int(state.get("tokens", 0))
@@ -336,12 +365,21 @@ def run(config: PretrainConfig, resume: str | None = None,
     guard = NonFiniteGuard(config.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_dropped", 0)))
     layout = Layout(rank, world_size, config.data.num_workers, config.batch.micro_batch_size, config.data.streams)
     masking = Masking.from_manifest(resolved.manifest, config.data)
-    batches = TrainBatches(resolved.manifest, layout, masking, config.seed, config.data.shuffle,
-                           config.data.shuffle_shards, Cursor(**state.get("cursor", {})),
-                           pin_memory=device.type == "cuda", record_ids=config.metrics.sample_ids)
+    batches = TrainBatches(
+        resolved.manifest,
+        layout,
+        masking,
+        config.seed,
+        config.data.shuffle,
+        config.data.shuffle_shards,
+        Cursor(**state.get("cursor", {})),
+        pin_memory=device.type == "cuda",
+        record_ids=config.metrics.sample_ids,
+    )
     eval_micro_batch = config.eval.micro_batch_size or config.batch.micro_batch_size
-    eval_per_rank = validation_samples(resolved.validation_manifest, config.data.validation_split, world_size,
-                                       config.eval.max_samples)
+    eval_per_rank = validation_samples(
+        resolved.validation_manifest, config.data.validation_split, world_size, config.eval.max_samples
+    )
     flops = flops_per_token(resolved.model, resolved.seq_len, mlm_fraction=config.data.mask_prob)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = config.metrics.peak_tflops or default_peak_tflops(device_name, config.precision)
@@ -350,59 +388,112 @@ def run(config: PretrainConfig, resume: str | None = None,
     last: dict[str, Any] = {"train": state.get("last_train"), "eval": state.get("last_eval")}
     log = None
     if rank == 0:
-        log = MetricsLog(run_dir, config.run_name, config.logging.wandb,
-                         {**config.to_dict(), "resolved_model": resolved.model.to_dict(),
-                          "world_size": world_size, "grad_accum": resolved.grad_accum,
-                          "total_steps": resolved.total_steps, "manifest_sha256": resolved.manifest_sha256},
-                         wandb_run_id, step if start is not None else None, resolved.total_steps)
+        log = MetricsLog(
+            run_dir,
+            config.run_name,
+            config.logging.wandb,
+            {
+                **config.to_dict(),
+                "resolved_model": resolved.model.to_dict(),
+                "world_size": world_size,
+                "grad_accum": resolved.grad_accum,
+                "total_steps": resolved.total_steps,
+                "manifest_sha256": resolved.manifest_sha256,
+            },
+            wandb_run_id,
+            step if start is not None else None,
+            resolved.total_steps,
+        )
         if eval_per_rank == 0:
-            warnings.warn(f"the validation split {config.data.validation_split!r} has fewer sequences than ranks: "
-                          "no evaluation", stacklevel=1)
-        print(f"run {config.run_name}: {resolved.model.mixer}, {num_parameters:,} parameters, {world_size} rank(s) "
-              f"on {device.type}, ZeRO-{resolved.zero_stage}, {config.precision}, "
-              f"global batch {config.batch.global_batch_size} = {config.batch.micro_batch_size} x {world_size} ranks "
-              f"x {resolved.grad_accum} accumulation, {resolved.total_steps} steps, "
-              f"{batches.batches_per_epoch * world_size * config.batch.micro_batch_size:,} sequences per epoch",
-              flush=True)
+            warnings.warn(
+                f"the validation split {config.data.validation_split!r} has fewer sequences than ranks: no evaluation",
+                stacklevel=1,
+            )
+        print(
+            f"run {config.run_name}: {resolved.model.mixer}, {num_parameters:,} parameters, {world_size} rank(s) "
+            f"on {device.type}, ZeRO-{resolved.zero_stage}, {config.precision}, "
+            f"global batch {config.batch.global_batch_size} = {config.batch.micro_batch_size} x {world_size} ranks "
+            f"x {resolved.grad_accum} accumulation, {resolved.total_steps} steps, "
+            f"{batches.batches_per_epoch * world_size * config.batch.micro_batch_size:,} sequences per epoch",
+            flush=True,
+        )
 
     def evaluate() -> dict[str, Any]:
         began = time.perf_counter()
         engine.eval()
-        sums = masked_lm_sums(engine, validation_batches(
-            resolved.validation_manifest, config.data.validation_split, masking, config.seed, rank, world_size,
-            eval_micro_batch, config.eval.max_samples), device)
+        sums = masked_lm_sums(
+            engine,
+            validation_batches(
+                resolved.validation_manifest,
+                config.data.validation_split,
+                masking,
+                config.seed,
+                rank,
+                world_size,
+                eval_micro_batch,
+                config.eval.max_samples,
+            ),
+            device,
+        )
         engine.train()
         dist.all_reduce(sums)
         loss_sum, correct, masked = sums.tolist()
-        return {"kind": "eval", "step": step, "loss": loss_sum / max(masked, 1), "accuracy": correct / max(masked, 1),
-                "masked_tokens": int(masked), "seconds": time.perf_counter() - began, "tokens": tokens,
-                "train_seconds": train_seconds}
+        return {
+            "kind": "eval",
+            "step": step,
+            "loss": loss_sum / max(masked, 1),
+            "accuracy": correct / max(masked, 1),
+            "masked_tokens": int(masked),
+            "seconds": time.perf_counter() - began,
+            "tokens": tokens,
+            "train_seconds": train_seconds,
+        }
 
     def checkpoint_state() -> dict[str, Any]:
         return {
-            "run_name": config.run_name, "step": step, "tokens": tokens, "train_seconds": train_seconds,
+            "run_name": config.run_name,
+            "step": step,
+            "tokens": tokens,
+            "train_seconds": train_seconds,
             "cursor": batches.cursor.to_dict(),
             "world_size": world_size,
-            "total_steps": resolved.total_steps, "fingerprint": resolved.fingerprint(), "config": config.to_dict(),
-            "model": resolved.model.to_dict(), "zero_stage": resolved.zero_stage,
-            "data": {"path": str(Path(resolved.manifest["_root"])), "manifest_sha256": resolved.manifest_sha256,
-                     "tokenizer": resolved.manifest["tokenizer"],
-                     "validation_path": str(Path(resolved.validation_manifest["_root"])),
-                     "validation_split": config.data.validation_split},
-            "nonfinite_dropped": guard.total, "wandb_run_id": wandb_run_id,
-            "last_train": last["train"], "last_eval": last["eval"],
+            "total_steps": resolved.total_steps,
+            "fingerprint": resolved.fingerprint(),
+            "config": config.to_dict(),
+            "model": resolved.model.to_dict(),
+            "zero_stage": resolved.zero_stage,
+            "data": {
+                "path": str(Path(resolved.manifest["_root"])),
+                "manifest_sha256": resolved.manifest_sha256,
+                "tokenizer": resolved.manifest["tokenizer"],
+                "validation_path": str(Path(resolved.validation_manifest["_root"])),
+                "validation_split": config.data.validation_split,
+            },
+            "nonfinite_dropped": guard.total,
+            "wandb_run_id": wandb_run_id,
+            "last_train": last["train"],
+            "last_eval": last["eval"],
         }
 
-    outcome = RunOutcome("completed", step, resolved.total_steps, str(run_dir),
-                         checkpoint=str(start) if start else None)
+    outcome = RunOutcome(
+        "completed", step, resolved.total_steps, str(run_dir), checkpoint=str(start) if start else None
+    )
     window = Window()
 
     def record(status: str, reason: str) -> None:  # run_status.json for a run that did not end normally
-        write_run_status(run_dir, status=status, step=step, total_steps=resolved.total_steps,
-                         checkpoint=outcome.checkpoint, signal=None, reason=reason)
+        write_run_status(
+            run_dir,
+            status=status,
+            step=step,
+            total_steps=resolved.total_steps,
+            checkpoint=outcome.checkpoint,
+            signal=None,
+            reason=reason,
+        )
 
-    stall = Watchdog.for_default_group(rank, world_size, config.train.stall_timeout_s,
-                                       on_stall=lambda line: record("stalled", line)).start(step)
+    stall = Watchdog.for_default_group(
+        rank, world_size, config.train.stall_timeout_s, on_stall=lambda line: record("stalled", line)
+    ).start(step)
     with ckpt.StopSignals() as signals:
         try:
             while step < resolved.total_steps:
@@ -410,8 +501,19 @@ def run(config: PretrainConfig, resume: str | None = None,
                 log_now = (step + 1) % config.logging.every_steps == 0 or step + 1 == resolved.total_steps
                 lr = engine.get_lr()[0]
                 began = time.perf_counter()
-                result = train_step(engine, batches, device, guard, lambda: signals.received is not None,
-                                    resolved.grad_accum, norm_by_hand, rank, world_size, slots, want_norm=log_now)
+                result = train_step(
+                    engine,
+                    batches,
+                    device,
+                    guard,
+                    lambda: signals.received is not None,
+                    resolved.grad_accum,
+                    norm_by_hand,
+                    rank,
+                    world_size,
+                    slots,
+                    want_norm=log_now,
+                )
                 step += 1
                 stall.progress(step)
                 if config.metrics.sample_ids:
@@ -425,15 +527,26 @@ def run(config: PretrainConfig, resume: str | None = None,
                     sums = window.sums.clone()
                     dist.all_reduce(sums)
                     loss_sum, correct, masked = sums.tolist()
-                    speed = throughput(window.steps * resolved.tokens_per_step,
-                                       window.steps * config.batch.global_batch_size, window.seconds,
-                                       world_size, flops, peak)
+                    speed = throughput(
+                        window.steps * resolved.tokens_per_step,
+                        window.steps * config.batch.global_batch_size,
+                        window.seconds,
+                        world_size,
+                        flops,
+                        peak,
+                    )
                     last["train"] = {
-                        "kind": "train", "step": step, "loss": loss_sum / max(masked, 1),
-                        "accuracy": correct / max(masked, 1), "lr": window.lr,
+                        "kind": "train",
+                        "step": step,
+                        "loss": loss_sum / max(masked, 1),
+                        "accuracy": correct / max(masked, 1),
+                        "lr": window.lr,
                         "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
-                        **speed, "memory_gib": memory_gib(device), "tokens": tokens,
-                        "epoch": batches.cursor.epoch, "nonfinite_skipped": guard.total,
+                        **speed,
+                        "memory_gib": memory_gib(device),
+                        "tokens": tokens,
+                        "epoch": batches.cursor.epoch,
+                        "nonfinite_skipped": guard.total,
                         "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                         "eta_s": (resolved.total_steps - step) * window.seconds / window.steps,
                     }
@@ -447,15 +560,22 @@ def run(config: PretrainConfig, resume: str | None = None,
                         log.log(last["eval"])
                 every = config.checkpoint.every_steps
                 if (every and step % every == 0) or step == resolved.total_steps or result.stop:
-                    outcome.checkpoint = str(ckpt.save(engine, config.checkpoint_dir, step, checkpoint_state(),
-                                                       config.checkpoint.keep_last))
+                    outcome.checkpoint = str(
+                        ckpt.save(engine, config.checkpoint_dir, step, checkpoint_state(), config.checkpoint.keep_last)
+                    )
                 if result.stop and step < resolved.total_steps:
                     outcome.status, outcome.signal = "stopped", signals.name or "a signal on another rank"
                     break
         except NonFiniteLossError:
             if rank == 0:
-                write_run_status(run_dir, status="diverged", step=step, total_steps=resolved.total_steps,
-                                 checkpoint=outcome.checkpoint, signal=None)
+                write_run_status(
+                    run_dir,
+                    status="diverged",
+                    step=step,
+                    total_steps=resolved.total_steps,
+                    checkpoint=outcome.checkpoint,
+                    signal=None,
+                )
             raise
         except BaseException as err:
             stall.check_error(err)  # a collective that timed out: the stall exit (does not return)
@@ -470,11 +590,20 @@ def run(config: PretrainConfig, resume: str | None = None,
                 log.close()
     outcome.step = step
     if rank == 0:
-        write_run_status(run_dir, status=outcome.status, step=step, total_steps=resolved.total_steps,
-                         checkpoint=outcome.checkpoint, signal=outcome.signal)
+        write_run_status(
+            run_dir,
+            status=outcome.status,
+            step=step,
+            total_steps=resolved.total_steps,
+            checkpoint=outcome.checkpoint,
+            signal=outcome.signal,
+        )
         if outcome.stopped:
-            print(f"stopped by {outcome.signal} at step {step}; checkpoint at {outcome.checkpoint}; "
-                  "resume with --resume auto", flush=True)
+            print(
+                f"stopped by {outcome.signal} at step {step}; checkpoint at {outcome.checkpoint}; "
+                "resume with --resume auto",
+                flush=True,
+            )
         else:
             print(f"completed {step} steps; checkpoint at {outcome.checkpoint}", flush=True)
     dist.barrier()

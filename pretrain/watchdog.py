@@ -30,8 +30,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 EXIT_STALLED = 75  # EX_TEMPFAIL: "try again later"; the SLURM launcher requeues on it
 KEY_PREFIX = "pretrain-watchdog/"
@@ -68,7 +69,7 @@ def _exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001 - exiting anyway
+        except Exception:
             pass
     os._exit(code)
 
@@ -77,9 +78,16 @@ class Watchdog:
     """See the module docstring. `on_stall(line)` runs in the reporting rank before it exits (writes
     run_status.json); `exit` is what ends the process (os._exit; tests may pass their own)."""
 
-    def __init__(self, store: Any, rank: int, world_size: int, timeout_s: float,
-                 on_stall: Callable[[str], None] | None = None, exit: Callable[[int], None] = _exit_now,
-                 interval_s: float | None = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        on_stall: Callable[[str], None] | None = None,
+        exit: Callable[[int], None] = _exit_now,
+        interval_s: float | None = None,
+    ) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
         self.interval_s = interval_s or max(0.2, min(5.0, self.timeout_s / 10))
         self.on_stall, self._exit = on_stall, exit
@@ -93,7 +101,7 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="pretrain-watchdog", daemon=True)
 
     @classmethod
-    def for_default_group(cls, rank: int, world_size: int, timeout_s: float, **kwargs: Any) -> "Watchdog":
+    def for_default_group(cls, rank: int, world_size: int, timeout_s: float, **kwargs: Any) -> Watchdog:
         """A watchdog that talks through its own connection to the job's rendezvous store."""
         import torch.distributed as dist
         from torch.distributed import distributed_c10d
@@ -108,7 +116,7 @@ class Watchdog:
 
     # ------------------------------------------------------------------ the training loop's side
 
-    def start(self, step: int) -> "Watchdog":
+    def start(self, step: int) -> Watchdog:
         self.progress(step)
         self._thread.start()
         return self
@@ -123,7 +131,7 @@ class Watchdog:
         self._step = step
         try:
             self._publish()
-        except Exception:  # noqa: BLE001 - an unreachable store is the thread's business (its deadline holds)
+        except Exception:
             pass
 
     def stop(self) -> None:
@@ -138,8 +146,15 @@ class Watchdog:
     # ------------------------------------------------------------------ the thread
 
     def _publish(self) -> None:
-        value = json.dumps({"step": self._step, "host": self._host, "pid": self._pid, "time": time.time(),
-                            "idle_s": round(time.monotonic() - self._progress_at, 1)})
+        value = json.dumps(
+            {
+                "step": self._step,
+                "host": self._host,
+                "pid": self._pid,
+                "time": time.time(),
+                "idle_s": round(time.monotonic() - self._progress_at, 1),
+            }
+        )
         with self._lock:
             self._store.set(f"rank{self.rank}", value)
 
@@ -151,7 +166,7 @@ class Watchdog:
                 return
             try:
                 self._publish()
-            except Exception:  # noqa: BLE001 - the store host may be the stalled one; our deadline still holds
+            except Exception:
                 pass
 
     def heartbeats(self) -> dict[int, dict[str, Any] | None]:
@@ -162,7 +177,7 @@ class Watchdog:
             try:
                 with self._lock:
                     out[r] = json.loads(self._store.get(key)) if self._store.check([key]) else None
-            except Exception:  # noqa: BLE001
+            except Exception:
                 out[r] = None
         return out
 
@@ -174,24 +189,38 @@ class Watchdog:
         reader.start()
         reader.join(timeout=max(5.0, min(30.0, self.timeout_s / 2)))
         if not beats:
-            return (f"stalled: rank {self.rank} made no progress after step {self._step} ({reason}), and the "
-                    "rendezvous store did not answer (its host, rank 0's process or the launcher, may be the "
-                    "stalled one)", [], True)
+            return (
+                f"stalled: rank {self.rank} made no progress after step {self._step} ({reason}), and the "
+                "rendezvous store did not answer (its host, rank 0's process or the launcher, may be the "
+                "stalled one)",
+                [],
+                True,
+            )
         beats[self.rank] = {"step": self._step, "host": self._host, "pid": self._pid, "time": now}
         silent_after = max(3 * self.interval_s, 2.0)
         dead = {r: b for r, b in beats.items() if b is None or now - b["time"] > silent_after}
         live = sorted(set(beats) - set(dead))
         if dead:
-            what = "; ".join(f"rank {r} " + (f"(last finished step {b['step']}, no heartbeat for "
-                                             f"{now - b['time']:.0f} s, pid {b['pid']} on {b['host']})"
-                                             if b else "(never reported)") for r, b in sorted(dead.items()))
+            what = "; ".join(
+                f"rank {r} "
+                + (
+                    f"(last finished step {b['step']}, no heartbeat for "
+                    f"{now - b['time']:.0f} s, pid {b['pid']} on {b['host']})"
+                    if b
+                    else "(never reported)"
+                )
+                for r, b in sorted(dead.items())
+            )
         else:
             low = min(b["step"] for b in beats.values())
             stalled = {r: b for r, b in beats.items() if b["step"] == low}
-            what = (f"no rank made progress for {self.timeout_s:.0f} s; furthest behind: "
-                    + ", ".join(f"rank {r} (last finished step {b['step']})" for r, b in sorted(stalled.items())))
-        line = (f"stalled: {what}; {reason} on rank {self.rank}; every rank exits with code {EXIT_STALLED} "
-                "(requeue-able: resume with --resume auto)")
+            what = f"no rank made progress for {self.timeout_s:.0f} s; furthest behind: " + ", ".join(
+                f"rank {r} (last finished step {b['step']})" for r, b in sorted(stalled.items())
+            )
+        line = (
+            f"stalled: {what}; {reason} on rank {self.rank}; every rank exits with code {EXIT_STALLED} "
+            "(requeue-able: resume with --resume auto)"
+        )
         return line, [b for b in dead.values() if b], bool(live) and self.rank == live[0]
 
     def fire(self, reason: str) -> None:
@@ -205,9 +234,12 @@ class Watchdog:
                 for hook in ([self.on_stall] if self.on_stall else []) + STALL_HOOKS:
                     try:
                         hook(line)
-                    except Exception as err:  # noqa: BLE001 - the exit matters more than the record
-                        print(f"pretrain: after the stall, {getattr(hook, '__name__', hook)} failed: {err}",
-                              file=sys.stderr, flush=True)
+                    except Exception as err:
+                        print(
+                            f"pretrain: after the stall, {getattr(hook, '__name__', hook)} failed: {err}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             for beat in silent:  # stopped processes on this host: the launcher's SIGTERM would wait on them
                 if beat.get("host") == self._host and beat.get("pid") not in (None, self._pid):
                     try:

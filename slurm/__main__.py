@@ -1,11 +1,13 @@
 """python -m slurm <stage> [cluster options] [--dry-run] [--wait] -- <stage arguments>
 
 Cluster options come from the stage's defaults, then --config FILE (JSON), then flags."""
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from common.config import type_text
 from slurm import submit as sub
@@ -27,32 +29,59 @@ def _add_option_flags(p: argparse.ArgumentParser) -> None:
         if kind == "bool":
             g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         elif name == "sbatch_args":  # object
-            g.add_argument("--sbatch-arg", dest=name, action="append", metavar="KEY[=VALUE]",
-                           default=argparse.SUPPRESS, help=help + "; repeatable")
+            g.add_argument(
+                "--sbatch-arg",
+                dest=name,
+                action="append",
+                metavar="KEY[=VALUE]",
+                default=argparse.SUPPRESS,
+                help=help + "; repeatable",
+            )
         elif kind == "list[str]":
             single = {"srun_args": "--srun-arg", "setup": "--setup"}[name]
-            g.add_argument(single, dest=name, action="append", metavar="ARG" if name == "srun_args" else "LINE",
-                           default=argparse.SUPPRESS, help=help + "; repeatable")
+            g.add_argument(
+                single,
+                dest=name,
+                action="append",
+                metavar="ARG" if name == "srun_args" else "LINE",
+                default=argparse.SUPPRESS,
+                help=help + "; repeatable",
+            )
         else:
-            g.add_argument(_flag(name), type={"int": int, "float": float}.get(kind, str),
-                           default=argparse.SUPPRESS,
-                           help=(help + f" (default {f.default!r})".replace("%", "%%")) if f.default is not None else help)
-
+            g.add_argument(
+                _flag(name),
+                type={"int": int, "float": float}.get(kind, str),
+                default=argparse.SUPPRESS,
+                help=(help + f" (default {f.default!r})".replace("%", "%%")) if f.default is not None else help,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m slurm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in STAGES.values():
-        p = stages.add_parser(stage.name, help=stage.summary, description=f"{stage.summary}. "
-                              f"Stage arguments go after `--` (list them with: python -m slurm {stage.name} -- --help); "
-                              f"without SLURM: {stage.direct}")
-        p.add_argument("--config", metavar="FILE", help="JSON file of cluster options: {\"partition\": \"gpu\", ...} (names as below, with _)")
-        p.add_argument("--dry-run", action="store_true",
-                       help="print the submitit parameters and the sbatch script; submit nothing")
-        p.add_argument("--wait", action="store_true",
-                       help="wait for the job; on failure print the failing tasks' stderr tail and exit 1")
+        p = stages.add_parser(
+            stage.name,
+            help=stage.summary,
+            description=f"{stage.summary}. "
+            f"Stage arguments go after `--` (list them with: python -m slurm {stage.name} -- --help); "
+            f"without SLURM: {stage.direct}",
+        )
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help='JSON file of cluster options: {"partition": "gpu", ...} (names as below, with _)',
+        )
+        p.add_argument(
+            "--dry-run", action="store_true", help="print the submitit parameters and the sbatch script; submit nothing"
+        )
+        p.add_argument(
+            "--wait",
+            action="store_true",
+            help="wait for the job; on failure print the failing tasks' stderr tail and exit 1",
+        )
         p.add_argument("--wait-timeout-s", type=float, default=None, help="give up waiting after this long")
         _add_option_flags(p)
     return parser
@@ -90,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage_args: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, stage_args = argv[:i], argv[i + 1:]
+        argv, stage_args = argv[:i], argv[i + 1 :]
     args = build_parser().parse_args(argv)
     stage = STAGES[args.stage]
     prog = f"python -m slurm {stage.name}"
@@ -100,8 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     if stage.build is None:
-        print(f"{prog}: the SLURM launcher for stage '{stage.name}' is not written yet (slurm/jobs.py registers it "
-              f"without one); nothing was submitted. Run the stage directly instead: {stage.direct}", file=sys.stderr)
+        print(
+            f"{prog}: the SLURM launcher for stage '{stage.name}' is not written yet (slurm/jobs.py registers it "
+            f"without one); nothing was submitted. Run the stage directly instead: {stage.direct}",
+            file=sys.stderr,
+        )
         return EXIT_NO_LAUNCHER
     try:
         steps = stage.steps(stage_args, opts, dry_run=args.dry_run)
@@ -128,8 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(e), file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: stopped waiting; the jobs keep running (cancel them with: scancel "
-              f"{' '.join(submission.job_ids)})", file=sys.stderr, flush=True)
+        print(
+            f"{prog}: stopped waiting; the jobs keep running (cancel them with: scancel "
+            f"{' '.join(submission.job_ids)})",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     print(f"{stage.name}: all jobs finished", flush=True)
     return 0

@@ -11,14 +11,16 @@ or a preemption (details and reasons in docs/slurm.md):
    (resubmit this object), pickles it and runs `scontrol requeue`; the requeued job resumes.
    A stage without a SIGTERM handler gets submitit's classic behaviour: step 3 at once.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import submitit
 from submitit.core.job_environment import JobEnvironment, SignalHandler
@@ -64,7 +66,7 @@ class _StopSignal:
         self.received: int | None = None
         self.handed_over = False  # submitit's handler already ran (it requeues and exits itself)
 
-    def __enter__(self) -> "_StopSignal":
+    def __enter__(self) -> _StopSignal:
         # In a submitit job this is SignalHandler.checkpoint_and_try_requeue, bound by process_job.
         self.submitit_handler = signal.getsignal(self.signum)
         signal.signal(self.signum, self._on_signal)
@@ -231,18 +233,39 @@ def register(stage: Stage) -> Stage:
 
 def _lazy(module: str) -> Builder:
     """A builder imported on first use: `python -m slurm --help` must not import torch or deepspeed."""
+
     def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> Any:
         import importlib
 
         return importlib.import_module(module).build(stage_args, options, dry_run)
+
     build.__qualname__ = f"{module}.build"
     return build
 
 
-register(Stage("preprocess", "tokenize raw text into webdataset shards: a planning job, an array of work "
-               "units, a merge job", "python -m data_pipeline build ...", build=_lazy("slurm.launchers.preprocess")))
-register(Stage("pretrain", "pretrain a HyperMixer encoder with DeepSpeed: nodes x tasks-per-node ranks, "
-               "requeued and resumed on preemption", "deepspeed pretrain/main.py ... (or python -m pretrain.main)",
-               build=_lazy("slurm.launchers.pretrain"), defaults={"signal_lead_s": 300}))
-register(Stage("finetune", "fine-tune a release on GLUE: a sweep as an array job, then an aggregation job",
-               "python -m finetune sweep ...", build=_lazy("slurm.launchers.finetune")))
+register(
+    Stage(
+        "preprocess",
+        "tokenize raw text into webdataset shards: a planning job, an array of work units, a merge job",
+        "python -m data_pipeline build ...",
+        build=_lazy("slurm.launchers.preprocess"),
+    )
+)
+register(
+    Stage(
+        "pretrain",
+        "pretrain a HyperMixer encoder with DeepSpeed: nodes x tasks-per-node ranks, "
+        "requeued and resumed on preemption",
+        "deepspeed pretrain/main.py ... (or python -m pretrain.main)",
+        build=_lazy("slurm.launchers.pretrain"),
+        defaults={"signal_lead_s": 300},
+    )
+)
+register(
+    Stage(
+        "finetune",
+        "fine-tune a release on GLUE: a sweep as an array job, then an aggregation job",
+        "python -m finetune sweep ...",
+        build=_lazy("slurm.launchers.finetune"),
+    )
+)

@@ -1,5 +1,6 @@
 """Cluster options: one dataclass, loaded from a JSON file and overridden by CLI flags, mapped
 onto `submitit.AutoExecutor` in one function (`executor_kwargs`)."""
+
 from __future__ import annotations
 
 import json
@@ -34,28 +35,37 @@ class ClusterOptions(Checked):
     time_min: int = Field(60, ge=1, description="time limit in minutes")
     nodes: int = Field(1, ge=1, description="number of nodes")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0: CPU job)")
-    tasks_per_node: int | None = Field(None, ge=1, description="tasks (ranks) per node; default one per GPU, or 1 on CPU")
+    tasks_per_node: int | None = Field(
+        None, ge=1, description="tasks (ranks) per node; default one per GPU, or 1 on CPU"
+    )
     cpus_per_task: int | None = Field(None, ge=1, description="CPUs per task (data loader workers + 1 is a good start)")
     mem_gb: float | None = Field(None, gt=0, description="memory per node in GB; default: the cluster's")
     constraint: str | None = Field(None, description="node feature constraint (-C), e.g. a100")
     exclusive: bool = Field(False, description="whole nodes only")
-    sbatch_args: dict[str, Any] = Field(default_factory=dict,
-                                        description="extra #SBATCH options, e.g. mail-type=END (flag alone: true)")
-    srun_args: list[str] = Field(default_factory=list, description="extra srun arguments, e.g. --srun-arg=--cpu-bind=none")
+    sbatch_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra #SBATCH options, e.g. mail-type=END (flag alone: true)"
+    )
+    srun_args: list[str] = Field(
+        default_factory=list, description="extra srun arguments, e.g. --srun-arg=--cpu-bind=none"
+    )
     setup: list[str] = Field(default_factory=list, description="shell line run before srun, e.g. 'module load cuda'")
     job_folder: str = Field("runs/slurm/%j", description="folder for submitit's pickles and logs; %j is the job id")
     job_name: str | None = Field(None, description="job name; default: the stage's name")
     array_parallelism: int | None = Field(None, ge=1, description="at most this many array tasks at once")
-    max_requeues: int = Field(3, ge=0, description="requeues allowed after hitting the time limit "
-                                                   "(preemptions do not count)")
+    max_requeues: int = Field(
+        3, ge=0, description="requeues allowed after hitting the time limit (preemptions do not count)"
+    )
     signal: str = Field("USR2", description=f"signal sent before the time limit: {' or '.join(ALLOWED_SIGNALS)}")
-    signal_lead_s: int = Field(120, ge=0, description="seconds before the limit to send it "
-                                                      "(SLURM may send it up to 60 s early)")
+    signal_lead_s: int = Field(
+        120, ge=0, description="seconds before the limit to send it (SLURM may send it up to 60 s early)"
+    )
 
     def problems(self) -> list[str]:
         if signal_name(self) not in ALLOWED_SIGNALS:
-            return [f"signal: {self.signal!r} is not allowed, use one of {', '.join(ALLOWED_SIGNALS)} "
-                    "(USR1 can be swallowed by NCCL; TERM/USR1 are the training's own stop signals)"]
+            return [
+                f"signal: {self.signal!r} is not allowed, use one of {', '.join(ALLOWED_SIGNALS)} "
+                "(USR1 can be swallowed by NCCL; TERM/USR1 are the training's own stop signals)"
+            ]
         return []
 
     @property

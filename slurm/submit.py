@@ -4,6 +4,7 @@ submit, and wait with failures reported from the tasks' own stderr.
 A stage is submitted as steps (`slurm.jobs.Step`): each step is one job or one array job, and a step
 may wait for earlier ones through a SLURM dependency. `submit_steps` returns a `Submission` that
 describes every job (ids, logs, how to cancel) and waits for all of them."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +12,10 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import submitit
 from submitit.slurm.slurm import SlurmExecutor
@@ -63,17 +65,25 @@ def render(opts: ClusterOptions, stage: str, array_size: int | None = None) -> d
     if array_size and array_size > 1:
         slurm_ex.parameters["map_count"] = array_size  # what submitit sets for arrays
     script = slurm_ex._make_submission_file_text(slurm_ex._submitit_command_str, "dry-run")
-    return {"executor": ctor, "parameters": params, "slurm_parameters": dict(slurm_ex.parameters),
-            "sbatch_script": script}
+    return {
+        "executor": ctor,
+        "parameters": params,
+        "slurm_parameters": dict(slurm_ex.parameters),
+        "sbatch_script": script,
+    }
 
 
 def format_render(r: dict[str, Any]) -> str:
-    return "\n".join([
-        "# submitit.AutoExecutor(cluster='slurm', " + ", ".join(f"{k}={v!r}" for k, v in r["executor"].items()) + ")",
-        "# executor.update_parameters(**" + json.dumps(r["parameters"], indent=1, sort_keys=True) + ")",
-        "# sbatch script:",
-        r["sbatch_script"],
-    ])
+    return "\n".join(
+        [
+            "# submitit.AutoExecutor(cluster='slurm', "
+            + ", ".join(f"{k}={v!r}" for k, v in r["executor"].items())
+            + ")",
+            "# executor.update_parameters(**" + json.dumps(r["parameters"], indent=1, sort_keys=True) + ")",
+            "# sbatch script:",
+            r["sbatch_script"],
+        ]
+    )
 
 
 def submit(executor: submitit.AutoExecutor, functions: Sequence[Callable[[], Any]]) -> list[submitit.Job]:
@@ -87,9 +97,11 @@ def submit(executor: submitit.AutoExecutor, functions: Sequence[Callable[[], Any
 
 def describe(job: submitit.Job) -> str:
     tasks = f", {job.num_tasks} tasks" if job.num_tasks > 1 else ""
-    return (f"job {job.job_id}{tasks}\n  logs: {job.paths.stdout}\n        {job.paths.stderr}"
-            + ("\n  (one .out/.err per task: %t is the task number)" if job.num_tasks > 1 else "")
-            + f"\n  cancel: scancel {job.job_id}")
+    return (
+        f"job {job.job_id}{tasks}\n  logs: {job.paths.stdout}\n        {job.paths.stderr}"
+        + ("\n  (one .out/.err per task: %t is the task number)" if job.num_tasks > 1 else "")
+        + f"\n  cancel: scancel {job.job_id}"
+    )
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -106,7 +118,7 @@ def _task_failed(task: submitit.Job) -> bool:
         return True
     try:
         outcome, _ = submitit.core.utils.pickle_load(path)
-    except Exception:  # noqa: BLE001 - a torn pickle is a failure too
+    except Exception:
         return True
     return outcome == "error"
 
@@ -209,8 +221,10 @@ class SubmittedStep:
             out, err = str(first.paths.stdout), str(first.paths.stderr)
         else:
             what = f"array job {self.job_id}, {len(self.jobs)} tasks"
-            out, err = (str(p).replace(f"{self.job_id}_0", f"{self.job_id}_<i>")
-                        for p in (first.paths.stdout, first.paths.stderr))
+            out, err = (
+                str(p).replace(f"{self.job_id}_0", f"{self.job_id}_<i>")
+                for p in (first.paths.stdout, first.paths.stderr)
+            )
         after = f" ({self.step.condition} {', '.join(self.step.after)})" if self.step.after else ""
         lines = [f"  {self.step.name}: {what}{after}", f"    logs: {out}", f"          {err}"]
         if len(self.jobs) > 1:
@@ -243,8 +257,12 @@ class Submission:
     def cancel(self) -> None:
         subprocess.run(["scancel", *self.job_ids], check=False, timeout=30, capture_output=True)
 
-    def wait(self, timeout_s: float | None = None, poll_s: float = 0.5,
-             on_step: Callable[[SubmittedStep, list[list[Any]]], None] | None = None) -> dict[str, list[list[Any]]]:
+    def wait(
+        self,
+        timeout_s: float | None = None,
+        poll_s: float = 0.5,
+        on_step: Callable[[SubmittedStep, list[list[Any]]], None] | None = None,
+    ) -> dict[str, list[list[Any]]]:
         """Wait for every step, in order. Returns {step name: [each job's task results]}.
 
         A failed step's jobs are reported with their stderr tails (at most `MAX_REPORTED` failing array
@@ -259,8 +277,9 @@ class Submission:
             blocked = [a for a in ss.step.after if a in failed] if ss.step.condition == "afterok" else []
             if blocked:
                 subprocess.run(["scancel", ss.job_id], check=False, timeout=30, capture_output=True)
-                failures.append(f"{self.stage} {ss.step.name} (job {ss.job_id}): not run, because "
-                                f"{', '.join(blocked)} failed")
+                failures.append(
+                    f"{self.stage} {ss.step.name} (job {ss.job_id}): not run, because {', '.join(blocked)} failed"
+                )
                 failed.add(ss.step.name)
                 continue
             step_results, bad = [], []
@@ -269,7 +288,8 @@ class Submission:
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError(
                             f"{self.stage} {ss.step.name}: job {job.job_id} still {job.state} after {timeout_s:.0f}s "
-                            f"(the jobs keep running; cancel them with: scancel {' '.join(self.job_ids)})")
+                            f"(the jobs keep running; cancel them with: scancel {' '.join(self.job_ids)})"
+                        )
                     time.sleep(poll_s)
                 try:
                     step_results.append(job.results())
@@ -278,8 +298,11 @@ class Submission:
             if bad:
                 failed.add(ss.step.name)
                 head = f"{self.stage} {ss.step.name}: "
-                head += (f"{len(bad)} of {len(ss.jobs)} array tasks failed ({', '.join(j.job_id for j in bad)})"
-                         if len(ss.jobs) > 1 else f"job {ss.job_id} failed")
+                head += (
+                    f"{len(bad)} of {len(ss.jobs)} array tasks failed ({', '.join(j.job_id for j in bad)})"
+                    if len(ss.jobs) > 1
+                    else f"job {ss.job_id} failed"
+                )
                 parts = [head] + [failure_report(job) for job in bad[:MAX_REPORTED]]
                 if len(bad) > MAX_REPORTED:
                     parts.append(f"... and {len(bad) - MAX_REPORTED} more failed tasks (their logs: see above)")

@@ -2,9 +2,9 @@
 
 import dataclasses
 
+from common.reference import DOC, REGENERATE, generate
 from hypermixer import EncoderConfig
 from pretrain import config as cfg
-from common.reference import DOC, REGENERATE, generate
 from pretrain.reference import field_comments
 
 
@@ -16,8 +16,13 @@ def test_docs_config_md_is_up_to_date():
 
 def test_every_config_key_is_documented():
     text = generate()
-    sections = {"data": cfg.DataConfig, "optim": cfg.OptimConfig, "batch": cfg.BatchConfig, "eval": cfg.EvalConfig,
-                "checkpoint": cfg.CheckpointConfig}
+    sections = {
+        "data": cfg.DataConfig,
+        "optim": cfg.OptimConfig,
+        "batch": cfg.BatchConfig,
+        "eval": cfg.EvalConfig,
+        "checkpoint": cfg.CheckpointConfig,
+    }
     for prefix, section in sections.items():
         for name in section.model_fields:
             assert f"| `{prefix}.{name}` |" in text

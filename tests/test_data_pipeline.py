@@ -1,4 +1,5 @@
 """data_pipeline: shard format, packing, tokenizer, readers and bad-input errors."""
+
 from __future__ import annotations
 
 import gzip
@@ -11,15 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.files import write_json_atomic
 from data_pipeline import BuildConfig, DataPipelineError
 from data_pipeline.packing import Packer, unpack
 from data_pipeline.readers import ReadStats, expand_inputs, iter_docs
-from common.files import write_json_atomic
-from data_pipeline.shards import (ShardWriter, decode_block, dtype_for_vocab, iter_shard, read_manifest, read_shard,
-                                  shard_urls)
+from data_pipeline.shards import (
+    ShardWriter,
+    decode_block,
+    dtype_for_vocab,
+    iter_shard,
+    read_manifest,
+    read_shard,
+)
 from data_pipeline.testing import synthetic_docs, write_lines
 from data_pipeline.tokenizer import BulkEncoder, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
-from data_pipeline.units import Unit, plan
+from data_pipeline.units import plan
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "corpus" / "wikitext-2"
@@ -40,14 +47,15 @@ def _write(tmp, rows, dtype="uint16", seq_len=8, shard_bytes=4096, name="u000000
     w = ShardWriter(tmp, "train", name, dtype, seq_len, 0, shard_bytes, block_sequences=block_sequences)
     rows = np.asarray(rows)
     for i in range(0, len(rows), batch or len(rows)):
-        w.write(rows[i:i + (batch or len(rows))])
+        w.write(rows[i : i + (batch or len(rows))])
     return w.close()
 
 
 def test_shards_roundtrip_through_webdataset_and_are_byte_deterministic(tmp_path):
     import webdataset as wds
+
     rows = np.arange(1, 8 * 13 + 1).reshape(13, 8)
-    rows[-1, 5:] = 0                                   # padding
+    rows[-1, 5:] = 0  # padding
     recs = _write(tmp_path / "a", rows, shard_bytes=3200)  # 2 blocks of 3 (1 KiB each) per shard, then the last 1
     assert [r["samples"] for r in recs] == [6, 6, 1]
     assert sum(r["tokens"] for r in recs) == 13 * 8 - 3
@@ -80,16 +88,19 @@ def _npy(array) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("sample, msg", [
-    ({"__key__": "k", "txt": b"x"}, "expected exactly one of"),
-    ({"__key__": "k", "ids.npy": b"not npy at all"}, "not a .npy block"),
-    ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 5), "<u2"))}, "expected seq_len=4"),
-    ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 4), "<i8"))}, "expected little-endian uint16/uint32"),
-    ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 4), "<u2"))[:-3]}, "the header says 2 sequences"),
-    ({"__key__": "k", "ids.npy": "text"}, "expected raw bytes"),
-    ({"__key__": "k", "ids.u16": b"\x01\x00\x02"}, "not a whole number"),  # format 1 members
-    ({"__key__": "k", "ids.u16": b"\x01\x00" * 5}, "expected seq_len=4"),
-])
+@pytest.mark.parametrize(
+    "sample, msg",
+    [
+        ({"__key__": "k", "txt": b"x"}, "expected exactly one of"),
+        ({"__key__": "k", "ids.npy": b"not npy at all"}, "not a .npy block"),
+        ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 5), "<u2"))}, "expected seq_len=4"),
+        ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 4), "<i8"))}, "expected little-endian uint16/uint32"),
+        ({"__key__": "k", "ids.npy": _npy(np.zeros((2, 4), "<u2"))[:-3]}, "the header says 2 sequences"),
+        ({"__key__": "k", "ids.npy": "text"}, "expected raw bytes"),
+        ({"__key__": "k", "ids.u16": b"\x01\x00\x02"}, "not a whole number"),  # format 1 members
+        ({"__key__": "k", "ids.u16": b"\x01\x00" * 5}, "expected seq_len=4"),
+    ],
+)
 def test_decode_block_rejects_malformed(sample, msg):
     with pytest.raises(DataPipelineError, match=msg) as caught:
         decode_block(sample, seq_len=4)
@@ -102,8 +113,10 @@ def test_read_shard_starts_at_any_sample_without_decoding_the_blocks_before(tmp_
     path = tmp_path / rec["path"]
 
     def read(start, stop=None, vocab_size=100):
-        return np.array(list(read_shard(path, seq_len=8, vocab_size=vocab_size, sha256=rec["sha256"],
-                                        start=start, stop=stop))).reshape(-1, 8)
+        return np.array(
+            list(read_shard(path, seq_len=8, vocab_size=vocab_size, sha256=rec["sha256"], start=start, stop=stop))
+        ).reshape(-1, 8)
+
     for start in range(23):
         for stop in (start + 1, start + 4, 23, None):
             if stop is None or stop <= 23:
@@ -124,20 +137,48 @@ def test_format_1_shards_are_still_read(tmp_path):
     """Format 1 (one member per sequence) reads through the same functions, `start` included."""
     from data_pipeline.build import build
     from data_pipeline.testing import write_format1_copy
+
     write_lines(tmp_path / "c.txt", synthetic_docs(200, seed=3))
-    new = read_manifest(build(BuildConfig(inputs=[str(tmp_path / "c.txt")], out_dir=str(tmp_path / "v2"),
-                                          vocab_size=80, min_frequency=1, seq_len=16, shard_mb=0.002,
-                                          block_sequences=8, validation_fraction=0.0), progress=False))
+    new = read_manifest(
+        build(
+            BuildConfig(
+                inputs=[str(tmp_path / "c.txt")],
+                out_dir=str(tmp_path / "v2"),
+                vocab_size=80,
+                min_frequency=1,
+                seq_len=16,
+                shard_mb=0.002,
+                block_sequences=8,
+                validation_fraction=0.0,
+            ),
+            progress=False,
+        )
+    )
     old = read_manifest(write_format1_copy(tmp_path / "v2", tmp_path / "v1"))
     assert (new["format_version"], new["block_sequences"], old["format_version"]) == (2, 8, 1)
     for rec_new, rec_old in zip(new["splits"]["train"]["shards"], old["splits"]["train"]["shards"]):
         for start in (0, 3, rec_new["samples"] - 1):
-            a = list(read_shard(Path(new["_root"]) / rec_new["path"], seq_len=16, vocab_size=80,
-                                sha256=rec_new["sha256"], start=start))
-            b = list(read_shard(Path(old["_root"]) / rec_old["path"], seq_len=16, vocab_size=80,
-                                sha256=rec_old["sha256"], start=start))
+            a = list(
+                read_shard(
+                    Path(new["_root"]) / rec_new["path"],
+                    seq_len=16,
+                    vocab_size=80,
+                    sha256=rec_new["sha256"],
+                    start=start,
+                )
+            )
+            b = list(
+                read_shard(
+                    Path(old["_root"]) / rec_old["path"],
+                    seq_len=16,
+                    vocab_size=80,
+                    sha256=rec_old["sha256"],
+                    start=start,
+                )
+            )
             assert len(a) == rec_new["samples"] - start and (np.array(a) == np.array(b)).all()
     from data_pipeline.verify import verify_build
+
     assert verify_build(old) == [] and verify_build(new) == []
 
 
@@ -171,16 +212,16 @@ def test_packing_roundtrip_any_batching(mode, seq_len):
     p = Packer(seq_len, cls_id=2, sep_id=3, pad_id=0, mode=mode)
     out, i = [], 0
     while i < len(docs):
-        b = docs[i:i + int(rng.integers(1, 20))]
+        b = docs[i : i + int(rng.integers(1, 20))]
         i += len(b)
         out.append(p.add(np.array([t for d in b for t in d], dtype=np.uint32), np.array([len(d) for d in b])))
     out.append(p.finish())
     seqs = np.concatenate(out)
     assert seqs.shape[1] == seq_len and (seqs[:, 0] == 2).all()
     body = seq_len - 2
-    expected = docs if mode == "concat" else [d[j:j + body] for d in docs for j in range(0, len(d), body)]
+    expected = docs if mode == "concat" else [d[j : j + body] for d in docs for j in range(0, len(d), body)]
     assert unpack(seqs, 2, 3, 0, mode) == expected
-    if mode == "concat":   # no waste: only the last sequence has padding
+    if mode == "concat":  # no waste: only the last sequence has padding
         assert (seqs[:-1] != 0).all()
 
 
@@ -191,6 +232,7 @@ def test_packing_roundtrip_any_batching(mode, seq_len):
 def test_trained_tokenizer_loads_in_tokenizers_and_transformers(tmp_path, kind):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     tok = train_tokenizer(synthetic_docs(400), kind=kind, vocab_size=300, min_frequency=1, lowercase=True)
     path = save_tokenizer(tok, tmp_path)
     assert special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -212,10 +254,26 @@ def test_trained_tokenizer_loads_in_tokenizers_and_transformers(tmp_path, kind):
 
 def test_cli_train_tokenizer(tmp_path):
     from transformers import AutoTokenizer
+
     src = write_lines(tmp_path / "c.txt", synthetic_docs(300))
-    r = subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", str(src), "--out",
-                        str(tmp_path / "tok"), "--vocab-size", "200", "--min-frequency", "1", "--no-progress"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline",
+            "train-tokenizer",
+            str(src),
+            "--out",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "200",
+            "--min-frequency",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert hf.cls_token_id == 2 and hf("the river")["input_ids"][-1] == 3
@@ -224,7 +282,7 @@ def test_cli_train_tokenizer(tmp_path):
 def test_bulk_encoder_matches_per_document_encoding(tok_dir):
     tok = load_tokenizer(tok_dir)
     enc = BulkEncoder(tok)
-    assert enc.fast is not None                      # BERT-style: the ASCII fast path is on
+    assert enc.fast is not None  # BERT-style: the ASCII fast path is on
     ref = load_tokenizer(tok_dir)
     ref.encode_special_tokens = True
     texts = synthetic_docs(600, seed=5) + ["A\tB\r\nC\x0bD\x00E\x7fF", "[SEP] [MASK]", "ÀÉÎ Ünïcödé", "x"]
@@ -276,7 +334,7 @@ def test_txt_line_byte_ranges_lose_and_repeat_nothing(tmp_path, eol, unit_mb):
 def test_txt_block_byte_ranges_lose_and_repeat_nothing(tmp_path, unit_mb):
     rng = np.random.default_rng(0)
     docs = synthetic_docs(200, seed=3, empty_every=0)
-    blocks = ["\n".join(docs[i:i + k]) for i, k in zip(range(0, 200, 3), rng.integers(1, 4, 67))]
+    blocks = ["\n".join(docs[i : i + k]) for i, k in zip(range(0, 200, 3), rng.integers(1, 4, 67))]
     seps = ["\n\n", "\n\n\n", "\n  \n", "\n\t\n\n"]
     text = "\n\n" + "".join(b + seps[i % 4] for i, b in enumerate(blocks))
     f = tmp_path / "b.txt"
@@ -291,6 +349,7 @@ def test_jsonl_plain_gz_zst_parquet_and_datasets_inputs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
+
     docs = [d for d in synthetic_docs(240, seed=4)]
     lines = [json.dumps({"id": i, "body": d}) for i, d in enumerate(docs)]
     raw = ("\n".join(lines) + "\n").encode()
@@ -300,7 +359,8 @@ def test_jsonl_plain_gz_zst_parquet_and_datasets_inputs(tmp_path):
     pq.write_table(pa.table({"body": docs}), tmp_path / "d.parquet", row_group_size=50)
     datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"body": docs[:10]})}).save_to_disk(
-        str(tmp_path / "saved_dict"))
+        str(tmp_path / "saved_dict")
+    )
     hub_dir = tmp_path / "hubdir"
     hub_dir.mkdir()
     (hub_dir / "train-0.jsonl").write_bytes(("\n".join(lines[:100]) + "\n").encode())
@@ -336,10 +396,12 @@ def _bad(tmp_path, name, data, **kw):
 
 def test_bad_jsonl_records_name_file_and_line(tmp_path):
     good = b'{"text": "fine"}\n'
-    cases = [(b'{"text": "a"}\n{oops\n', 2, "not valid JSON"),
-             (good + good + b'{"body": "x"}\n', 3, "no field 'text'"),
-             (good + b'{"text": 5}\n', 2, "field 'text' is int, not a string"),
-             (good + b'[1, 2]\n', 2, "not a JSON object")]
+    cases = [
+        (b'{"text": "a"}\n{oops\n', 2, "not valid JSON"),
+        (good + good + b'{"body": "x"}\n', 3, "no field 'text'"),
+        (good + b'{"text": 5}\n', 2, "field 'text' is int, not a string"),
+        (good + b"[1, 2]\n", 2, "not a JSON object"),
+    ]
     for data, line, msg in cases:
         with pytest.raises(DataPipelineError, match=rf"bad\.jsonl:{line}: {msg}"):
             _bad(tmp_path, "bad.jsonl", data)
@@ -349,6 +411,7 @@ def test_bad_jsonl_records_name_file_and_line(tmp_path):
 
 def test_corrupt_compressed_files(tmp_path):
     import zstandard
+
     raw = b"".join(b'{"text": "doc %d"}\n' % i for i in range(5000))
     gz = gzip.compress(raw)
     with pytest.raises(DataPipelineError, match=r"bad\.jsonl\.gz:\d+: corrupt or truncated"):
@@ -357,13 +420,13 @@ def test_corrupt_compressed_files(tmp_path):
         _bad(tmp_path, "bad2.jsonl.gz", b"this is not gzip at all")
     zs = zstandard.ZstdCompressor().compress(raw)
     with pytest.raises(DataPipelineError, match=r"bad\.jsonl\.zst:\d+: corrupt.*truncated"):
-        _bad(tmp_path, "bad.jsonl.zst", zs + zs[: len(zs) // 2])           # second frame cut short
-    zs = zstandard.ZstdCompressor(write_checksum=True).compress(raw)     # as the zstd tool writes
+        _bad(tmp_path, "bad.jsonl.zst", zs + zs[: len(zs) // 2])  # second frame cut short
+    zs = zstandard.ZstdCompressor(write_checksum=True).compress(raw)  # as the zstd tool writes
     with pytest.raises(DataPipelineError, match=r"bad\.jsonl\.zst:\d+: corrupt"):
         _bad(tmp_path, "bad.jsonl.zst", zs[:100] + b"\xff" * 50 + zs[150:])
     _, docs, stats = _bad(tmp_path, "bad.jsonl.gz", gz[: len(gz) // 2], on_error="skip")
     assert stats.corrupt_files == 1 and 0 < len(docs) < 5000
-    assert docs == [f"doc {i}" for i in range(len(docs))]       # kept what came before the damage
+    assert docs == [f"doc {i}" for i in range(len(docs))]  # kept what came before the damage
 
 
 def test_jsonl_with_byte_order_mark(tmp_path):
@@ -395,22 +458,48 @@ def test_missing_paths_and_unknown_types(tmp_path):
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "ok"}\n{"text": \n')
-    r = subprocess.run([sys.executable, "-m", "data_pipeline", "build", str(bad), "--out", str(tmp_path / "o"),
-                        "--vocab-size", "100", "--no-progress"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline",
+            "build",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+            "--vocab-size",
+            "100",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert r.stderr.startswith("data_pipeline: error: ") and "bad.jsonl:2: not valid JSON" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "data_pipeline", "finalize", "--out", str(tmp_path / "none")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "finalize", "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "config not found" in r.stderr
 
 
 def test_cli_help_for_every_subcommand():
     from data_pipeline.__main__ import make_parser
+
     p = make_parser()
     sub = next(a for a in p._actions if a.dest == "cmd")
-    assert set(sub.choices) == {"build", "plan", "run-unit", "finalize", "train-tokenizer", "inspect",
-                                "hash-units", "resolve-duplicates"}
+    assert set(sub.choices) == {
+        "build",
+        "plan",
+        "run-unit",
+        "finalize",
+        "train-tokenizer",
+        "inspect",
+        "hash-units",
+        "resolve-duplicates",
+    }
     for sp in sub.choices.values():
         assert sp.format_help().startswith("usage:")
     r = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--help"], capture_output=True, text=True)
@@ -421,15 +510,15 @@ def test_bulk_encoder_fast_path_is_exact_for_every_bmp_character(tok_dir):
     """Each assigned BMP character, alone and between words, through the fast path and
     through the tokenizer's own normalizer, gives the same ids."""
     import unicodedata
+
     tok = load_tokenizer(tok_dir)
     enc = BulkEncoder(tok)
     ref = load_tokenizer(tok_dir)
     ref.encode_special_tokens = True
-    chars = [chr(c) for c in range(0x80, 0x10000)
-             if unicodedata.category(chr(c)) not in ("Cs",)]
-    texts = [f"The{c}x {c}Ab {c}{c}" for c in chars] + ["".join(chars[i:i + 50]) for i in range(0, len(chars), 50)]
+    chars = [chr(c) for c in range(0x80, 0x10000) if unicodedata.category(chr(c)) not in ("Cs",)]
+    texts = [f"The{c}x {c}Ab {c}{c}" for c in chars] + ["".join(chars[i : i + 50]) for i in range(0, len(chars), 50)]
     flat, lengths = enc.encode(texts)
     expected = [ref.encode(t, add_special_tokens=False).ids for t in texts]
     assert lengths.tolist() == [len(e) for e in expected]
     assert flat.tolist() == [i for e in expected for i in e]
-    assert len(enc.charmap) > 60000      # the table really was used, not the ordinary path
+    assert len(enc.charmap) > 60000  # the table really was used, not the ordinary path

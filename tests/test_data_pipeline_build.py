@@ -1,4 +1,5 @@
 """data_pipeline builds: exact token stream, worker independence, kill-and-resume, WikiText-2."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import (BuildConfig, DataPipelineError, build, finalize, load_config, load_plan, plan_units,
-                           read_manifest, run_unit, shard_urls)
+from data_pipeline import (
+    BuildConfig,
+    DataPipelineError,
+    build,
+    finalize,
+    load_config,
+    load_plan,
+    plan_units,
+    read_manifest,
+    run_unit,
+    shard_urls,
+)
 from data_pipeline.testing import reference_documents, synthetic_docs, write_lines
 from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 from data_pipeline.verify import split_documents, verify_build
@@ -39,15 +50,27 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(inputs, out, tok_file, **kw):
-    base = dict(inputs=inputs, out_dir=str(out), tokenizer=str(tok_file), seq_len=32, unit_mb=0.05,
-                shard_mb=0.004, block_sequences=8, validation_fraction=0.2, batch_docs=64)
+    base = dict(
+        inputs=inputs,
+        out_dir=str(out),
+        tokenizer=str(tok_file),
+        seq_len=32,
+        unit_mb=0.05,
+        shard_mb=0.004,
+        block_sequences=8,
+        validation_fraction=0.2,
+        batch_docs=64,
+    )
     base.update(kw)
     return BuildConfig(**base)
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes()
-            for split in ("train", "validation") for p in sorted((out / split).glob("*"))}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for split in ("train", "validation")
+        for p in sorted((out / split).glob("*"))
+    }
 
 
 def test_decoded_shards_are_exactly_the_input_token_stream(tmp_path, corpus, tok_file):
@@ -55,11 +78,11 @@ def test_decoded_shards_are_exactly_the_input_token_stream(tmp_path, corpus, tok
     cfg = _cfg(inputs, tmp_path / "out", tok_file)
     m = read_manifest(build(cfg, workers=1, progress=False))
     assert len(load_plan(cfg)) >= 4 and len(m["splits"]["train"]["shards"]) > 4
-    assert verify_build(m) == []                     # files, hashes, counts and keys match the manifest
+    assert verify_build(m) == []  # files, hashes, counts and keys match the manifest
     ref = reference_documents(docs, tmp_path / "out" / "tokenizer.json", validation_fraction=0.2)
     for split in ("train", "validation"):
         got = split_documents(m, split)
-        assert got == ref[split], split             # same tokens, same order, nothing lost or repeated
+        assert got == ref[split], split  # same tokens, same order, nothing lost or repeated
         assert m["splits"][split]["docs"] == len(ref[split])
     r = m["report"]
     assert r["docs_read"] == len(docs)
@@ -68,6 +91,7 @@ def test_decoded_shards_are_exactly_the_input_token_stream(tmp_path, corpus, tok
     assert r["doc_tokens"] == sum(map(len, ref["train"] + ref["validation"]))
     assert r["tokens_written"] == m["splits"]["train"]["tokens"] + m["splits"]["validation"]["tokens"]
     from tokenizers import Tokenizer
+
     assert m["vocab_size"] == Tokenizer.from_file(str(tok_file)).get_vocab_size()
     assert m["dtype"] == "uint16" and m["special_ids"]["cls"] == 2
     assert m["tokenizer"]["sha256"] and m["inputs"][0]["path"].endswith("a.txt")
@@ -93,13 +117,23 @@ def test_same_output_with_1_and_2_workers_and_any_unit_order(tmp_path, corpus, t
 def test_filters_dedup_and_single_packing(tmp_path, tok_file):
     docs = synthetic_docs(700, seed=31, dup_every=5)
     write_lines(tmp_path / "d.txt", docs)
-    cfg = _cfg([str(tmp_path / "d.txt")], tmp_path / "out", tok_file, unit_mb=1, min_chars=12, dedup="unit",
-               packing="single", seq_len=16, validation_fraction=0.1)
+    cfg = _cfg(
+        [str(tmp_path / "d.txt")],
+        tmp_path / "out",
+        tok_file,
+        unit_mb=1,
+        min_chars=12,
+        dedup="unit",
+        packing="single",
+        seq_len=16,
+        validation_fraction=0.1,
+    )
     m = read_manifest(build(cfg, progress=False))
-    ref = reference_documents(docs, tmp_path / "out" / "tokenizer.json", validation_fraction=0.1,
-                              min_chars=12, dedup=True)
+    ref = reference_documents(
+        docs, tmp_path / "out" / "tokenizer.json", validation_fraction=0.1, min_chars=12, dedup=True
+    )
     for split in ("train", "validation"):
-        pieces = [d[i:i + 14] for d in ref[split] for i in range(0, len(d), 14)]
+        pieces = [d[i : i + 14] for d in ref[split] for i in range(0, len(d), 14)]
         assert split_documents(m, split) == pieces
     d = m["report"]["dropped"]
     assert d["duplicate"] > 50 and d["too_short"] > 0 and d["empty"] > 0
@@ -107,9 +141,31 @@ def test_filters_dedup_and_single_packing(tmp_path, tok_file):
 
 
 def _cli(out, inputs, tok_file, env=None, extra=()):
-    cmd = [sys.executable, "-m", "data_pipeline", "build", *inputs, "--out", str(out), "--tokenizer", str(tok_file),
-           "--seq-len", "32", "--unit-mb", "0.05", "--shard-mb", "0.004", "--block-sequences", "8",
-           "--validation-fraction", "0.2", "--batch-docs", "64", "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipeline",
+        "build",
+        *inputs,
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(tok_file),
+        "--seq-len",
+        "32",
+        "--unit-mb",
+        "0.05",
+        "--shard-mb",
+        "0.004",
+        "--block-sequences",
+        "8",
+        "--validation-fraction",
+        "0.2",
+        "--batch-docs",
+        "64",
+        "--no-progress",
+        *extra,
+    ]
     return cmd, {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
 
 
@@ -123,11 +179,11 @@ def test_killed_mid_unit_then_rerun_gives_byte_identical_shards(tmp_path, corpus
     kill_after = sum(len(s["shards"]) for s in first["splits"].values()) + 3
     cmd, env = _cli(out, inputs, tok_file, env={"DATA_PIPELINE_TEST_KILL_AFTER_SHARDS": str(kill_after)})
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == -signal.SIGKILL, r.stderr      # really killed, by SIGKILL, mid-run
+    assert r.returncode == -signal.SIGKILL, r.stderr  # really killed, by SIGKILL, mid-run
     done = list((out / "_work" / "units").glob("*.json"))
     assert not (out / "manifest.json").exists()
     assert [p.name for p in done] == ["u000000.json"]
-    assert len(list(out.glob("*/*.tar"))) == kill_after      # renamed shards of the unfinished unit too
+    assert len(list(out.glob("*/*.tar"))) == kill_after  # renamed shards of the unfinished unit too
     cmd, env = _cli(out, inputs, tok_file)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -184,10 +240,11 @@ def test_rerun_with_other_settings_is_refused(tmp_path, corpus, tok_file):
     with pytest.raises(DataPipelineError, match="different settings .*seq_len"):
         plan_units(_cfg(inputs, tmp_path / "out", tok_file, seq_len=64))
     before = _files(tmp_path / "out")
-    build(cfg, progress=False)                          # same settings: everything skipped, same files
+    build(cfg, progress=False)  # same settings: everything skipped, same files
     assert _files(tmp_path / "out") == before
     # same settings but the tokenizer file behind --tokenizer changed: refused too
     import shutil
+
     tok2 = tmp_path / "tok2.json"
     shutil.copyfile(tok_file, tok2)
     build(_cfg(inputs, tmp_path / "out2", tok2), progress=False)
@@ -202,8 +259,9 @@ def test_cli_plan_run_unit_finalize_inspect(tmp_path, corpus, tok_file):
     out = tmp_path / "out"
     cmd, env = _cli(out, inputs, tok_file)
     plan_cmd = [c if c != "build" else "plan" for c in cmd]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "data_pipeline", *a], env=env, capture_output=True,
-                                    text=True, timeout=120)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "data_pipeline", *a], env=env, capture_output=True, text=True, timeout=120
+    )
     assert subprocess.run(plan_cmd, env=env, capture_output=True, timeout=120).returncode == 0
     r = run("finalize", "--out", str(out))
     assert r.returncode == 2 and "units unfinished" in r.stderr
@@ -223,9 +281,17 @@ def test_wikitext2_build_is_exact(tmp_path):
     if not WIKITEXT.is_dir():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT} (../shared is absent); the project does not need it")
     from transformers import PreTrainedTokenizerFast
+
     src = WIKITEXT / "valid.txt"
-    cfg = BuildConfig(inputs=[str(src)], out_dir=str(tmp_path / "wt"), vocab_size=4000, seq_len=128,
-                      unit_mb=0.4, shard_mb=0.5, validation_fraction=0.05)
+    cfg = BuildConfig(
+        inputs=[str(src)],
+        out_dir=str(tmp_path / "wt"),
+        vocab_size=4000,
+        seq_len=128,
+        unit_mb=0.4,
+        shard_mb=0.5,
+        validation_fraction=0.05,
+    )
     m = read_manifest(build(cfg, workers=1, progress=False))
     assert m["report"]["units"] == 3 and verify_build(m) == []
     docs = src.read_text(encoding="utf-8").split("\n")[:-1]
@@ -239,7 +305,7 @@ def test_wikitext2_build_is_exact(tmp_path):
 
 def test_global_dedup_across_units_and_files(tmp_path, tok_file):
     a = synthetic_docs(600, seed=41)
-    b = synthetic_docs(300, seed=42) + a[100:250]          # b repeats part of a
+    b = synthetic_docs(300, seed=42) + a[100:250]  # b repeats part of a
     write_lines(tmp_path / "a.txt", a)
     write_lines(tmp_path / "b.txt", b)
     inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
@@ -252,8 +318,11 @@ def test_global_dedup_across_units_and_files(tmp_path, tok_file):
     assert m["report"]["dropped"]["duplicate"] >= 150
     # resolving by hash buckets (bounded memory) gives the same duplicate lists
     import shutil
+
     import numpy as np
+
     from data_pipeline import resolve_duplicates
+
     dups = tmp_path / "g1" / "_work" / "dups"
     before = {p.name: np.load(p) for p in dups.glob("*.npy")}
     assert sum(len(v) for v in before.values()) > 0
@@ -266,8 +335,9 @@ def test_global_dedup_across_units_and_files(tmp_path, tok_file):
     # distributed steps by CLI: plan, hash-units, resolve-duplicates, run-unit, finalize
     out = tmp_path / "g3"
     cmd, env = _cli(out, inputs, tok_file, extra=("--dedup", "global"))
-    run = lambda *x: subprocess.run([sys.executable, "-m", "data_pipeline", *x], env=env, capture_output=True,
-                                    text=True, timeout=120)
+    run = lambda *x: subprocess.run(
+        [sys.executable, "-m", "data_pipeline", *x], env=env, capture_output=True, text=True, timeout=120
+    )
     assert subprocess.run([c if c != "build" else "plan" for c in cmd], env=env, timeout=120).returncode == 0
     r = run("run-unit", "--out", str(out), "--unit", "0")
     assert r.returncode == 2 and "dedup=global" in r.stderr

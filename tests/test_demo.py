@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +26,15 @@ STAGES = ("data", "pretrain-hypermixer", "release-hypermixer", "finetune-hypermi
 def demo(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    proc = subprocess.Popen([sys.executable, "-m", "demo", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "demo", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -44,9 +50,13 @@ def demo(*args: str) -> subprocess.CompletedProcess:
 
 def markers(out: Path) -> dict[str, int]:
     """What each stage's completion rests on; a reused stage leaves them untouched."""
-    files = [out / "data" / "manifest.json", out / "pretrain-hypermixer" / "run_status.json",
-             out / "release-hypermixer" / "model.safetensors", *sorted(out.glob("finetune-hypermixer/runs/*/result.json")),
-             *[out / stage / ".demo-stage.json" for stage in STAGES]]
+    files = [
+        out / "data" / "manifest.json",
+        out / "pretrain-hypermixer" / "run_status.json",
+        out / "release-hypermixer" / "model.safetensors",
+        *sorted(out.glob("finetune-hypermixer/runs/*/result.json")),
+        *[out / stage / ".demo-stage.json" for stage in STAGES],
+    ]
     return {str(f): f.stat().st_mtime_ns for f in files}
 
 
@@ -60,8 +70,9 @@ def first_run(tmp_path_factory):
 
 def test_every_stage_runs_and_says_where_things_went(first_run):
     out, result = first_run
-    for number, stage in enumerate(["data", "pretrain hypermixer", "release hypermixer", "fine-tune hypermixer",
-                                    "results"], start=1):
+    for number, stage in enumerate(
+        ["data", "pretrain hypermixer", "release hypermixer", "fine-tune hypermixer", "results"], start=1
+    ):
         assert f"=== [{number}/5] {stage}" in result.stdout
     assert "deepspeed --num_gpus 2 pretrain/main.py" in result.stdout  # the real launcher, shown to the user
     assert "deepspeed.zero_optimization.stage=2" in result.stdout

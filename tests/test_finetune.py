@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.optim import lr_scheduler
 from data_pipeline.tokenizer import train_tokenizer
 from finetune import metrics
 from finetune.__main__ import main
 from finetune.config import FinetuneConfig
-from finetune.data import batches, read_split
+from finetune.data import read_split
 from finetune.errors import FinetuneError
 from finetune.model import load
 from finetune.submission import SUBMISSION_FILES, write_submission
-from finetune.sweep import aggregate, load_plan, plan_sweep, run_one, run_sweep
+from finetune.sweep import load_plan, plan_sweep, run_one, run_sweep
 from finetune.tasks import GLUE_TASKS, TASKS, get_task, parse_tasks
-from common.optim import lr_scheduler
 from finetune.trainer import make_optimizer, train
 from hypermixer import MIXERS, EncoderConfig, ForMaskedLM, ForSequenceClassification
 
@@ -34,8 +34,10 @@ SHARED_SST2 = REPO.parent / "shared" / "data" / "glue" / "SST-2"
 
 # ---- fixtures: a GLUE folder in the real layouts, quirks included ---------------------------------
 
-WORDS = ("the a good bad great awful movie film plot actor fun boring why what how is are was man woman "
-         "dog cat runs sleeps question answer city river blue red slow fast").split()
+WORDS = (
+    "the a good bad great awful movie film plot actor fun boring why what how is are was man woman "
+    "dog cat runs sleeps question answer city river blue red slow fast"
+).split()
 
 
 def sentence(i: int, n: int = 6) -> str:
@@ -47,8 +49,20 @@ def write(path: Path, lines: list[str], bom: bool = False) -> None:
     path.write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n", encoding="utf-8")
 
 
-MNLI_TRAIN_HEAD = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-                   "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+MNLI_TRAIN_HEAD = [
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+    "label1",
+    "gold_label",
+]
 MNLI_DEV_HEAD = MNLI_TRAIN_HEAD[:11] + ["label2", "label3", "label4", "label5", "gold_label"]
 MNLI_TEST_HEAD = MNLI_TRAIN_HEAD[:10]
 NLI3 = ("entailment", "neutral", "contradiction")
@@ -76,41 +90,76 @@ def write_glue(root: Path, n: int = 10) -> Path:
         lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
         lines += [tab([str(i % 2), str(1000 + i), str(2000 + i), sentence(i), sentence(i + 1)]) for i in rows]
         write(root / "MRPC" / f"{split}.tsv", lines, bom=True)
-    write(root / "MRPC" / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-          + [tab([str(i), "1", "2", sentence(i), sentence(i + 2)]) for i in range(3)])
+    write(
+        root / "MRPC" / "test.tsv",
+        ["index\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        + [tab([str(i), "1", "2", sentence(i), sentence(i + 2)]) for i in range(3)],
+    )
     # STS-B: ten columns, float score last.
     head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
     for split in ("train", "dev"):
-        lines = [head + "\tscore"] + [tab([str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none",
-                                           sentence(i), sentence(i + 3), f"{(i * 0.55) % 5:.3f}"]) for i in rows]
+        lines = [head + "\tscore"] + [
+            tab(
+                [
+                    str(i),
+                    "main-captions",
+                    "MSRvid",
+                    "2012test",
+                    f"{i:04d}",
+                    "none",
+                    "none",
+                    sentence(i),
+                    sentence(i + 3),
+                    f"{(i * 0.55) % 5:.3f}",
+                ]
+            )
+            for i in rows
+        ]
         write(root / "STS-B" / f"{split}.tsv", lines)
-    write(root / "STS-B" / "test.tsv", [head] + [tab([str(i), "g", "f", "y", "o", "s", "s", sentence(i), sentence(i + 1)])
-                                                 for i in range(3)])
+    write(
+        root / "STS-B" / "test.tsv",
+        [head] + [tab([str(i), "g", "f", "y", "o", "s", "s", sentence(i), sentence(i + 1)]) for i in range(3)],
+    )
     # QQP: malformed rows (a question broken over two lines, a row missing its label) are skipped.
     for split in ("train", "dev"):
         lines = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"]
         lines += [tab([str(i), str(2 * i), str(2 * i + 1), sentence(i), sentence(i + 5), str(i % 2)]) for i in rows]
         lines[3:3] = ["77\t154\t155\twhy is the sky", "blue\twhat is blue\t0", "78\t156\t157\tonly one question"]
         write(root / "QQP" / f"{split}.tsv", lines)
-    write(root / "QQP" / "test.tsv", ["id\tquestion1\tquestion2"] + [f"{i}\t{sentence(i)}\t{sentence(i + 1)}" for i in range(4)])
+    write(
+        root / "QQP" / "test.tsv",
+        ["id\tquestion1\tquestion2"] + [f"{i}\t{sentence(i)}\t{sentence(i + 1)}" for i in range(4)],
+    )
+
     # MNLI: 12 columns in train, 16 in dev (gold_label last), 10 in test; matched and mismatched.
     def mnli(head, i, labelled):
         values = [str(i), "p", "q", "fiction", "(bp)", "(bp)", "(p)", "(p)", sentence(i), sentence(i + 4)]
         return tab(values + (["neutral"] * (len(head) - 11) + [NLI3[i % 3]] if labelled else []))
+
     write(root / "MNLI" / "train.tsv", [tab(MNLI_TRAIN_HEAD)] + [mnli(MNLI_TRAIN_HEAD, i, True) for i in rows])
     for kind in ("matched", "mismatched"):
         write(root / "MNLI" / f"dev_{kind}.tsv", [tab(MNLI_DEV_HEAD)] + [mnli(MNLI_DEV_HEAD, i, True) for i in rows])
-        write(root / "MNLI" / f"test_{kind}.tsv", [tab(MNLI_TEST_HEAD)] + [mnli(MNLI_TEST_HEAD, i, False) for i in range(3)])
+        write(
+            root / "MNLI" / f"test_{kind}.tsv",
+            [tab(MNLI_TEST_HEAD)] + [mnli(MNLI_TEST_HEAD, i, False) for i in range(3)],
+        )
     # QNLI, RTE, WNLI: index, two texts, label.
-    for name, head, labels in (("QNLI", "index\tquestion\tsentence", NLI2), ("RTE", "index\tsentence1\tsentence2", NLI2),
-                               ("WNLI", "index\tsentence1\tsentence2", ("0", "1"))):
+    for name, head, labels in (
+        ("QNLI", "index\tquestion\tsentence", NLI2),
+        ("RTE", "index\tsentence1\tsentence2", NLI2),
+        ("WNLI", "index\tsentence1\tsentence2", ("0", "1")),
+    ):
         for split in ("train", "dev"):
-            write(root / name / f"{split}.tsv", [head + "\tlabel"]
-                  + [tab([str(i), sentence(i), sentence(i + 2), labels[i % 2]]) for i in rows])
+            write(
+                root / name / f"{split}.tsv",
+                [head + "\tlabel"] + [tab([str(i), sentence(i), sentence(i + 2), labels[i % 2]]) for i in rows],
+            )
         write(root / name / "test.tsv", [head] + [tab([str(i), sentence(i), sentence(i + 1)]) for i in range(3)])
     # AX, where download_glue_data.py puts it.
-    write(root / "diagnostic" / "diagnostic.tsv", ["index\tsentence1\tsentence2"]
-          + [tab([str(i), sentence(i), sentence(i + 1)]) for i in range(4)])
+    write(
+        root / "diagnostic" / "diagnostic.tsv",
+        ["index\tsentence1\tsentence2"] + [tab([str(i), sentence(i), sentence(i + 1)]) for i in range(4)],
+    )
     return root
 
 
@@ -122,8 +171,9 @@ def make_release(folder: Path, mixer: str, tokenizer, max_seq_len: int = 32, **o
     """What pretrain.export writes (config.json, model.safetensors, tokenizer.json), freshly initialised."""
     torch.manual_seed(0)
     shape = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    config = EncoderConfig(vocab_size=tokenizer.get_vocab_size(), mixer=mixer, max_seq_len=max_seq_len,
-                           **{**shape, **overrides})
+    config = EncoderConfig(
+        vocab_size=tokenizer.get_vocab_size(), mixer=mixer, max_seq_len=max_seq_len, **{**shape, **overrides}
+    )
     ForMaskedLM(config).save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
@@ -147,8 +197,9 @@ def releases(tmp_path_factory, tokenizer) -> dict[str, Path]:
 
 def quick(release, task, output_dir, glue_dir, **kw) -> FinetuneConfig:
     settings = dict(epochs=1, batch_size=4, learning_rate=1e-3, device="cpu", eval_batch_size=8)
-    return FinetuneConfig(release=str(release), task=task, output_dir=str(output_dir), glue_dir=str(glue_dir),
-                          **{**settings, **kw})
+    return FinetuneConfig(
+        release=str(release), task=task, output_dir=str(output_dir), glue_dir=str(glue_dir), **{**settings, **kw}
+    )
 
 
 # ---- tasks and metrics ------------------------------------------------------------------------------
@@ -156,8 +207,21 @@ def quick(release, task, output_dir, glue_dir, **kw) -> FinetuneConfig:
 
 def test_task_table():
     assert GLUE_TASKS == ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI")
-    assert sorted(SUBMISSION_FILES) == sorted(["CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv",
-                                               "MNLI-mm.tsv", "QNLI.tsv", "RTE.tsv", "WNLI.tsv", "AX.tsv"])
+    assert sorted(SUBMISSION_FILES) == sorted(
+        [
+            "CoLA.tsv",
+            "SST-2.tsv",
+            "MRPC.tsv",
+            "STS-B.tsv",
+            "QQP.tsv",
+            "MNLI-m.tsv",
+            "MNLI-mm.tsv",
+            "QNLI.tsv",
+            "RTE.tsv",
+            "WNLI.tsv",
+            "AX.tsv",
+        ]
+    )
     assert get_task("sst2").name == "SST-2" and get_task("sts-b").name == "STS-B" and get_task("mnli").name == "MNLI"
     assert TASKS["STS-B"].num_labels == 1 and TASKS["MNLI"].num_labels == 3 and TASKS["RTE"].labels == NLI2
     assert parse_tasks("all") == list(GLUE_TASKS)
@@ -176,8 +240,11 @@ def test_metrics_known_values():
     assert got == pytest.approx({"f1": 2 / 3, "accuracy": 0.6})
     # Pearson 6/sqrt(60); Spearman on ranks [1, 2.5, 4.5, 2.5, 4.5] (ties share their mean rank): 7/sqrt(90).
     got = metrics.compute(["pearson", "spearman"], [1, 2, 3, 4, 5], [2, 4, 5, 4, 5])
-    assert got == pytest.approx({"pearson": 6 / 60 ** 0.5, "spearman": 7 / 90 ** 0.5})
-    assert metrics.compute(["pearson", "spearman"], [1.0, 2.0, 3.0], [2.5, 2.5, 2.5]) == {"pearson": 0.0, "spearman": 0.0}
+    assert got == pytest.approx({"pearson": 6 / 60**0.5, "spearman": 7 / 90**0.5})
+    assert metrics.compute(["pearson", "spearman"], [1.0, 2.0, 3.0], [2.5, 2.5, 2.5]) == {
+        "pearson": 0.0,
+        "spearman": 0.0,
+    }
     assert metrics.compute(["mcc"], [0, 1, 1], [1, 1, 1])["mcc"] == 0.0
     with pytest.raises(FinetuneError, match="unknown metric 'bleu'"):
         metrics.compute(["bleu"], [1], [1])
@@ -185,13 +252,19 @@ def test_metrics_known_values():
 
 def test_glue_score_as_the_leaderboard_computes_it():
     # BERT-base's GLUE test results (leaderboard score 78.3): MNLI counts once, as the mean of m and mm.
-    bert_base = {"CoLA": {"CoLA": {"mcc": .521}}, "SST-2": {"SST-2": {"accuracy": .935}},
-                 "MRPC": {"MRPC": {"f1": .889, "accuracy": .848}}, "STS-B": {"STS-B": {"pearson": .871, "spearman": .858}},
-                 "QQP": {"QQP": {"f1": .712, "accuracy": .892}},
-                 "MNLI": {"MNLI-m": {"accuracy": .846}, "MNLI-mm": {"accuracy": .834}},
-                 "QNLI": {"QNLI": {"accuracy": .905}}, "RTE": {"RTE": {"accuracy": .664}}, "WNLI": {"WNLI": {"accuracy": .651}}}
+    bert_base = {
+        "CoLA": {"CoLA": {"mcc": 0.521}},
+        "SST-2": {"SST-2": {"accuracy": 0.935}},
+        "MRPC": {"MRPC": {"f1": 0.889, "accuracy": 0.848}},
+        "STS-B": {"STS-B": {"pearson": 0.871, "spearman": 0.858}},
+        "QQP": {"QQP": {"f1": 0.712, "accuracy": 0.892}},
+        "MNLI": {"MNLI-m": {"accuracy": 0.846}, "MNLI-mm": {"accuracy": 0.834}},
+        "QNLI": {"QNLI": {"accuracy": 0.905}},
+        "RTE": {"RTE": {"accuracy": 0.664}},
+        "WNLI": {"WNLI": {"accuracy": 0.651}},
+    }
     scores = {task: metrics.task_score(dev) for task, dev in bert_base.items()}
-    assert scores["MRPC"] == pytest.approx((.889 + .848) / 2) and scores["MNLI"] == pytest.approx(.84)
+    assert scores["MRPC"] == pytest.approx((0.889 + 0.848) / 2) and scores["MNLI"] == pytest.approx(0.84)
     assert round(100 * metrics.glue_score(scores), 1) == 78.3
     del scores["WNLI"]
     assert metrics.glue_score(scores) is None
@@ -233,17 +306,41 @@ def test_qqp_malformed_rows_are_skipped_and_counted(glue, capsys):
     assert read_split(TASKS["QQP"], TASKS["QQP"].evals[0].test, glue_dir=glue).index == ["0", "1", "2", "3"]
 
 
-@pytest.mark.parametrize("task, split, lines, message", [
-    ("CoLA", "train", ["gj04\tx\t\tA sentence."], "CoLA/train.tsv:1: label 'x' is not one of 0, 1"),
-    ("SST-2", "dev", ["sentence\tlabel", "fine\t1", "bad\t2"], "SST-2/dev.tsv:3: label '2' is not one of 0, 1"),
-    ("RTE", "train", ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tneutral"],
-     "RTE/train.tsv:2: label 'neutral' is not one of entailment, not_entailment"),
-    ("STS-B", "train", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-                        "0\tg\tf\ty\to\ts\ts\ta\tb\t7.5"], "STS-B/train.tsv:2: label '7.5' is not a score in [0, 5]"),
-    ("SST-2", "train", ["sentence\tlabel", "no label here"], "SST-2/train.tsv:2: expected at least 2 tab-separated fields, found 1"),
-    ("SST-2", "train", ["text\tlabel", "fine\t1"], "SST-2/train.tsv:1: no column 'sentence' in the header (found: text, label)"),
-    ("SST-2", "train", ["sentence\tlabel"], "SST-2/train.tsv: no examples"),
-])
+@pytest.mark.parametrize(
+    "task, split, lines, message",
+    [
+        ("CoLA", "train", ["gj04\tx\t\tA sentence."], "CoLA/train.tsv:1: label 'x' is not one of 0, 1"),
+        ("SST-2", "dev", ["sentence\tlabel", "fine\t1", "bad\t2"], "SST-2/dev.tsv:3: label '2' is not one of 0, 1"),
+        (
+            "RTE",
+            "train",
+            ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tneutral"],
+            "RTE/train.tsv:2: label 'neutral' is not one of entailment, not_entailment",
+        ),
+        (
+            "STS-B",
+            "train",
+            [
+                "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+                "0\tg\tf\ty\to\ts\ts\ta\tb\t7.5",
+            ],
+            "STS-B/train.tsv:2: label '7.5' is not a score in [0, 5]",
+        ),
+        (
+            "SST-2",
+            "train",
+            ["sentence\tlabel", "no label here"],
+            "SST-2/train.tsv:2: expected at least 2 tab-separated fields, found 1",
+        ),
+        (
+            "SST-2",
+            "train",
+            ["text\tlabel", "fine\t1"],
+            "SST-2/train.tsv:1: no column 'sentence' in the header (found: text, label)",
+        ),
+        ("SST-2", "train", ["sentence\tlabel"], "SST-2/train.tsv: no examples"),
+    ],
+)
 def test_bad_data_gives_one_clear_error(tmp_path, task, split, lines, message):
     write(tmp_path / task / f"{split}.tsv", lines)
     t = TASKS[task]
@@ -264,16 +361,26 @@ def _hf_copy(root: Path) -> Path:
     def split(cfg, n, labelled, text=("sentence1", "sentence2")):
         label = ClassLabel(names=list(cfg)) if cfg else Value("float32")
         feats = Features({text[0]: Value("string"), text[1]: Value("string"), "label": label, "idx": Value("int32")})
-        rows = {text[0]: [sentence(i) for i in range(n)], text[1]: [sentence(i + 1) for i in range(n)],
-                "label": [(i % len(cfg) if cfg else i * 0.4) if labelled else -1 for i in range(n)], "idx": list(range(n))}
+        rows = {
+            text[0]: [sentence(i) for i in range(n)],
+            text[1]: [sentence(i + 1) for i in range(n)],
+            "label": [(i % len(cfg) if cfg else i * 0.4) if labelled else -1 for i in range(n)],
+            "idx": list(range(n)),
+        }
         return Dataset.from_dict(rows, features=feats)
 
-    DatasetDict(train=split(NLI2, 12, True), validation=split(NLI2, 6, True), test=split(NLI2, 5, False)).save_to_disk(root / "rte")
+    DatasetDict(train=split(NLI2, 12, True), validation=split(NLI2, 6, True), test=split(NLI2, 5, False)).save_to_disk(
+        root / "rte"
+    )
     DatasetDict(train=split(None, 8, True), validation=split(None, 6, True)).save_to_disk(root / "stsb")
     nli = ("premise", "hypothesis")
-    DatasetDict(train=split(NLI3, 9, True, nli), validation_matched=split(NLI3, 6, True, nli),
-                validation_mismatched=split(NLI3, 3, True, nli), test_matched=split(NLI3, 2, False, nli),
-                test_mismatched=split(NLI3, 2, False, nli)).save_to_disk(root / "mnli")
+    DatasetDict(
+        train=split(NLI3, 9, True, nli),
+        validation_matched=split(NLI3, 6, True, nli),
+        validation_mismatched=split(NLI3, 3, True, nli),
+        test_matched=split(NLI3, 2, False, nli),
+        test_mismatched=split(NLI3, 2, False, nli),
+    ).save_to_disk(root / "mnli")
     return root
 
 
@@ -343,10 +450,15 @@ def test_predictions_do_not_depend_on_batch_padding(releases, glue, mixer):
     assert (runner.pad_to == 32) == (mixer == "fnet")
     runner.model.eval()
     with torch.no_grad():
-        alone = torch.cat([runner.model(**runner.inputs(b)).logits for _, b in
-                           runner.batches(data, 1, torch.arange(len(data)))])
-        together = torch.cat([runner.model(**runner.inputs(b)).logits for _, b in
-                              runner.batches(data, len(data), torch.arange(len(data)))])
+        alone = torch.cat(
+            [runner.model(**runner.inputs(b)).logits for _, b in runner.batches(data, 1, torch.arange(len(data)))]
+        )
+        together = torch.cat(
+            [
+                runner.model(**runner.inputs(b)).logits
+                for _, b in runner.batches(data, len(data), torch.arange(len(data)))
+            ]
+        )
     torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-5)
 
 
@@ -363,8 +475,9 @@ def test_from_scratch_keeps_config_and_tokenizer_but_not_weights(releases):
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    model = ForSequenceClassification(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
-                                                    intermediate_size=32, max_seq_len=8))
+    model = ForSequenceClassification(
+        EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_seq_len=8)
+    )
     decay, no_decay = make_optimizer(model, 1e-3, 0.01, 1e-6).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
@@ -407,8 +520,13 @@ def test_train_each_mixer_writes_a_complete_run(releases, glue, tmp_path, mixer)
 
 
 def test_training_is_seeded(releases, glue, tmp_path):
-    runs = [train(quick(releases["hypermixer"], "STS-B", tmp_path / f"r{i}", glue, save_model=False, predict_test=False),
-                  progress=False) for i in range(2)]
+    runs = [
+        train(
+            quick(releases["hypermixer"], "STS-B", tmp_path / f"r{i}", glue, save_model=False, predict_test=False),
+            progress=False,
+        )
+        for i in range(2)
+    ]
     assert runs[0]["history"][0]["train_loss"] == runs[1]["history"][0]["train_loss"]
     assert runs[0]["dev"] == runs[1]["dev"]
 
@@ -419,9 +537,18 @@ def test_submission_files_and_zip(releases, glue, tmp_path):
         result = train(quick(releases["hypermixer"], task, tmp_path / task, glue, save_model=False), progress=False)
         written.update({name: tmp_path / task / "predictions" / name for name in result["predictions"]})
     assert sorted(written) == sorted(SUBMISSION_FILES)
-    expected_labels = {"CoLA.tsv": {"0", "1"}, "SST-2.tsv": {"0", "1"}, "MRPC.tsv": {"0", "1"}, "QQP.tsv": {"0", "1"},
-                       "WNLI.tsv": {"0", "1"}, "QNLI.tsv": set(NLI2), "RTE.tsv": set(NLI2), "MNLI-m.tsv": set(NLI3),
-                       "MNLI-mm.tsv": set(NLI3), "AX.tsv": set(NLI3)}
+    expected_labels = {
+        "CoLA.tsv": {"0", "1"},
+        "SST-2.tsv": {"0", "1"},
+        "MRPC.tsv": {"0", "1"},
+        "QQP.tsv": {"0", "1"},
+        "WNLI.tsv": {"0", "1"},
+        "QNLI.tsv": set(NLI2),
+        "RTE.tsv": set(NLI2),
+        "MNLI-m.tsv": set(NLI3),
+        "MNLI-mm.tsv": set(NLI3),
+        "AX.tsv": set(NLI3),
+    }
     for name, path in written.items():
         lines = path.read_text().splitlines()
         assert lines[0] == "index\tprediction"
@@ -450,16 +577,49 @@ def test_submission_files_and_zip(releases, glue, tmp_path):
 
 def test_cli_train_from_hf_copy_predict_and_submit(releases, hf_glue, tmp_path, capsys):
     run = tmp_path / "rte"
-    assert main(["train", "--release", str(releases["transformer"]), "--task", "rte", "--hf", str(hf_glue),
-                 "--output-dir", str(run), "--epochs", "1", "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--release",
+                str(releases["transformer"]),
+                "--task",
+                "rte",
+                "--hf",
+                str(hf_glue),
+                "--output-dir",
+                str(run),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["task"] == "RTE" and 0.0 <= printed["score"] <= 1.0
     assert (run / "predictions" / "RTE.tsv").read_text().count("\n") == 6
     assert main(["predict", "--model", str(run / "model"), "--hf", str(hf_glue), "--out-dir", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "RTE.tsv").read_text() == (run / "predictions" / "RTE.tsv").read_text()
     capsys.readouterr()
-    assert main(["predict", "--model", str(run / "model"), "--task", "MNLI", "--hf", str(hf_glue),
-                 "--out-dir", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run / "model"),
+                "--task",
+                "MNLI",
+                "--hf",
+                str(hf_glue),
+                "--out-dir",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "fine-tuned on RTE, not MNLI" in capsys.readouterr().err
     assert main(["submit", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "s.zip")]) == 0
     assert "missing CoLA.tsv" in capsys.readouterr().err
@@ -467,14 +627,39 @@ def test_cli_train_from_hf_copy_predict_and_submit(releases, hf_glue, tmp_path, 
 
 
 def test_cli_errors_exit_2_without_traceback(releases, glue, tmp_path, capsys):
-    base = ["train", "--release", str(releases["hypermixer"]), "--output-dir", str(tmp_path / "o"), "--glue-dir", str(glue)]
+    base = [
+        "train",
+        "--release",
+        str(releases["hypermixer"]),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--glue-dir",
+        str(glue),
+    ]
     cases = [
         (base + ["--task", "SST-5"], "finetune: error: unknown task 'SST-5' (choose from CoLA, SST-2"),
-        (base + ["--task", "RTE", "--lr", "-1"], "finetune: error: invalid fine-tuning config: learning_rate: must be > 0, got -1.0 (--lr -1.0)"),
-        (["train", "--release", str(tmp_path), "--task", "RTE", "--output-dir", "o", "--glue-dir", str(glue)],
-         f"finetune: error: {tmp_path}/config.json: no such file"),
-        (["train", "--release", str(releases["hypermixer"]), "--task", "RTE", "--output-dir", "o", "--glue-dir",
-          str(tmp_path / "nope")], "no such folder (expected the GLUE layout"),
+        (
+            base + ["--task", "RTE", "--lr", "-1"],
+            "finetune: error: invalid fine-tuning config: learning_rate: must be > 0, got -1.0 (--lr -1.0)",
+        ),
+        (
+            ["train", "--release", str(tmp_path), "--task", "RTE", "--output-dir", "o", "--glue-dir", str(glue)],
+            f"finetune: error: {tmp_path}/config.json: no such file",
+        ),
+        (
+            [
+                "train",
+                "--release",
+                str(releases["hypermixer"]),
+                "--task",
+                "RTE",
+                "--output-dir",
+                "o",
+                "--glue-dir",
+                str(tmp_path / "nope"),
+            ],
+            "no such folder (expected the GLUE layout",
+        ),
         (["aggregate", "--sweep-dir", str(tmp_path)], "plan.json: no such file"),
     ]
     for argv, message in cases:
@@ -482,10 +667,14 @@ def test_cli_errors_exit_2_without_traceback(releases, glue, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
     # The module entry point, as users run it: one line on stderr, exit status 2.
-    proc = subprocess.run([sys.executable, "-m", "finetune", *base, "--task", "AX"], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", *base, "--task", "AX"], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 2 and proc.stderr.strip().startswith("finetune: error: task AX has no training data")
     assert "Traceback" not in proc.stderr
-    help_text = subprocess.run([sys.executable, "-m", "finetune", "sweep", "--help"], capture_output=True, text=True, cwd=REPO)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "finetune", "sweep", "--help"], capture_output=True, text=True, cwd=REPO
+    )
     assert help_text.returncode == 0 and "--lrs" in help_text.stdout and "--plan-only" in help_text.stdout
 
 
@@ -495,11 +684,30 @@ def test_cli_errors_exit_2_without_traceback(releases, glue, tmp_path, capsys):
 def test_sweep_plan_run_skip_aggregate_submit(releases, glue, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     kwargs = dict(glue_dir=str(glue), epochs=1, device="cpu", eval_batch_size=8, save_model=False)
-    specs = plan_sweep(sweep, [f"hm={releases['hypermixer']}"], "RTE,STS-B", [1e-3, 3e-4], [0, 1], [4],
-                       ["pretrained", "scratch"], **kwargs)
+    specs = plan_sweep(
+        sweep,
+        [f"hm={releases['hypermixer']}"],
+        "RTE,STS-B",
+        [1e-3, 3e-4],
+        [0, 1],
+        [4],
+        ["pretrained", "scratch"],
+        **kwargs,
+    )
     assert len(specs) == 16 and specs[0].name == "hm--STS-B--lr0.001--bs4--seed0"
-    assert [s.name for s in specs] == [s.name for s in plan_sweep(sweep, [f"hm={releases['hypermixer']}"], "RTE,STS-B",
-                                                                  [1e-3, 3e-4], [0, 1], [4], ["pretrained", "scratch"], **kwargs)]
+    assert [s.name for s in specs] == [
+        s.name
+        for s in plan_sweep(
+            sweep,
+            [f"hm={releases['hypermixer']}"],
+            "RTE,STS-B",
+            [1e-3, 3e-4],
+            [0, 1],
+            [4],
+            ["pretrained", "scratch"],
+            **kwargs,
+        )
+    ]
     assert json.loads(json.dumps([s.to_dict() for s in specs])) == [s.to_dict() for s in load_plan(sweep)]
     assert {s.model for s in specs} == {"hm", "hm-scratch"} and specs[8].config["from_scratch"] is True
     with pytest.raises(FinetuneError, match="already planned with other settings \\(epochs\\)"):
@@ -537,9 +745,33 @@ def test_sweep_plan_run_skip_aggregate_submit(releases, glue, tmp_path, capsys):
 
 def test_sweep_cli_plan_only_and_run_one_by_array_index(releases, glue, tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "s"
-    assert main(["sweep", "--sweep-dir", str(sweep), "--release", str(releases["fnet"]), "--tasks", "WNLI",
-                 "--lrs", "1e-3", "--seeds", "0,1", "--batch-sizes", "4", "--glue-dir", str(glue), "--epochs", "1",
-                 "--plan-only", "--no-save-model", "--no-predict"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--sweep-dir",
+                str(sweep),
+                "--release",
+                str(releases["fnet"]),
+                "--tasks",
+                "WNLI",
+                "--lrs",
+                "1e-3",
+                "--seeds",
+                "0,1",
+                "--batch-sizes",
+                "4",
+                "--glue-dir",
+                str(glue),
+                "--epochs",
+                "1",
+                "--plan-only",
+                "--no-save-model",
+                "--no-predict",
+            ]
+        )
+        == 0
+    )
     specs = load_plan(sweep)
     assert [s.name for s in specs] == ["fnet--WNLI--lr0.001--bs4--seed0", "fnet--WNLI--lr0.001--bs4--seed1"]
     assert specs[0].config["save_model"] is False and specs[0].config["predict_test"] is False
@@ -554,8 +786,10 @@ def test_sweep_cli_plan_only_and_run_one_by_array_index(releases, glue, tmp_path
 # ---- the real SST-2 ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (SHARED_SST2 / "train.tsv").is_file(),
-                    reason=f"real SST-2 not found at {SHARED_SST2} (the shared data folder beside the repo)")
+@pytest.mark.skipif(
+    not (SHARED_SST2 / "train.tsv").is_file(),
+    reason=f"real SST-2 not found at {SHARED_SST2} (the shared data folder beside the repo)",
+)
 @pytest.mark.parametrize("mixer", ["hypermixer"])
 def test_real_sst2_beats_the_majority_class(tmp_path, mixer):
     """A small hypermixer (d=64, 2 layers), random init, 125 steps on 4,000 training sentences; the
@@ -567,9 +801,19 @@ def test_real_sst2_beats_the_majority_class(tmp_path, mixer):
     texts = read_split(sst2, sst2.train, glue_dir=str(SHARED_SST2.parent)).text_a
     tokenizer = train_tokenizer(texts, vocab_size=4000, min_frequency=2)
     release = make_release(tmp_path / "release", mixer, tokenizer, max_seq_len=64, hidden_size=64)
-    config = FinetuneConfig(release=str(release), task="SST-2", output_dir=str(tmp_path / "run"),
-                            glue_dir=str(SHARED_SST2.parent), from_scratch=True, max_train_examples=4000,
-                            learning_rate=5e-3, batch_size=32, epochs=1, device="cpu", save_model=False)
+    config = FinetuneConfig(
+        release=str(release),
+        task="SST-2",
+        output_dir=str(tmp_path / "run"),
+        glue_dir=str(SHARED_SST2.parent),
+        from_scratch=True,
+        max_train_examples=4000,
+        learning_rate=5e-3,
+        batch_size=32,
+        epochs=1,
+        device="cpu",
+        save_model=False,
+    )
     result = train(config, progress=False)
     majority = 444 / 872  # positive examples in dev
     assert result["dev"]["SST-2"]["accuracy"] >= 0.60 > majority + 0.09

@@ -67,7 +67,7 @@ def hf_log():
 
 
 def sst2(split: str, n: int) -> list[tuple[str, int]]:
-    rows = (GLUE / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:n + 1]
+    rows = (GLUE / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1 : n + 1]
     return [(text, int(label)) for text, label in (row.split("\t") for row in rows)]
 
 
@@ -82,8 +82,16 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def tiny(mixer: str, vocab_size: int, **overrides) -> EncoderConfig:
-    return EncoderConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                         max_seq_len=MAX_LEN, mixer=mixer, **overrides)
+    return EncoderConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        max_seq_len=MAX_LEN,
+        mixer=mixer,
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,12 @@ def releases(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     out = {}
     for i, mixer in enumerate(MIXERS):
         torch.manual_seed(i)
-        model = ForMaskedLM(tiny(mixer, vocab, hypermixer_position="learned" if mixer == "hypermixer" else "sinusoidal"))
-        out[mixer] = model.save_pretrained(root / f"release-{mixer}", extra_files=tokenizer_files(tokenizer_dir, MAX_LEN))
+        model = ForMaskedLM(
+            tiny(mixer, vocab, hypermixer_position="learned" if mixer == "hypermixer" else "sinusoidal")
+        )
+        out[mixer] = model.save_pretrained(
+            root / f"release-{mixer}", extra_files=tokenizer_files(tokenizer_dir, MAX_LEN)
+        )
     return out
 
 
@@ -125,18 +137,28 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_release_code_is_the_library_code(releases):
     code = release_code()
-    assert {"configuration_hypermixer.py", "modeling_hypermixer.py", "hypermixer_encoder.py",
-            "hypermixer_mixers_hypermixing.py", "hypermixer_heads.py"} <= set(code)
+    assert {
+        "configuration_hypermixer.py",
+        "modeling_hypermixer.py",
+        "hypermixer_encoder.py",
+        "hypermixer_mixers_hypermixing.py",
+        "hypermixer_heads.py",
+    } <= set(code)
     for name, text in code.items():
         # Each file is its library module with only `from hypermixer.x.y import` -> `from .hypermixer_x_y import`.
         header, body = text.split("\n", 1)
         source = ROOT / re.fullmatch(r"# Generated from (\S+) by .*", header).group(1)
-        expected = re.sub(r"^(\s*)from hypermixer((?:\.\w+)+) import",
-                          lambda m: f"{m.group(1)}from .{_release_module(m.group(2))} import",
-                          source.read_text(encoding="utf-8"), flags=re.MULTILINE)
+        expected = re.sub(
+            r"^(\s*)from hypermixer((?:\.\w+)+) import",
+            lambda m: f"{m.group(1)}from .{_release_module(m.group(2))} import",
+            source.read_text(encoding="utf-8"),
+            flags=re.MULTILINE,
+        )
         assert body == expected, name
         for node in ast.walk(ast.parse(body)):  # nothing left that needs the hypermixer package installed
-            assert not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("hypermixer"))
+            assert not (
+                isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("hypermixer")
+            )
             assert not (isinstance(node, ast.Import) and any(a.name.startswith("hypermixer") for a in node.names))
     for release in releases.values():
         assert stale_release_code(release) == []
@@ -158,9 +180,11 @@ def _release_module(dotted: str) -> str:
 
 
 def test_the_core_package_writes_releases_without_transformers(tmp_path):
-    code = ("import sys; from hypermixer import EncoderConfig, ForMaskedLM; "
-            "ForMaskedLM(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, "
-            f"max_seq_len=8)).save_pretrained({str(tmp_path)!r}); print('transformers' in sys.modules)")
+    code = (
+        "import sys; from hypermixer import EncoderConfig, ForMaskedLM; "
+        "ForMaskedLM(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, "
+        f"max_seq_len=8)).save_pretrained({str(tmp_path)!r}); print('transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert stale_release_code(tmp_path) == []
@@ -232,12 +256,22 @@ def test_classifier_from_an_mlm_release_takes_labels_from_the_call(releases):
     release = releases["hypermixer"]
     labels = {0: "negative", 1: "neutral", 2: "positive"}
     with hf_log() as log:
-        clf, info = auto("AutoModelForSequenceClassification", release, id2label=labels,
-                         label2id={v: k for k, v in labels.items()}, output_loading_info=True)
+        clf, info = auto(
+            "AutoModelForSequenceClassification",
+            release,
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+            output_loading_info=True,
+        )
     assert clf.config.num_labels == 3 and clf.config.id2label == labels and clf.classifier.out_features == 3
     assert set(info["missing_keys"]) == {"pooler.weight", "pooler.bias", "classifier.weight", "classifier.bias"}
-    assert set(info["unexpected_keys"]) == {"transform.weight", "transform.bias", "transform_norm.weight",
-                                            "transform_norm.bias", "output_bias"}
+    assert set(info["unexpected_keys"]) == {
+        "transform.weight",
+        "transform.bias",
+        "transform_norm.weight",
+        "transform_norm.bias",
+        "output_bias",
+    }
     assert any("newly initialized" in line for line in log)  # Hugging Face's usual warning
     ours = ForMaskedLM.from_pretrained(release)
     assert all(torch.equal(clf.encoder.state_dict()[k], v) for k, v in ours.encoder.state_dict().items())
@@ -254,14 +288,24 @@ def test_fill_mask_pipeline_and_autotokenizer(releases):
     release = releases["hypermixer"]
     tokenizer = auto("AutoTokenizer", release)
     assert tokenizer.model_max_length == MAX_LEN
-    assert [tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token, tokenizer.sep_token, tokenizer.mask_token] == [
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert [
+        tokenizer.pad_token,
+        tokenizer.unk_token,
+        tokenizer.cls_token,
+        tokenizer.sep_token,
+        tokenizer.mask_token,
+    ] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     fill = transformers.pipeline("fill-mask", model=str(release), trust_remote_code=True)
     predictions = fill("the film is [MASK] .")
     assert len(predictions) == 5 and all({"score", "token", "token_str", "sequence"} <= set(p) for p in predictions)
     ids = tokenizer("the film is [MASK] .", return_tensors="pt").input_ids
     with torch.no_grad():
-        probs = ForMaskedLM.from_pretrained(release).eval()(ids).logits[0, ids[0].tolist().index(tokenizer.mask_token_id)].softmax(-1)
+        probs = (
+            ForMaskedLM.from_pretrained(release)
+            .eval()(ids)
+            .logits[0, ids[0].tolist().index(tokenizer.mask_token_id)]
+            .softmax(-1)
+        )
     top = probs.topk(5)
     assert [p["token"] for p in predictions] == top.indices.tolist()
     assert all(abs(p["score"] - s) <= TOL for p, s in zip(predictions, top.values.tolist()))
@@ -275,14 +319,34 @@ def test_trainer_fine_tunes_sst2_and_its_output_loads_in_both_worlds(releases, t
     tokenizer = auto("AutoTokenizer", release)
     train = [dict(tokenizer(text, truncation=True), labels=label) for text, label in sst2("train", 64)]
     labels = {0: "negative", 1: "positive"}
-    model = auto("AutoModelForSequenceClassification", release, num_labels=2, id2label=labels,
-                 label2id={v: k for k, v in labels.items()})
+    model = auto(
+        "AutoModelForSequenceClassification",
+        release,
+        num_labels=2,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
     head = model.classifier.weight.detach().clone()
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=16,
-                             learning_rate=1e-3, use_cpu=True, report_to="none", save_strategy="no",
-                             logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
-                      processing_class=tokenizer)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
     result = trainer.train()
     assert result.global_step == 4 and math.isfinite(result.training_loss)
     assert not torch.equal(head, model.classifier.weight.detach())
@@ -308,9 +372,19 @@ def test_a_finetuned_model_folder_is_a_release(releases, tmp_path):
     from finetune.config import FinetuneConfig
     from finetune.trainer import train
 
-    config = FinetuneConfig(release=str(releases["mlpmixer"]), task="SST-2", output_dir=str(tmp_path / "run"),
-                            glue_dir=str(GLUE), epochs=1, batch_size=16, max_train_examples=32, learning_rate=1e-3,
-                            device="cpu", eval_batch_size=512, predict_test=False)
+    config = FinetuneConfig(
+        release=str(releases["mlpmixer"]),
+        task="SST-2",
+        output_dir=str(tmp_path / "run"),
+        glue_dir=str(GLUE),
+        epochs=1,
+        batch_size=16,
+        max_train_examples=32,
+        learning_rate=1e-3,
+        device="cpu",
+        eval_batch_size=512,
+        predict_test=False,
+    )
     train(config, progress=False)
     model_dir = tmp_path / "run" / "model"
     assert stale_release_code(model_dir) == []
@@ -319,7 +393,11 @@ def test_a_finetuned_model_folder_is_a_release(releases, tmp_path):
     batch = tokenizer(["a gripping , funny film", "dull"], padding=True, return_tensors="pt")
     with torch.no_grad():
         hf = auto("AutoModelForSequenceClassification", model_dir)(**batch).logits
-        ours = ForSequenceClassification.from_pretrained(model_dir).eval()(batch["input_ids"], batch["attention_mask"]).logits
+        ours = (
+            ForSequenceClassification.from_pretrained(model_dir)
+            .eval()(batch["input_ids"], batch["attention_mask"])
+            .logits
+        )
     assert close(hf, ours)
 
 
@@ -346,8 +424,10 @@ def test_bad_releases_fail_in_one_line(releases, tokenizer_dir, tmp_path, caplog
     newer = shutil.copytree(releases["mlpmixer"], tmp_path / "newer")
     raw = json.loads((newer / "config.json").read_text())
     (newer / "config.json").write_text(json.dumps({**raw, "format_version": 2}))
-    for load in (lambda: transformers.AutoConfig.from_pretrained(newer, trust_remote_code=True),
-                 lambda: ForMaskedLM.from_pretrained(newer)):
+    for load in (
+        lambda: transformers.AutoConfig.from_pretrained(newer, trust_remote_code=True),
+        lambda: ForMaskedLM.from_pretrained(newer),
+    ):
         with pytest.raises(ValueError) as err:
             load()
         message = str(err.value)
@@ -366,8 +446,11 @@ def test_bad_releases_fail_in_one_line(releases, tokenizer_dir, tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         auto("AutoModelForMaskedLM", bare)
     assert [r.getMessage() for r in caplog.records if TOKENIZER_FILE in r.getMessage()] == [
-        f"{bare}: no {TOKENIZER_FILE}, so AutoTokenizer and pipeline() cannot read a tokenizer from this folder"]
+        f"{bare}: no {TOKENIZER_FILE}, so AutoTokenizer and pipeline() cannot read a tokenizer from this folder"
+    ]
     (tokenizer_dir / "custom").mkdir()
     (tokenizer_dir / "custom" / TOKENIZER_FILE).write_text(json.dumps({"added_tokens": [], "model": {}}))
-    with pytest.raises(ValueError, match=f"{TOKENIZER_CONFIG_FILE}: no pad_token, unk_token, cls_token, sep_token, mask_token"):
+    with pytest.raises(
+        ValueError, match=f"{TOKENIZER_CONFIG_FILE}: no pad_token, unk_token, cls_token, sep_token, mask_token"
+    ):
         tokenizer_files(tokenizer_dir / "custom", MAX_LEN)

@@ -65,7 +65,9 @@ def test_appended_padding_leaves_real_positions_unchanged(mixer, pooling):
         hidden = model.encoder(ids, torch.ones(2, 10))
         hidden_padded = model.encoder(padded, mask)
         torch.testing.assert_close(hidden_padded[:, :10], hidden, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(padded, mask).logits, model(ids, torch.ones(2, 10)).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(padded, mask).logits, model(ids, torch.ones(2, 10)).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_fnet_is_not_padding_invariant():
@@ -121,8 +123,13 @@ def naive_hypermixing(module: HyperMixing, weights: dict, x: torch.Tensor, lengt
 @pytest.mark.parametrize("tied", [False, True])
 def test_hypermixing_equals_naive_loop(tied):
     torch.manual_seed(0)
-    config = tiny("hypermixer", hypermixer_tied=tied, hypermixer_layer_norm=False,
-                  hypermixer_hypernet_hidden_size=24, hypermixer_token_mixing_size=16)
+    config = tiny(
+        "hypermixer",
+        hypermixer_tied=tied,
+        hypermixer_layer_norm=False,
+        hypermixer_hypernet_hidden_size=24,
+        hypermixer_token_mixing_size=16,
+    )
     module = HyperMixing(config).double()
     lengths = [9, 5, 7]
     x = torch.randn(3, 9, 32, dtype=torch.float64)
@@ -139,7 +146,9 @@ def test_hypermixing_gradients_match_the_reference_in_fp32(tied):
     # The layer's backward is hand-written (it recomputes W1, W2 and the hypernetworks instead of storing
     # them): its gradients for the input and every parameter must be the reference's autograd gradients.
     torch.manual_seed(0)
-    config = tiny("hypermixer", hypermixer_tied=tied, hypermixer_hypernet_hidden_size=24, hypermixer_token_mixing_size=16)
+    config = tiny(
+        "hypermixer", hypermixer_tied=tied, hypermixer_hypernet_hidden_size=24, hypermixer_token_mixing_size=16
+    )
     module = HyperMixing(config)
     with torch.no_grad():  # non-trivial output LayerNorm parameters, so that their gradients are checked too
         module.norm.weight.normal_(1.0, 0.2)
@@ -171,10 +180,21 @@ def test_hypermixing_backward_passes_gradcheck(position, mixing):
     # Finite differences in fp64 against the hand-written backward, in every mode: tied or not, each kind of
     # positions (learned ones get a gradient), cross-mixing (the query gets one), with padding on both sides.
     torch.manual_seed(0)
-    config = EncoderConfig.from_dict(dict(
-        vocab_size=VOCAB, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, max_seq_len=10,
-        mixer="hypermixer", hypermixer_tied=mixing == "tied", hypermixer_position=position,
-        hypermixer_hypernet_hidden_size=6, hypermixer_token_mixing_size=4))
+    config = EncoderConfig.from_dict(
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=16,
+            max_seq_len=10,
+            mixer="hypermixer",
+            hypermixer_tied=mixing == "tied",
+            hypermixer_position=position,
+            hypermixer_hypernet_hidden_size=6,
+            hypermixer_token_mixing_size=4,
+        )
+    )
     module = HyperMixing(config).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
@@ -202,9 +222,9 @@ def test_tied_hypermixing_shares_parameters_and_refuses_cross_mixing():
 def test_gradients_reach_every_parameter(mixer):
     torch.manual_seed(0)
     overrides = {"hypermixer_position": "learned"} if mixer == "hypermixer" else {}
-    for model, kwargs in (
-        (ForMaskedLM(tiny(mixer, **overrides)), {}),
-        (ForSequenceClassification(tiny(mixer, **overrides), num_labels=2), {"token_type_ids": None}),
+    for model in (
+        ForMaskedLM(tiny(mixer, **overrides)),
+        ForSequenceClassification(tiny(mixer, **overrides), num_labels=2),
     ):
         ids = batch()
         mask = torch.ones_like(ids)

@@ -8,8 +8,15 @@ import pytest
 
 from data_pipeline.build import build
 from data_pipeline.config import BuildConfig
-from pretrain.config import (ConfigError, config_path, deepspeed_config, load_config, parse_value, resolve,
-                             shipped_configs)
+from pretrain.config import (
+    ConfigError,
+    config_path,
+    deepspeed_config,
+    load_config,
+    parse_value,
+    resolve,
+    shipped_configs,
+)
 from pretrain.main import EXIT_CONFIG, main
 
 
@@ -18,8 +25,18 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     # > 1,024 train sequences: one micro-batch of the `small` recipe (64) for each of the 16 data streams
     (root / "corpus.txt").write_text("\n".join(f"line {i} of the tiny corpus for the config tests" for i in range(800)))
-    build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=64, seq_len=16,
-                      shard_mb=0.02, validation_fraction=0.1), workers=1, progress=False)
+    build(
+        BuildConfig(
+            inputs=[str(root / "corpus.txt")],
+            out_dir=str(root / "out"),
+            vocab_size=64,
+            seq_len=16,
+            shard_mb=0.02,
+            validation_fraction=0.1,
+        ),
+        workers=1,
+        progress=False,
+    )
     return str(root / "out")
 
 
@@ -52,35 +69,56 @@ def test_shipped_configs_are_valid_once_data_is_given(name, shards):
 def test_set_overrides_parse_json_or_strings(shards):
     assert parse_value("1e-4") == 1e-4 and parse_value("null") is None and parse_value("[0.9, 0.95]") == [0.9, 0.95]
     assert parse_value("/data/shards") == "/data/shards" and parse_value("transformer") == "transformer"
-    config = load_config("tiny", [f"data.path={shards}", "optim.lr=3e-4", "model.mixer=transformer",
-                                  "deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.overlap_comm=true",
-                                  "eval.max_samples=null", "optim.betas=[0.9,0.95]", "seed=7"])
+    config = load_config(
+        "tiny",
+        [
+            f"data.path={shards}",
+            "optim.lr=3e-4",
+            "model.mixer=transformer",
+            "deepspeed.zero_optimization.stage=3",
+            "deepspeed.zero_optimization.overlap_comm=true",
+            "eval.max_samples=null",
+            "optim.betas=[0.9,0.95]",
+            "seed=7",
+        ],
+    )
     assert config.optim.lr == 3e-4 and config.model.mixer == "transformer" and config.seed == 7
     assert config.deepspeed["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert config.eval.max_samples is None and config.optim.betas == [0.9, 0.95]
 
 
 def test_every_mistake_gets_its_own_message(tmp_path):
-    path = write(tmp_path, {
-        "precision": "fp8",
-        "model": {"preset": "tiny", "hidden_sise": 64},
-        "data": {"path": None, "mask_prob": 1.5},
-        "optim": {"lr": -1, "decay": "step", "total_steps": 10, "total_tokens": 100, "warmup_steps": 0},
-        "batch": {"global_batch_size": 10, "micro_batch_size": 4},
-        "deepspeed": {"train_batch_size": 8, "bf16": {"enabled": True}, "zero_optimization": {"stage": 4}},
-        "logging": {"wandb": {"mode": "sometimes"}},
-        "checkpoints": {},
-    })
+    path = write(
+        tmp_path,
+        {
+            "precision": "fp8",
+            "model": {"preset": "tiny", "hidden_sise": 64},
+            "data": {"path": None, "mask_prob": 1.5},
+            "optim": {"lr": -1, "decay": "step", "total_steps": 10, "total_tokens": 100, "warmup_steps": 0},
+            "batch": {"global_batch_size": 10, "micro_batch_size": 4},
+            "deepspeed": {"train_batch_size": 8, "bf16": {"enabled": True}, "zero_optimization": {"stage": 4}},
+            "logging": {"wandb": {"mode": "sometimes"}},
+            "checkpoints": {},
+        },
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     problems = caught.value.problems
-    expected = ["checkpoints: unknown key", "precision: must be one of", "model.hidden_sise: unknown key",
-                "data.path: required", "data.mask_prob", "optim.lr", "optim.decay",
-                "optim.total_steps: give exactly one of optim.total_steps and optim.total_tokens",
-                "batch.global_batch_size (10) must be a multiple of batch.micro_batch_size (4)",
-                "deepspeed.train_batch_size: derived by this config; set batch.global_batch_size",
-                "deepspeed.bf16.enabled: derived", "deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3",
-                "logging.wandb.mode"]
+    expected = [
+        "checkpoints: unknown key",
+        "precision: must be one of",
+        "model.hidden_sise: unknown key",
+        "data.path: required",
+        "data.mask_prob",
+        "optim.lr",
+        "optim.decay",
+        "optim.total_steps: give exactly one of optim.total_steps and optim.total_tokens",
+        "batch.global_batch_size (10) must be a multiple of batch.micro_batch_size (4)",
+        "deepspeed.train_batch_size: derived by this config; set batch.global_batch_size",
+        "deepspeed.bf16.enabled: derived",
+        "deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3",
+        "logging.wandb.mode",
+    ]
     for fragment in expected:
         assert sum(fragment in p for p in problems) == 1, (fragment, problems)
     assert len(problems) == len(expected)
@@ -89,8 +127,10 @@ def test_every_mistake_gets_its_own_message(tmp_path):
 
 def test_an_unknown_key_does_not_hide_a_mistake_in_its_namesake(tmp_path):
     with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path, {"data": {"path": "x"}, "optim": {"total_steps": 10, "warmup_steps": 1}}),
-                    ["optim.lrr=1", "optim.lr=-1"])
+        load_config(
+            write(tmp_path, {"data": {"path": "x"}, "optim": {"total_steps": 10, "warmup_steps": 1}}),
+            ["optim.lrr=1", "optim.lr=-1"],
+        )
     problems = caught.value.problems
     assert sorted(p.split(":")[0] for p in problems) == ["optim.lr", "optim.lrr"], problems
     assert "optim.lr: must be > 0, got -1 (--set optim.lr=-1)" in problems  # key, value, bound and the flag
@@ -98,8 +138,10 @@ def test_an_unknown_key_does_not_hide_a_mistake_in_its_namesake(tmp_path):
 
 
 def test_wrong_types_are_named(tmp_path):
-    path = write(tmp_path, {"data": {"path": "x", "num_workers": "2"}, "optim": {"total_steps": 1.5},
-                            "train": {"compile": "yes"}})
+    path = write(
+        tmp_path,
+        {"data": {"path": "x", "num_workers": "2"}, "optim": {"total_steps": 1.5}, "train": {"compile": "yes"}},
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [  # the key, what was expected, the value and the file, in one line
@@ -110,8 +152,16 @@ def test_wrong_types_are_named(tmp_path):
 
 
 def test_resolve_checks_against_data_and_world_size(shards):
-    config = load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=24", "batch.micro_batch_size=4",
-                                  "model.vocab_size=10", "model.max_seq_len=8"])
+    config = load_config(
+        "tiny",
+        [
+            f"data.path={shards}",
+            "batch.global_batch_size=24",
+            "batch.micro_batch_size=4",
+            "model.vocab_size=10",
+            "model.max_seq_len=8",
+        ],
+    )
     with pytest.raises(ConfigError) as caught:
         resolve(config, world_size=4)
     text = "\n".join(caught.value.problems)
@@ -121,14 +171,29 @@ def test_resolve_checks_against_data_and_world_size(shards):
     with pytest.raises(ConfigError, match="no such|manifest not found"):
         resolve(load_config("tiny", ["data.path=/nonexistent/shards"]), world_size=1)
     with pytest.raises(ConfigError, match="fewer than one micro-batch"):
-        resolve(load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=2048",
-                                     "batch.micro_batch_size=1024"]), world_size=2)
+        resolve(
+            load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=2048", "batch.micro_batch_size=1024"]),
+            world_size=2,
+        )
     with pytest.raises(ConfigError) as caught:
-        resolve(load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=48", "batch.micro_batch_size=16",
-                                     "data.num_workers=2"]),
-                world_size=3)
-    assert caught.value.problems == [("data.streams (16) must be a multiple of world size x loader workers "
-                                      "(3 x 2 = 6); set data.num_workers or data.streams (at the run's start)")]
+        resolve(
+            load_config(
+                "tiny",
+                [
+                    f"data.path={shards}",
+                    "batch.global_batch_size=48",
+                    "batch.micro_batch_size=16",
+                    "data.num_workers=2",
+                ],
+            ),
+            world_size=3,
+        )
+    assert caught.value.problems == [
+        (
+            "data.streams (16) must be a multiple of world size x loader workers "
+            "(3 x 2 = 6); set data.num_workers or data.streams (at the run's start)"
+        )
+    ]
 
 
 def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
@@ -149,10 +214,12 @@ def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
         check_resume(changed, state, shards)
     assert caught.value.problems == [
         f"cannot resume from {shards}: data.streams: 16 in the checkpoint, 8 now",
-        f"cannot resume from {shards}: precision: \"fp32\" in the checkpoint, \"bf16\" now",
+        f'cannot resume from {shards}: precision: "fp32" in the checkpoint, "bf16" now',
         f"cannot resume from {shards}: seed: 0 in the checkpoint, 1 now",
-        ("(model, data, batch, seed, precision and ZeRO stage must match; start a new run in another output_dir "
-         "to change them)"),
+        (
+            "(model, data, batch, seed, precision and ZeRO stage must match; start a new run in another output_dir "
+            "to change them)"
+        ),
     ]
     old = {**state["fingerprint"], "world_size": 2, "data": {**state["fingerprint"]["data"], "num_workers": 2}}
     del old["data"]["streams"]  # a checkpoint of the per-world-size order
@@ -161,14 +228,28 @@ def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
 
 
 def test_resolve_derives_accumulation_steps_and_deepspeed_config(shards):
-    config = load_config("tiny", [f"data.path={shards}", "batch.global_batch_size=64", "batch.micro_batch_size=8",
-                                  "optim.total_steps=null", "optim.total_tokens=100000", "optim.warmup_steps=10",
-                                  "deepspeed.zero_optimization.stage=3", "deepspeed.fp16.initial_scale_power=8"])
+    config = load_config(
+        "tiny",
+        [
+            f"data.path={shards}",
+            "batch.global_batch_size=64",
+            "batch.micro_batch_size=8",
+            "optim.total_steps=null",
+            "optim.total_tokens=100000",
+            "optim.warmup_steps=10",
+            "deepspeed.zero_optimization.stage=3",
+            "deepspeed.fp16.initial_scale_power=8",
+        ],
+    )
     resolved = resolve(config, world_size=2)
     assert resolved.grad_accum == 4
     assert resolved.total_steps == -(-100000 // (64 * 16))  # ceil(tokens / tokens per step)
     ds = resolved.deepspeed
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        4,
+    )
     assert ds["zero_optimization"] == {"stage": 3}
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["fp16"]["enabled"] is False and ds["fp16"]["initial_scale_power"] == 8

@@ -14,8 +14,17 @@ from data_pipeline.build import build
 from data_pipeline.config import BuildConfig
 from data_pipeline.shards import read_manifest
 from hypermixer import IGNORE_INDEX
-from pretrain.data import (Cursor, Layout, Masking, TrainBatches, global_order, shards_of, stream_pieces,
-                           validation_batches, validation_samples)
+from pretrain.data import (
+    Cursor,
+    Layout,
+    Masking,
+    TrainBatches,
+    global_order,
+    shards_of,
+    stream_pieces,
+    validation_batches,
+    validation_samples,
+)
 
 NOUNS = "cat dog bird fish horse cow sheep mouse lion tiger bear wolf fox deer".split()
 VERBS = "sees chases likes follows finds watches hears feeds".split()
@@ -29,7 +38,15 @@ def corpus(lines: int, seed: int = 0) -> str:
     for _ in range(lines):
         words = []
         for _ in range(rng.randint(1, 4)):
-            words += ["the", rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(VERBS), "the", rng.choice(NOUNS), "."]
+            words += [
+                "the",
+                rng.choice(ADJECTIVES),
+                rng.choice(NOUNS),
+                rng.choice(VERBS),
+                "the",
+                rng.choice(NOUNS),
+                ".",
+            ]
         out.append(" ".join(words))
     return "\n".join(out) + "\n"
 
@@ -38,9 +55,19 @@ def corpus(lines: int, seed: int = 0) -> str:
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     (root / "corpus.txt").write_text(corpus(1500))
-    path = build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=100,
-                             seq_len=16, shard_mb=0.006, block_sequences=16, validation_fraction=0.1), workers=1,
-                 progress=False)
+    path = build(
+        BuildConfig(
+            inputs=[str(root / "corpus.txt")],
+            out_dir=str(root / "out"),
+            vocab_size=100,
+            seq_len=16,
+            shard_mb=0.006,
+            block_sequences=16,
+            validation_fraction=0.1,
+        ),
+        workers=1,
+        progress=False,
+    )
     return read_manifest(path)
 
 
@@ -69,12 +96,30 @@ def test_streams_are_disjoint_balanced_and_cover_the_epoch(manifest, streams):
         assert len(seen) == total - total % streams  # only the remainder is left out
 
 
-def served(manifest, masking, world_size: int, workers: int, micro_batches: int, cursor: Cursor | None = None,
-           streams: int = 16) -> list[dict[str, torch.Tensor]]:
+def served(
+    manifest,
+    masking,
+    world_size: int,
+    workers: int,
+    micro_batches: int,
+    cursor: Cursor | None = None,
+    streams: int = 16,
+) -> list[dict[str, torch.Tensor]]:
     """What `world_size` ranks with `workers` loader workers each train on, as global micro-batches in order
     (micro-step i of rank r is global micro-batch i x world_size + r), each with its `sample_ids`."""
-    ranks = [TrainBatches(manifest, Layout(rank, world_size, workers, 4, streams), masking, seed=5, shuffle=True,
-                          shuffle_shards=2, cursor=cursor, record_ids=True) for rank in range(world_size)]
+    ranks = [
+        TrainBatches(
+            manifest,
+            Layout(rank, world_size, workers, 4, streams),
+            masking,
+            seed=5,
+            shuffle=True,
+            shuffle_shards=2,
+            cursor=cursor,
+            record_ids=True,
+        )
+        for rank in range(world_size)
+    ]
     out = []
     for _ in range(micro_batches // world_size):
         for batches in ranks:
@@ -136,8 +181,11 @@ def test_too_few_samples_is_an_error_not_a_hang(manifest, masking):
 
 
 def test_a_layout_that_does_not_divide_the_streams_is_refused(manifest, masking):
-    with pytest.raises(ValueError, match=r"^data.streams \(16\) must be a multiple of world size x loader workers "
-                                         r"\(3 x 2 = 6\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^data.streams \(16\) must be a multiple of world size x loader workers "
+        r"\(3 x 2 = 6\)$",
+    ):
         TrainBatches(manifest, Layout(0, 3, 2, micro_batch_size=4), masking, 0, True, 1)
 
 
@@ -155,7 +203,7 @@ def test_resume_on_any_layout_continues_the_same_global_stream(manifest, masking
         for world_size, workers in ((2, 2), (4, 1), (1, 2)):
             cursor = Cursor(*divmod(consumed, per_epoch))
             resumed = served(manifest, masking, world_size, workers, 8, cursor)
-            for got, want in zip(resumed, expected[consumed:consumed + 8]):
+            for got, want in zip(resumed, expected[consumed : consumed + 8]):
                 assert all(torch.equal(got[k], want[k]) for k in want), f"resume at {consumed} on {world_size} differs"
 
 
@@ -163,11 +211,15 @@ def test_format_1_shards_give_the_same_batches_as_format_2(manifest, masking, tm
     """The same build as format 1 (one tar member per sequence) trains on exactly the same batches; the
     streams' pieces start inside blocks (format 2 seeks to them) as well as at block starts."""
     from data_pipeline.testing import write_format1_copy
+
     old = read_manifest(write_format1_copy(manifest["_root"], tmp_path / "format1"))
     assert (manifest["format_version"], old["format_version"]) == (2, 1)
     layout = Layout(1, 2, 0, micro_batch_size=4)
-    starts = {p.start % manifest["block_sequences"] for stream in range(layout.streams)
-              for p in stream_pieces(shards_of(manifest, "train"), layout, stream, seed=5, epoch=0, shuffle=True)}
+    starts = {
+        p.start % manifest["block_sequences"]
+        for stream in range(layout.streams)
+        for p in stream_pieces(shards_of(manifest, "train"), layout, stream, seed=5, epoch=0, shuffle=True)
+    }
     assert 0 in starts and len(starts) > 1
     a = TrainBatches(manifest, layout, masking, seed=5, shuffle=True, shuffle_shards=2)
     b = TrainBatches(old, layout, masking, seed=5, shuffle=True, shuffle_shards=2)
@@ -178,8 +230,9 @@ def test_format_1_shards_give_the_same_batches_as_format_2(manifest, masking, tm
 def test_epochs_differ_in_order_and_masks(manifest, masking):
     batches = TrainBatches(manifest, Layout(0, 1, 0, 8), masking, seed=1, shuffle=True, shuffle_shards=2)
     first = take(batches, batches.batches_per_epoch + 1)
-    again = TrainBatches(manifest, Layout(0, 1, 0, 8), masking, seed=1, shuffle=True, shuffle_shards=2,
-                         cursor=Cursor(1, 0))
+    again = TrainBatches(
+        manifest, Layout(0, 1, 0, 8), masking, seed=1, shuffle=True, shuffle_shards=2, cursor=Cursor(1, 0)
+    )
     second_epoch = next(again)
     again.close()
     assert torch.equal(second_epoch["input_ids"], first[-1]["input_ids"])
@@ -217,14 +270,18 @@ def test_batches_carry_attention_mask_and_labels(manifest, masking):
 
 def test_validation_is_fixed_and_split_evenly_over_ranks(manifest, masking):
     def rows(rank, world, max_samples=None):
-        return torch.cat([b["input_ids"] for b in validation_batches(manifest, "validation", masking, 0, rank, world,
-                                                                     5, max_samples)])
+        return torch.cat(
+            [
+                b["input_ids"]
+                for b in validation_batches(manifest, "validation", masking, 0, rank, world, 5, max_samples)
+            ]
+        )
 
     whole = rows(0, 1)
     assert torch.equal(whole, rows(0, 1))  # the same sequences and masks at every evaluation
     halves = [rows(r, 2) for r in range(2)]
     assert len(halves[0]) == len(halves[1]) == validation_samples(manifest, "validation", 2, None)
-    assert torch.equal(torch.cat(halves), whole[:2 * len(halves[0])])  # masks do not depend on the world size
+    assert torch.equal(torch.cat(halves), whole[: 2 * len(halves[0])])  # masks do not depend on the world size
     assert len(rows(0, 1, max_samples=7)) == 7
 
 
@@ -235,18 +292,27 @@ def test_the_sample_audit_counts_repeats_and_misses(manifest, tmp_path):
     from pretrain.sample_audit import count
     from pretrain.trainer import SAMPLE_IDS_FILE
 
-    config = load_config("tiny", [f"data.path={manifest['_root']}", "batch.global_batch_size=16",
-                                  "batch.micro_batch_size=4", "seed=5"])
+    config = load_config(
+        "tiny", [f"data.path={manifest['_root']}", "batch.global_batch_size=16", "batch.micro_batch_size=4", "seed=5"]
+    )
     order = global_order(shards_of(manifest, "train"), Layout(0, 1, 0, 4, 16), 5, 0, True, 2)
-    steps = [[row for mb in order[i:i + 4] for row in mb] for i in range(0, len(order), 4)]
+    steps = [[row for mb in order[i : i + 4] for row in mb] for i in range(0, len(order), 4)]
 
     def log(step_rows):
-        (tmp_path / SAMPLE_IDS_FILE).write_text("".join(
-            json.dumps({"step": i + 1, "world_size": 2, "samples": rows}) + "\n" for i, rows in enumerate(step_rows)))
+        (tmp_path / SAMPLE_IDS_FILE).write_text(
+            "".join(
+                json.dumps({"step": i + 1, "world_size": 2, "samples": rows}) + "\n" for i, rows in enumerate(step_rows)
+            )
+        )
         return count(tmp_path, config)
 
     whole = log(steps)
     assert (whole.epoch_sequences, whole.repeated, whole.missing, whole.in_order, whole.ok) == (
-        len(order) * 4, 0, 0, True, True)
+        len(order) * 4,
+        0,
+        0,
+        True,
+        True,
+    )
     repeated = log([steps[0], steps[0], *steps[2:]])  # step 2 trained on step 1's sequences again
     assert (repeated.repeated, repeated.missing, repeated.in_order, repeated.ok) == (16, 16, False, False)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from test_pretrain_data import corpus
 
 from data_pipeline.build import build
 from data_pipeline.config import BuildConfig
 from data_pipeline.errors import DataPipelineError
 from data_pipeline.shards import read_manifest
 from pretrain.data import Layout, Masking, TrainBatches
-from test_pretrain_data import corpus
 
 HEADER = 512  # a tar member's header; the member's data (a .npy block) follows it
 
@@ -22,9 +22,19 @@ HEADER = 512  # a tar member's header; the member's data (a .npy block) follows 
 def clean(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     (root / "corpus.txt").write_text(corpus(600))
-    return build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=100,
-                             seq_len=16, shard_mb=0.004, block_sequences=8, validation_fraction=0.1), workers=1,
-                 progress=False).parent
+    return build(
+        BuildConfig(
+            inputs=[str(root / "corpus.txt")],
+            out_dir=str(root / "out"),
+            vocab_size=100,
+            seq_len=16,
+            shard_mb=0.004,
+            block_sequences=8,
+            validation_fraction=0.1,
+        ),
+        workers=1,
+        progress=False,
+    ).parent
 
 
 def corrupted(clean, tmp_path, flip) -> tuple[dict, str]:
@@ -35,7 +45,7 @@ def corrupted(clean, tmp_path, flip) -> tuple[dict, str]:
     data = bytearray(shard.read_bytes())
     # the shard's first member is a block of 8 sequences: tar header, .npy header (magic, version, its length,
     # the dict), then 8 x 16 uint16 ids; the ids of the 4th sample (index 3) start 3 x 32 bytes in
-    npy_header = 10 + int.from_bytes(data[HEADER + 8:HEADER + 10], "little")
+    npy_header = 10 + int.from_bytes(data[HEADER + 8 : HEADER + 10], "little")
     start = HEADER + npy_header + 3 * 16 * 2
     flip(data, start)
     shard.write_bytes(bytes(data))

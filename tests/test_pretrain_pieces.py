@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from common.optim import lr_factor, param_groups
 from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token
 from pretrain import checkpoint as ckpt
 from pretrain.metrics import MetricsLog, default_peak_tflops, progress_line, read_metrics, throughput
-from common.optim import lr_factor, param_groups
 from pretrain.trainer import rank_seed
 
 
@@ -52,8 +52,9 @@ def test_checkpoint_loads_never_unpickle_code_even_where_deepspeed_asks_for_weig
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     plain = tmp_path / "plain.pt"
-    scaler = DynamicLossScaler(init_scale=2.0**8, scale_window=1000, min_scale=1, delayed_shift=2,
-                               consecutive_hysteresis=False)
+    scaler = DynamicLossScaler(
+        init_scale=2.0**8, scale_window=1000, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+    )
     torch.save({"loss_scaler": scaler, "zero_stage": ZeroStageEnum(3)}, plain)
     with ckpt.weights_only_loads(plain):
         loaded = deepspeed_load(str(plain))
@@ -73,8 +74,11 @@ def test_lr_schedule_warms_up_then_decays():
 
 @pytest.mark.parametrize("mixer", ["hypermixer", "transformer"])
 def test_weight_decay_skips_biases_and_norms_only(mixer):
-    model = ForMaskedLM(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                                      max_seq_len=8, mixer=mixer))
+    model = ForMaskedLM(
+        EncoderConfig(
+            vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_seq_len=8, mixer=mixer
+        )
+    )
     decay, no_decay = param_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
@@ -137,8 +141,14 @@ def test_stop_signals_set_a_flag_and_restore_handlers():
 def test_throughput_and_mfu_arithmetic():
     config = EncoderConfig.preset("base", vocab_size=30522)
     fpt = flops_per_token(config, 128, mlm_fraction=0.15)
-    speed = throughput(tokens=2 * 1_000_000, samples=2 * 1_000_000 // 128, seconds=2.0, world_size=8,
-                       flops_per_token=fpt, peak_tflops=989.0)
+    speed = throughput(
+        tokens=2 * 1_000_000,
+        samples=2 * 1_000_000 // 128,
+        seconds=2.0,
+        world_size=8,
+        flops_per_token=fpt,
+        peak_tflops=989.0,
+    )
     assert speed["tokens_per_s"] == 1_000_000 and speed["samples_per_s"] == pytest.approx(1_000_000 / 128, rel=1e-3)
     assert speed["tflops_per_device"] == pytest.approx(1_000_000 * fpt / 8 / 1e12)
     assert speed["mfu"] == pytest.approx(speed["tflops_per_device"] / 989.0)
@@ -150,16 +160,35 @@ def test_throughput_and_mfu_arithmetic():
 
 def test_metrics_log_cuts_history_back_to_the_resumed_step(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in range(1, 7))
-                    + '{"kind": "train", "st')  # a torn line from a killed writer
+    path.write_text(
+        "".join(json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in range(1, 7))
+        + '{"kind": "train", "st'
+    )  # a torn line from a killed writer
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     log = MetricsLog(tmp_path, "run", SimpleNamespace(mode="disabled"), {}, "abc", resumed_step=4, total_steps=10)
-    record = {"kind": "train", "step": 5, "loss": 2.0, "accuracy": 0.5, "lr": 1e-3, "grad_norm": 1.0,
-              "tokens_per_s": 1000.0, "samples_per_s": 10.0, "tflops_per_device": 0.1, "mfu": None,
-              "memory_gib": 1.0, "eta_s": 30.0}
+    record = {
+        "kind": "train",
+        "step": 5,
+        "loss": 2.0,
+        "accuracy": 0.5,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_s": 1000.0,
+        "samples_per_s": 10.0,
+        "tflops_per_device": 0.1,
+        "mfu": None,
+        "memory_gib": 1.0,
+        "eta_s": 30.0,
+    }
     log.log(record)
     log.close()
-    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 2.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
+        (1, 1.0),
+        (2, 1.0),
+        (3, 1.0),
+        (4, 1.0),
+        (5, 2.0),
+    ]
     assert "step  5/10 | loss 2.0000 | acc 0.5000" in capsys.readouterr().out
     fresh = MetricsLog(tmp_path, "run", SimpleNamespace(mode="disabled"), {}, "abc", resumed_step=None, total_steps=10)
     fresh.close()
@@ -167,9 +196,20 @@ def test_metrics_log_cuts_history_back_to_the_resumed_step(tmp_path, capsys):
 
 
 def test_progress_line_shows_mfu_only_when_known():
-    record = {"kind": "train", "step": 3, "loss": 1.0, "accuracy": 0.1, "lr": 1e-4, "grad_norm": None,
-              "tokens_per_s": 5e4, "samples_per_s": 10.0, "tflops_per_device": 300.0, "mfu": 0.3,
-              "memory_gib": 2.0, "eta_s": 61.0}
+    record = {
+        "kind": "train",
+        "step": 3,
+        "loss": 1.0,
+        "accuracy": 0.1,
+        "lr": 1e-4,
+        "grad_norm": None,
+        "tokens_per_s": 5e4,
+        "samples_per_s": 10.0,
+        "tflops_per_device": 300.0,
+        "mfu": 0.3,
+        "memory_gib": 2.0,
+        "eta_s": 61.0,
+    }
     line = progress_line(record, 100)
     assert "MFU 30.0%" in line and "gnorm" not in line and "eta 01:01" in line
     assert "MFU" not in progress_line({**record, "mfu": None}, 100)

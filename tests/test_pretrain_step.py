@@ -22,8 +22,16 @@ HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 
 def _model() -> ForMaskedLM:
     torch.manual_seed(0)
-    config = EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                           max_seq_len=SEQ, dropout=0.0, attention_dropout=0.0)
+    config = EncoderConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_seq_len=SEQ,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = ForMaskedLM(config)
     model.max_predictions = max_predictions_per_seq(SEQ, 0.15)
     return model
@@ -35,26 +43,32 @@ def _sequences() -> list[dict[str, torch.Tensor]]:
     ids = torch.randint(5, VOCAB, (SEQUENCES, SEQ), generator=g)
     labels = torch.full_like(ids, -100)
     for row in range(SEQUENCES):
-        picked = torch.randperm(SEQ, generator=g)[:1 + (row * 5) % 8]
+        picked = torch.randperm(SEQ, generator=g)[: 1 + (row * 5) % 8]
         labels[row, picked] = ids[row, picked]
-    return [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
-            for i in range(SEQUENCES)]
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]} for i in range(SEQUENCES)
+    ]
 
 
 def _micro_batches(rows: list[dict[str, torch.Tensor]], micro: int):
     for start in range(0, len(rows), micro):
-        yield {k: torch.stack([r[k] for r in rows[start:start + micro]]) for k in rows[0]}
+        yield {k: torch.stack([r[k] for r in rows[start : start + micro]]) for k in rows[0]}
 
 
 def _engine(model: torch.nn.Module, micro: int, grad_accum: int, world: int, stage: int):
     import deepspeed
 
-    config = {"train_batch_size": micro * grad_accum * world, "train_micro_batch_size_per_gpu": micro,
-              "gradient_accumulation_steps": grad_accum, "gradient_clipping": 0.0,
-              # eps 1 makes the first AdamW update about lr * gradient, linear in it: with a small eps a
-              # gradient element near zero flips its update between -lr and +lr on rounding alone.
-              "optimizer": {"type": "AdamW", "params": {"lr": 1.0, "eps": 1.0, "torch_adam": True}},
-              "zero_optimization": {"stage": stage}, "steps_per_print": 2**62}
+    config = {
+        "train_batch_size": micro * grad_accum * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 0.0,
+        # eps 1 makes the first AdamW update about lr * gradient, linear in it: with a small eps a
+        # gradient element near zero flips its update between -lr and +lr on rounding alone.
+        "optimizer": {"type": "AdamW", "params": {"lr": 1.0, "eps": 1.0, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 2**62,
+    }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=config)
     return engine
 
@@ -66,8 +80,14 @@ def _process_group(rank: int = 0, world: int = 1, port: int | None = None):
     if world == 1 and dist.is_initialized():
         yield
         return
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port or free_port()),
+    )
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -79,9 +99,19 @@ def _one_step(rank: int, world: int, micro: int, grad_accum: int, stage: int) ->
     engine = _engine(model, micro, grad_accum, world, stage)
     rows = _sequences()
     share = len(rows) // world  # each rank takes a contiguous share, cut into its micro-batches
-    batches = _micro_batches(rows[rank * share:(rank + 1) * share], micro)
-    train_step(engine, batches, torch.device("cpu"), NonFiniteGuard(3), lambda: False, grad_accum, stage == 0,
-               rank, world, model.max_predictions)
+    batches = _micro_batches(rows[rank * share : (rank + 1) * share], micro)
+    train_step(
+        engine,
+        batches,
+        torch.device("cpu"),
+        NonFiniteGuard(3),
+        lambda: False,
+        grad_accum,
+        stage == 0,
+        rank,
+        world,
+        model.max_predictions,
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -126,12 +156,33 @@ def test_host_reads_per_step_do_not_grow_with_micro_batches(stage):
         rows = _sequences() * 2
         batches = _micro_batches(rows, 2)
         guard = NonFiniteGuard(3)
-        train_step(engine, batches, torch.device("cpu"), guard, lambda: False, grad_accum, stage == 0, 0, 1,
-                   model.max_predictions)  # warm-up: DeepSpeed's first step sets itself up
+        train_step(
+            engine,
+            batches,
+            torch.device("cpu"),
+            guard,
+            lambda: False,
+            grad_accum,
+            stage == 0,
+            0,
+            1,
+            model.max_predictions,
+        )  # warm-up: DeepSpeed's first step sets itself up
         with _CountHostReads() as counter:
             for _ in range(steps):
-                train_step(engine, batches, torch.device("cpu"), guard, lambda: False, grad_accum, stage == 0, 0,
-                           1, model.max_predictions, want_norm=False)
+                train_step(
+                    engine,
+                    batches,
+                    torch.device("cpu"),
+                    guard,
+                    lambda: False,
+                    grad_accum,
+                    stage == 0,
+                    0,
+                    1,
+                    model.max_predictions,
+                    want_norm=False,
+                )
         return counter.reads
 
     with _process_group():
@@ -162,8 +213,18 @@ def test_a_non_finite_step_is_dropped_whole_and_redone(stage, capsys):
             yield from stream
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        result = train_step(engine, restore_after_first_attempt(), torch.device("cpu"), NonFiniteGuard(limit=3),
-                            lambda: False, 2, stage == 0, 0, 1, model.max_predictions)
+        result = train_step(
+            engine,
+            restore_after_first_attempt(),
+            torch.device("cpu"),
+            NonFiniteGuard(limit=3),
+            lambda: False,
+            2,
+            stage == 0,
+            0,
+            1,
+            model.max_predictions,
+        )
         assert result.dropped == 2 and "non-finite loss on some rank" in capsys.readouterr().err
         assert engine.global_steps == 1 and engine.micro_steps == 2 and engine.skipped_steps == 0
         assert torch.isfinite(torch.as_tensor(result.grad_norm)).all()
@@ -172,5 +233,15 @@ def test_a_non_finite_step_is_dropped_whole_and_redone(stage, capsys):
         assert not torch.equal(before["transform.weight"], model.state_dict()["transform.weight"])
         embedding.data[:] = float("nan")
         with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
-            train_step(engine, _micro_batches(rows * 4, 2), torch.device("cpu"), NonFiniteGuard(limit=3),
-                       lambda: False, 2, stage == 0, 0, 1, model.max_predictions)
+            train_step(
+                engine,
+                _micro_batches(rows * 4, 2),
+                torch.device("cpu"),
+                NonFiniteGuard(limit=3),
+                lambda: False,
+                2,
+                stage == 0,
+                0,
+                1,
+                model.max_predictions,
+            )

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
-from pretrain.watchdog import EXIT_STALLED, Watchdog, group_timeouts, set_default_group_timeout
+from pretrain.watchdog import EXIT_STALLED, Watchdog
 
 
 def test_a_silent_rank_is_named_with_its_last_step_and_the_live_one_exits():
@@ -25,8 +22,9 @@ def test_a_silent_rank_is_named_with_its_last_step_and_the_live_one_exits():
     frozen.start(0)
     frozen.progress(7)
     frozen.stop()  # from now on rank 1 publishes nothing, as a SIGSTOPped process would
-    live = Watchdog(store, 0, 2, timeout_s=1.0, interval_s=0.1, on_stall=lines.append,
-                    exit=lambda code: exits.append((0, code)))
+    live = Watchdog(
+        store, 0, 2, timeout_s=1.0, interval_s=0.1, on_stall=lines.append, exit=lambda code: exits.append((0, code))
+    )
     live.start(7)
     deadline = time.monotonic() + 10
     while not exits and time.monotonic() < deadline:

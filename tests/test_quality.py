@@ -12,19 +12,26 @@ import pytest
 
 pytest.importorskip("transformers", reason="the `hf` extra (pip install -e '.[hf]') is not installed")
 
-from bench.quality import DEFAULT_GLUE, DEFAULT_HELDOUT  # noqa: E402
+from bench.quality import DEFAULT_GLUE, DEFAULT_HELDOUT
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_shared = pytest.mark.skipif(not (DEFAULT_HELDOUT.is_file() and (DEFAULT_GLUE / "MRPC").is_dir()),
-                                  reason="WikiText-2 test.txt and GLUE MRPC from ../shared not found")
+needs_shared = pytest.mark.skipif(
+    not (DEFAULT_HELDOUT.is_file() and (DEFAULT_GLUE / "MRPC").is_dir()),
+    reason="WikiText-2 test.txt and GLUE MRPC from ../shared not found",
+)
 
 
 @pytest.mark.slow
 @needs_shared
 def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     out = tmp_path / "quality"
-    result = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.quality", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     curves = report["pretraining"]
@@ -93,12 +100,27 @@ def test_the_reference_gets_exactly_our_inputs_masks_and_labels(tmp_path):
     from data_pipeline.config import BuildConfig
 
     text = " ".join(f"word{i % 37} tok{i % 11} the a ." for i in range(4000))
-    (tmp_path / "corpus.txt").write_text("\n".join(text[i:i + 300] for i in range(0, len(text), 300)))
-    build(BuildConfig(inputs=[str(tmp_path / "corpus.txt")], out_dir=str(tmp_path / "data"), vocab_size=90,
-                      seq_len=32, validation_fraction=0.2, shard_mb=0.01), workers=1, progress=False)
+    (tmp_path / "corpus.txt").write_text("\n".join(text[i : i + 300] for i in range(0, len(text), 300)))
+    build(
+        BuildConfig(
+            inputs=[str(tmp_path / "corpus.txt")],
+            out_dir=str(tmp_path / "data"),
+            vocab_size=90,
+            seq_len=32,
+            validation_fraction=0.2,
+            shard_mb=0.01,
+        ),
+        workers=1,
+        progress=False,
+    )
 
-    result = subprocess.run([sys.executable, "-c", _RECORD, str(tmp_path / "data"), str(tmp_path / "runs")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _RECORD, str(tmp_path / "data"), str(tmp_path / "runs")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     streams = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(streams["ours"]) == 4 * 2 + 2 * 2  # 4 steps x 2 micro-batches + 2 evaluations x 2 batches
@@ -115,7 +137,10 @@ def _bench(args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
 def test_missing_inputs_name_the_path_and_the_flag(tmp_path):
     result = _bench(["--quick", "--heldout", str(tmp_path / "nope.txt")])
     assert result.returncode == 2
-    assert result.stderr.strip() == f"bench.quality: held-out file {tmp_path / 'nope.txt'} not found (set it with --heldout)"
+    assert (
+        result.stderr.strip()
+        == f"bench.quality: held-out file {tmp_path / 'nope.txt'} not found (set it with --heldout)"
+    )
     result = _bench(["--quick", "--corpus", str(tmp_path / "none.txt")])
     assert result.returncode == 2 and "--corpus" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -125,4 +150,5 @@ def test_without_transformers_the_reference_asks_for_the_extra():
     result = _bench(["--quick", "--models", "bert-hf"], prelude="import sys; sys.modules['transformers'] = None; ")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "bench.quality: Hugging Face transformers is not installed (the reference model): pip install -e '.[hf]'"]
+        "bench.quality: Hugging Face transformers is not installed (the reference model): pip install -e '.[hf]'"
+    ]

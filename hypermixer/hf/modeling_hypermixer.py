@@ -81,8 +81,11 @@ class HyperMixerPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         missing = missing_tokenizer_files(pretrained_model_name_or_path)
         if missing:
-            logger.warning("%s: no %s, so AutoTokenizer and pipeline() cannot read a tokenizer from this folder",
-                           pretrained_model_name_or_path, missing[0])
+            logger.warning(
+                "%s: no %s, so AutoTokenizer and pipeline() cannot read a tokenizer from this folder",
+                pretrained_model_name_or_path,
+                missing[0],
+            )
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -217,4 +220,9 @@ class HyperMixerForSequenceClassification(HyperMixerPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
-__all__ = ["HyperMixerPreTrainedModel", "HyperMixerModel", "HyperMixerForMaskedLM", "HyperMixerForSequenceClassification"]
+__all__ = [
+    "HyperMixerPreTrainedModel",
+    "HyperMixerModel",
+    "HyperMixerForMaskedLM",
+    "HyperMixerForSequenceClassification",
+]

@@ -117,8 +117,11 @@ def write_release_code(directory: str | os.PathLike) -> list[Path]:
 def stale_release_code(directory: str | os.PathLike) -> list[str]:
     """Names of the code files that are missing from `directory` or differ from what this code writes."""
     directory = Path(directory)
-    return [name for name, text in release_code().items()
-            if not (directory / name).is_file() or (directory / name).read_text(encoding="utf-8") != text]
+    return [
+        name
+        for name, text in release_code().items()
+        if not (directory / name).is_file() or (directory / name).read_text(encoding="utf-8") != text
+    ]
 
 
 def _source_path(module: str) -> Path:
@@ -153,16 +156,21 @@ def _flatten(source: str, where: str) -> tuple[str, list[str]]:
     imported = []
     for node in ast.walk(ast.parse(source, filename=where)):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "hypermixer" for a in node.names):
-            raise ValueError(f"{where}:{node.lineno}: write `from hypermixer.x import y`, not `import hypermixer...`, "
-                             "so that the release code can be generated")
+            raise ValueError(
+                f"{where}:{node.lineno}: write `from hypermixer.x import y`, not `import hypermixer...`, "
+                "so that the release code can be generated"
+            )
         if not isinstance(node, ast.ImportFrom):
             continue
         if node.level:
-            raise ValueError(f"{where}:{node.lineno}: relative import; the package uses absolute `from hypermixer.x import y`")
+            raise ValueError(
+                f"{where}:{node.lineno}: relative import; the package uses absolute `from hypermixer.x import y`"
+            )
         module = node.module or ""
         if module == "hypermixer":
-            raise ValueError(f"{where}:{node.lineno}: import from the submodule (`from hypermixer.x import y`), "
-                             "not from the package")
+            raise ValueError(
+                f"{where}:{node.lineno}: import from the submodule (`from hypermixer.x import y`), not from the package"
+            )
         if not module.startswith("hypermixer."):
             continue
         target = release_file_name(module)[: -len(".py")]
@@ -201,7 +209,9 @@ def tokenizer_files(source: str | os.PathLike, model_max_length: int) -> dict[st
     tokenizer_path = source / TOKENIZER_FILE if source.is_dir() else source
     folder = tokenizer_path.parent
     if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"{tokenizer_path}: no such file (a release needs the tokenizer its model was trained with)")
+        raise FileNotFoundError(
+            f"{tokenizer_path}: no such file (a release needs the tokenizer its model was trained with)"
+        )
     text = tokenizer_path.read_text(encoding="utf-8")
     config = _read_json_object(folder / TOKENIZER_CONFIG_FILE)
     special_map = _read_json_object(folder / SPECIAL_TOKENS_MAP_FILE)
@@ -216,9 +226,16 @@ def tokenizer_files(source: str | os.PathLike, model_max_length: int) -> dict[st
             specials[key] = value
     missing = [f"{name}_token" for name in SPECIAL_TOKENS if f"{name}_token" not in specials]
     if missing:
-        raise ValueError(f"{folder / TOKENIZER_CONFIG_FILE}: no {', '.join(missing)} (and tokenizer.json has no "
-                         f"BERT-style special token to take it from)")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **config, **specials, "model_max_length": int(model_max_length)}
+        raise ValueError(
+            f"{folder / TOKENIZER_CONFIG_FILE}: no {', '.join(missing)} (and tokenizer.json has no "
+            f"BERT-style special token to take it from)"
+        )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **config,
+        **specials,
+        "model_max_length": int(model_max_length),
+    }
     return {
         TOKENIZER_FILE: text,
         TOKENIZER_CONFIG_FILE: json.dumps(config, indent=2) + "\n",
@@ -251,5 +268,8 @@ def _special_tokens_in(tokenizer_json: str, path: Path) -> set[str]:
         spec = json.loads(tokenizer_json)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return {str(t["content"]) for t in spec.get("added_tokens") or []
-            if isinstance(t, dict) and t.get("special") and "content" in t}
+    return {
+        str(t["content"])
+        for t in spec.get("added_tokens") or []
+        if isinstance(t, dict) and t.get("special") and "content" in t
+    }

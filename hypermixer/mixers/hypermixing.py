@@ -160,7 +160,9 @@ class _HyperMixingFunction(torch.autograd.Function):
             grad_mixed = token_sum(w2, grad_out)  # W2ᵀ·dOut, a sum over the M tokens: fp32 like the forward's
             del w2
             # W2's gradient comes from the output's, so it needs the query mask.
-            grad_w2 = _masked(torch.matmul(grad_out, F.gelu(token_mix).to(grad_out.dtype).transpose(-1, -2)), query_keep)
+            grad_w2 = _masked(
+                torch.matmul(grad_out, F.gelu(token_mix).to(grad_out.dtype).transpose(-1, -2)), query_keep
+            )
             del grad_out
             grad_queries: torch.Tensor | None = None
             grads2: list[torch.Tensor] = []
@@ -223,7 +225,9 @@ class HyperMixing(nn.Module):
         if self.position == "learned":
             self.position_table = nn.Parameter(torch.zeros(config.max_seq_len, config.hidden_size))
             nn.init.normal_(self.position_table, std=config.initializer_range)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.hypermixer_layer_norm else None
+        self.norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.hypermixer_layer_norm else None
+        )
 
     def _positions(self, length: int, x: torch.Tensor) -> torch.Tensor | None:
         """P for X + P: (length, d), or None for hypermixer_position='none'."""
@@ -247,7 +251,9 @@ class HyperMixing(nn.Module):
     ) -> torch.Tensor:
         """x: (B, N, d) keys/values; mask: (B, N), True/1 at real tokens. Returns (B, M, d), M = N unless `query`."""
         if query is not None and self.tied:
-            raise ValueError("HyperMixing: a tied module generates W1 and W2 from the same tokens; it cannot take a separate query")
+            raise ValueError(
+                "HyperMixing: a tied module generates W1 and W2 from the same tokens; it cannot take a separate query"
+            )
         if query is None:
             query_mask = mask
         # One compute dtype for everything inside (autocast's, when it is on), and autocast off in there, so
@@ -255,17 +261,33 @@ class HyperMixing(nn.Module):
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        h1 = [p.to(dtype) for p in (self.hyper_w1.fc1_weight, self.hyper_w1.fc1_bias, self.hyper_w1.fc2_weight, self.hyper_w1.fc2_bias)]
+        h1 = [
+            p.to(dtype)
+            for p in (
+                self.hyper_w1.fc1_weight,
+                self.hyper_w1.fc1_bias,
+                self.hyper_w1.fc2_weight,
+                self.hyper_w1.fc2_bias,
+            )
+        ]
         w2_net = self.hyper_w2
-        h2 = [None] * 4 if w2_net is None else [
-            p.to(dtype) for p in (w2_net.fc1_weight, w2_net.fc1_bias, w2_net.fc2_weight, w2_net.fc2_bias)]
+        h2 = (
+            [None] * 4
+            if w2_net is None
+            else [p.to(dtype) for p in (w2_net.fc1_weight, w2_net.fc1_bias, w2_net.fc2_weight, w2_net.fc2_bias)]
+        )
         key_pos = self._positions(x.shape[1], x)
         query_pos = None if query is None else self._positions(query.shape[1], query)
         with torch.autocast(device, enabled=False):
             out = _HyperMixingFunction.apply(
-                self.num_heads, x.to(dtype), None if query is None else query.to(dtype),
-                None if key_pos is None else key_pos.to(dtype), None if query_pos is None else query_pos.to(dtype),
-                None if mask is None else mask.to(dtype), None if query_mask is None else query_mask.to(dtype),
-                *h1, *h2,
+                self.num_heads,
+                x.to(dtype),
+                None if query is None else query.to(dtype),
+                None if key_pos is None else key_pos.to(dtype),
+                None if query_pos is None else query_pos.to(dtype),
+                None if mask is None else mask.to(dtype),
+                None if query_mask is None else query_mask.to(dtype),
+                *h1,
+                *h2,
             )
         return self.norm(out) if self.norm is not None else out

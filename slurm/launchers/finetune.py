@@ -9,6 +9,7 @@ The sweep is planned on the submitting host (`plan_sweep` only expands the grid 
 
 A run is redone from the start when requeued (a half-finished run holds no result).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ class RunJob(RequeueableJob):
         from finetune.sweep import run_one
 
         result = run_one(self.spec, progress=False)
-        print(f"slurm finetune: {self.spec['name']}: score {result['score']:.4f} ({self.spec['config']['output_dir']})",
-              flush=True)
+        print(
+            f"slurm finetune: {self.spec['name']}: score {result['score']:.4f} ({self.spec['config']['output_dir']})",
+            flush=True,
+        )
         return {"run": self.spec["name"], "score": result["score"], "dev": result["dev"]}
 
 
@@ -49,10 +52,17 @@ class AggregateJob(RequeueableJob):
         summary = aggregate(self.sweep_dir)
         table = Path(self.sweep_dir) / "results.md"
         print(table.read_text(), flush=True)
-        print(f"slurm finetune: {summary['runs_done']} of {summary['runs_planned']} runs done; wrote results.json, "
-              f"results.md, results.png in {self.sweep_dir}", flush=True)
-        return {"results_md": str(table), "runs_done": summary["runs_done"], "runs_planned": summary["runs_planned"],
-                "missing_runs": summary["missing_runs"]}
+        print(
+            f"slurm finetune: {summary['runs_done']} of {summary['runs_planned']} runs done; wrote results.json, "
+            f"results.md, results.png in {self.sweep_dir}",
+            flush=True,
+        )
+        return {
+            "results_md": str(table),
+            "runs_done": summary["runs_done"],
+            "runs_planned": summary["runs_planned"],
+            "missing_runs": summary["missing_runs"],
+        }
 
 
 def parse_sweep_args(stage_args: list[str]) -> Any:
@@ -60,8 +70,10 @@ def parse_sweep_args(stage_args: list[str]) -> Any:
 
     args = build_parser().parse_args(["sweep", *stage_args])  # argparse prints its own error and exits 2
     if args.plan_only:
-        raise StageError("--plan-only: the SLURM launcher plans and submits; plan without SLURM with "
-                         "`python -m finetune sweep --plan-only ...`")
+        raise StageError(
+            "--plan-only: the SLURM launcher plans and submits; plan without SLURM with "
+            "`python -m finetune sweep --plan-only ...`"
+        )
     return args
 
 
@@ -81,8 +93,10 @@ def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list
     from finetune.trainer import RESULT_FILE
 
     if options.nodes > 1 or (options.tasks_per_node or 1) > 1:
-        raise StageError("fine-tuning runs are one process each: parallelism comes from the array "
-                         "(--array-parallelism), not from --nodes/--tasks-per-node")
+        raise StageError(
+            "fine-tuning runs are one process each: parallelism comes from the array "
+            "(--array-parallelism), not from --nodes/--tasks-per-node"
+        )
     args = parse_sweep_args(stage_args)
     sweep_dir = Path(args.sweep_dir).resolve()
     try:
@@ -96,17 +110,34 @@ def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list
     except FinetuneError as err:
         raise StageError(str(err)) from None
     todo = [s for s in specs if not (s.output_dir / RESULT_FILE).is_file()]
-    print(f"python -m slurm finetune: {len(specs)} runs planned in {sweep_dir / 'plan.json'}"
-          + (f", {len(specs) - len(todo)} already done" if len(todo) < len(specs) else ""), file=sys.stderr)
+    print(
+        f"python -m slurm finetune: {len(specs)} runs planned in {sweep_dir / 'plan.json'}"
+        + (f", {len(specs) - len(todo)} already done" if len(todo) < len(specs) else ""),
+        file=sys.stderr,
+    )
     one_task = {"nodes": 1, "tasks_per_node": 1}
     steps = []
     if todo:
-        steps.append(Step("runs", [RunJob(s.to_dict()) for s in todo], options=one_task,
-                          summary=lambda r: "runs: " + ", ".join(f"{x[0]['run']} {x[0]['score']:.4f}" for x in r)))
-    steps.append(Step("aggregate", [AggregateJob(str(sweep_dir))], after=("runs",) if todo else (),
-                      condition="afterany", options={**one_task, "gpus_per_node": 0},
-                      summary=lambda r: f"{r[0][0]['runs_done']} of {r[0][0]['runs_planned']} runs done; "
-                                        f"table {r[0][0]['results_md']}"))
+        steps.append(
+            Step(
+                "runs",
+                [RunJob(s.to_dict()) for s in todo],
+                options=one_task,
+                summary=lambda r: "runs: " + ", ".join(f"{x[0]['run']} {x[0]['score']:.4f}" for x in r),
+            )
+        )
+    steps.append(
+        Step(
+            "aggregate",
+            [AggregateJob(str(sweep_dir))],
+            after=("runs",) if todo else (),
+            condition="afterany",
+            options={**one_task, "gpus_per_node": 0},
+            summary=lambda r: (
+                f"{r[0][0]['runs_done']} of {r[0][0]['runs_planned']} runs done; table {r[0][0]['results_md']}"
+            ),
+        )
+    )
     return steps
 
 

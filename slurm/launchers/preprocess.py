@@ -15,6 +15,7 @@ job checks that it finds the same units. Every job is idempotent (a unit whose d
 skipped), so a requeued task or a resubmitted command picks up where the last one stopped, and a
 resubmission only runs the units that are not done yet.
 """
+
 from __future__ import annotations
 
 import sys
@@ -55,8 +56,10 @@ def _unit_of_plan(out_dir: str, unit: dict) -> tuple[Any, Any]:
     units = load_plan(cfg)
     index = unit["index"]
     if index >= len(units) or units[index].to_dict() != unit:
-        raise DataPipelineError(f"{out_dir}: the plan on disk does not hold unit {unit['name']} as submitted "
-                                "(did the inputs change after submission?); resubmit the stage")
+        raise DataPipelineError(
+            f"{out_dir}: the plan on disk does not hold unit {unit['name']} as submitted "
+            "(did the inputs change after submission?); resubmit the stage"
+        )
     return cfg, units[index]
 
 
@@ -73,8 +76,10 @@ class PlanJob(_PipelineJob):
         _log(f"planning {cfg.out_dir} (tokenizer: {cfg.tokenizer or 'trained here'})")
         units = plan_units(cfg, progress=False)
         if [u.to_dict() for u in units] != self.expected_units:
-            raise DataPipelineError(f"{cfg.out_dir}: planning found {len(units)} units, the submission "
-                                    f"{len(self.expected_units)} others (did the inputs change?); resubmit the stage")
+            raise DataPipelineError(
+                f"{cfg.out_dir}: planning found {len(units)} units, the submission "
+                f"{len(self.expected_units)} others (did the inputs change?); resubmit the stage"
+            )
         _log(f"{len(units)} units planned in {cfg.out_dir}")
         return {"out_dir": cfg.out_dir, "units": len(units)}
 
@@ -118,10 +123,16 @@ class UnitJob(_PipelineJob):
         result = run_unit(cfg, unit)
         counts = result["counts"]
         shards = sum(len(s["shards"]) for s in result["splits"].values())
-        _log(f"{unit.name}: {counts['docs_kept']:,} docs, {counts['tokens_written']:,} tokens, {shards} shards "
-             f"({unit.describe()})")
-        return {"unit": unit.name, "docs_kept": counts["docs_kept"], "tokens_written": counts["tokens_written"],
-                "shards": shards}
+        _log(
+            f"{unit.name}: {counts['docs_kept']:,} docs, {counts['tokens_written']:,} tokens, {shards} shards "
+            f"({unit.describe()})"
+        )
+        return {
+            "unit": unit.name,
+            "docs_kept": counts["docs_kept"],
+            "tokens_written": counts["tokens_written"],
+            "shards": shards,
+        }
 
 
 class MergeJob(_PipelineJob):
@@ -136,8 +147,11 @@ class MergeJob(_PipelineJob):
         manifest = read_manifest(path)
         print(format_report(manifest["report"]), flush=True)
         _log(f"manifest: {path}")
-        return {"manifest": str(path), "samples": {s: v["samples"] for s, v in manifest["splits"].items()},
-                "shards": {s: len(v["shards"]) for s, v in manifest["splits"].items()}}
+        return {
+            "manifest": str(path),
+            "samples": {s: v["samples"] for s, v in manifest["splits"].items()},
+            "shards": {s: len(v["shards"]) for s, v in manifest["splits"].items()},
+        }
 
 
 def parse_build_args(stage_args: list[str]) -> tuple[Any, Any]:
@@ -158,12 +172,17 @@ def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list
     from data_pipeline.units import plan, read_result
 
     if options.nodes > 1 or (options.tasks_per_node or 1) > 1:
-        raise StageError("preprocess jobs are one process each: parallelism comes from the array "
-                         "(--array-parallelism), not from --nodes/--tasks-per-node")
+        raise StageError(
+            "preprocess jobs are one process each: parallelism comes from the array "
+            "(--array-parallelism), not from --nodes/--tasks-per-node"
+        )
     args, cfg = parse_build_args(stage_args)
     if args.workers != 1:
-        print(f"python -m slurm preprocess: --workers {args.workers} is ignored: each array task runs one unit "
-              "(cap them with --array-parallelism)", file=sys.stderr)
+        print(
+            f"python -m slurm preprocess: --workers {args.workers} is ignored: each array task runs one unit "
+            "(cap them with --array-parallelism)",
+            file=sys.stderr,
+        )
     try:
         units = plan(expand_inputs(cfg.inputs, cfg.hf_split), cfg.unit_mb)
         if not units:
@@ -173,8 +192,10 @@ def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list
             old = load_config(cfg.out)
             if old.output_affecting() != cfg.output_affecting():
                 diff = sorted(k for k, v in cfg.output_affecting().items() if old.output_affecting().get(k) != v)
-                raise DataPipelineError(f"{cfg.out}: already holds a build with different settings "
-                                        f"({', '.join(diff)}); use a new --out folder (or delete this one)")
+                raise DataPipelineError(
+                    f"{cfg.out}: already holds a build with different settings "
+                    f"({', '.join(diff)}); use a new --out folder (or delete this one)"
+                )
             planned = load_plan(old) if (cfg.work_dir / "plan.json").is_file() else None
             if planned is not None and planned == units:
                 todo = [u for u in units if read_result(cfg.work_dir, u) is None]
@@ -185,27 +206,69 @@ def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list
 
     out = str(cfg.out)
     one_task_no_gpu = {**ONE_TASK, "gpus_per_node": 0}
-    steps = [Step("plan", [PlanJob(cfg.to_dict(), [u.to_dict() for u in units])], options=one_task_no_gpu,
-                  summary=lambda r: f"{r[0][0]['units']} units planned in {r[0][0]['out_dir']}")]
+    steps = [
+        Step(
+            "plan",
+            [PlanJob(cfg.to_dict(), [u.to_dict() for u in units])],
+            options=one_task_no_gpu,
+            summary=lambda r: f"{r[0][0]['units']} units planned in {r[0][0]['out_dir']}",
+        )
+    ]
     last = "plan"
     if need_resolve:
         if need_hashes:
-            steps.append(Step("hash", [HashJob(out, u.to_dict()) for u in need_hashes], after=(last,),
-                              options=ONE_TASK, summary=lambda r: f"hashed {len(r)} units"))
+            steps.append(
+                Step(
+                    "hash",
+                    [HashJob(out, u.to_dict()) for u in need_hashes],
+                    after=(last,),
+                    options=ONE_TASK,
+                    summary=lambda r: f"hashed {len(r)} units",
+                )
+            )
             last = "hash"
-        steps.append(Step("resolve", [ResolveJob(out)], after=(last,), options=one_task_no_gpu,
-                          summary=lambda r: f"cross-unit duplicates resolved ({r[0][0]})"))
+        steps.append(
+            Step(
+                "resolve",
+                [ResolveJob(out)],
+                after=(last,),
+                options=one_task_no_gpu,
+                summary=lambda r: f"cross-unit duplicates resolved ({r[0][0]})",
+            )
+        )
         last = "resolve"
     if todo:
-        steps.append(Step("units", [UnitJob(out, u.to_dict()) for u in todo], after=(last,), options=ONE_TASK,
-                          summary=lambda r: f"{len(r)} units: {sum(x[0]['tokens_written'] for x in r):,} tokens, "
-                                            f"{sum(x[0]['shards'] for x in r)} shards"))
+        steps.append(
+            Step(
+                "units",
+                [UnitJob(out, u.to_dict()) for u in todo],
+                after=(last,),
+                options=ONE_TASK,
+                summary=lambda r: (
+                    f"{len(r)} units: {sum(x[0]['tokens_written'] for x in r):,} tokens, "
+                    f"{sum(x[0]['shards'] for x in r)} shards"
+                ),
+            )
+        )
         last = "units"
-    steps.append(Step("merge", [MergeJob(out, bool(args.verify))], after=(last,), options=one_task_no_gpu,
-                      summary=lambda r: f"manifest {r[0][0]['manifest']} ("
-                                        + ", ".join(f"{s}: {n} shards, {r[0][0]['samples'][s]:,} sequences"
-                                                    for s, n in r[0][0]["shards"].items()) + ")"))
+    steps.append(
+        Step(
+            "merge",
+            [MergeJob(out, bool(args.verify))],
+            after=(last,),
+            options=one_task_no_gpu,
+            summary=lambda r: (
+                f"manifest {r[0][0]['manifest']} ("
+                + ", ".join(
+                    f"{s}: {n} shards, {r[0][0]['samples'][s]:,} sequences" for s, n in r[0][0]["shards"].items()
+                )
+                + ")"
+            ),
+        )
+    )
     done = len(units) - len(todo)
-    print(f"python -m slurm preprocess: {len(units)} units" + (f" ({done} already done)" if done else "")
-          + f" -> {out}", file=sys.stderr)
+    print(
+        f"python -m slurm preprocess: {len(units)} units" + (f" ({done} already done)" if done else "") + f" -> {out}",
+        file=sys.stderr,
+    )
     return steps

@@ -9,6 +9,7 @@ continues from that checkpoint. A preemption that SLURM requeues by itself resum
 A stalled rank (pretrain.watchdog: no progress for train.stall_timeout_s, exit code 75) requeues the job
 too, with `scontrol requeue` from the rank that reports it; the requeued job resumes the same way.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,12 @@ class PretrainJob(RequeueableJob):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU in the job: DeepSpeed's CPU accelerator (gloo)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if os.environ.get("RANK", "0") == "0":
-            print(f"slurm pretrain: attempt {self.attempt}, {os.environ.get('WORLD_SIZE')} ranks, "
-                  f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
-                  f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}: pretrain {' '.join(self.argv)}", flush=True)
+            print(
+                f"slurm pretrain: attempt {self.attempt}, {os.environ.get('WORLD_SIZE')} ranks, "
+                f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
+                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}: pretrain {' '.join(self.argv)}",
+                flush=True,
+            )
         from pretrain.main import run_from_argv
         from pretrain.watchdog import STALL_HOOKS
 
@@ -68,17 +72,20 @@ def job_argv(stage_args: list[str]) -> list[str]:
             resume, i = arg.split("=", 1)[1], i + 1
             continue
         if arg == "--print-config":
-            raise StageError("--print-config prints and exits; run `python -m pretrain.main ... --print-config` "
-                             "without SLURM")
+            raise StageError(
+                "--print-config prints and exits; run `python -m pretrain.main ... --print-config` without SLURM"
+            )
         if arg.startswith(("--local_rank", "--local-rank")):  # the deepspeed launcher's; RANK env is what counts
             i += 1 if "=" in arg else 2
             continue
         argv.append(arg)
         i += 1
     if resume not in (None, "auto"):
-        raise StageError(f"--resume {resume}: under SLURM every attempt runs with --resume auto (a requeued job must "
-                         "continue from the run's newest checkpoint); to restart from an older checkpoint, delete the "
-                         "newer ones, or start a new run in another output_dir")
+        raise StageError(
+            f"--resume {resume}: under SLURM every attempt runs with --resume auto (a requeued job must "
+            "continue from the run's newest checkpoint); to restart from an older checkpoint, delete the "
+            "newer ones, or start a new run in another output_dir"
+        )
     return argv + ["--resume", "auto"]
 
 
@@ -96,11 +103,15 @@ def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list
         config = load_config(args.config, args.overrides)
         resolved = resolve(config, world_size)
     except ConfigError as err:
-        raise StageError(f"{err} (checked for {world_size} ranks = {options.nodes} nodes x "
-                         f"{options.ntasks_per_node} tasks per node)") from None
-    print(f"python -m slurm pretrain: {world_size} ranks ({options.nodes} nodes x {options.ntasks_per_node} tasks), "
-          f"{resolved.total_steps} steps, grad accumulation {resolved.grad_accum}, run folder {config.run_dir}, "
-          f"checkpoints {config.checkpoint_dir}", file=sys.stderr)
+        raise StageError(
+            f"{err} (checked for {world_size} ranks = {options.nodes} nodes x {options.ntasks_per_node} tasks per node)"
+        ) from None
+    print(
+        f"python -m slurm pretrain: {world_size} ranks ({options.nodes} nodes x {options.ntasks_per_node} tasks), "
+        f"{resolved.total_steps} steps, grad accumulation {resolved.grad_accum}, run folder {config.run_dir}, "
+        f"checkpoints {config.checkpoint_dir}",
+        file=sys.stderr,
+    )
     job = PretrainJob(argv, cpu=options.gpus_per_node == 0)
 
     def summary(results: list[list[Any]]) -> str:

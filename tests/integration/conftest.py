@@ -2,6 +2,7 @@
 started once per test session, reused when one is already up, and stopped at the end by the last
 pytest session using it, if a pytest session started it. Tests that need it are skipped, with the
 script's own error, where it cannot start (not root, no apt, busy ports)."""
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,9 @@ def slurm_cluster():
         pytest.skip(f"local SLURM cluster could not start ({SCRIPT.name} rc={proc.returncode}):\n{tail}")
     start_s = time.monotonic() - t0
     notes = [line for line in proc.stderr.splitlines() if "installed in" in line or "cluster up" in line]
-    _summary.append(("started" if started_here else "reused") + f" in {start_s:.1f}s"
-                    + ("".join(f"\n  {n}" for n in notes)))
+    _summary.append(
+        ("started" if started_here else "reused") + f" in {start_s:.1f}s" + ("".join(f"\n  {n}" for n in notes))
+    )
 
     # Leases: another pytest session on this machine may be using the same cluster; the last one out stops
     # it, and only when a pytest session started it (a cluster someone started by hand stays up).

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_pretrain_runs import completed, launch, losses, shards, status, zero2  # noqa: F401 (fixtures)
 
 from pretrain import checkpoint as ckpt
 from pretrain.watchdog import EXIT_STALLED
-from test_pretrain_runs import completed, launch, losses, shards, status, zero2  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 STALL_TIMEOUT_S = 30
@@ -30,8 +30,11 @@ def test_sigstopped_rank_ends_the_job_and_resume_reproduces_the_run(shards, zero
     stalled = launch(run_dir, shards, stage, f"train.stall_timeout_s={STALL_TIMEOUT_S}", fault="stop:1:5")
     ended = time.time()
     assert stalled.rc != 0, stalled.output[-4000:]
-    frozen = [float(line.rsplit(" at ", 1)[1]) for line in stalled.output.splitlines()
-              if line.startswith("fault injection: rank 1 SIGSTOPs")]
+    frozen = [
+        float(line.rsplit(" at ", 1)[1])
+        for line in stalled.output.splitlines()
+        if line.startswith("fault injection: rank 1 SIGSTOPs")
+    ]
     assert len(frozen) == 1, stalled.output[-4000:]
     seconds = ended - frozen[0]
     assert seconds < 2 * STALL_TIMEOUT_S, f"the job took {seconds:.0f}s to end after the SIGSTOP"
@@ -42,8 +45,10 @@ def test_sigstopped_rank_ends_the_job_and_resume_reproduces_the_run(shards, zero
     record = status(run_dir)
     assert record["status"] == "stalled" and record["step"] == 5 and "rank 1" in record["reason"], record
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == ckpt.tag_for(4)
-    print(f"SIGSTOP of rank 1 at step 5, stall_timeout_s={STALL_TIMEOUT_S}: the job ended {seconds:.1f}s after it; "
-          f"{lines[0]}")
+    print(
+        f"SIGSTOP of rank 1 at step 5, stall_timeout_s={STALL_TIMEOUT_S}: the job ended {seconds:.1f}s after it; "
+        f"{lines[0]}"
+    )
     resumed = launch(run_dir, shards, stage, f"train.stall_timeout_s={STALL_TIMEOUT_S}", resume="auto")
     completed(run_dir, resumed)
     assert losses(run_dir, "train") == losses(zero2, "train")
@@ -103,8 +108,14 @@ def test_a_tampered_file_of_rank_1_is_refused_with_exit_2_under_the_deepspeed_la
     target = step / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     assert target.is_file(), sorted(p.name for p in step.iterdir())
     torch.save({"optimizer_state_dict": _Payload()}, target)
-    refused = launch(run_dir, shards, "deepspeed.zero_optimization.stage=2", "optim.total_steps=20",
-                     resume="auto", launcher="deepspeed")
+    refused = launch(
+        run_dir,
+        shards,
+        "deepspeed.zero_optimization.stage=2",
+        "optim.total_steps=20",
+        resume="auto",
+        launcher="deepspeed",
+    )
     assert refused.rc == 2, refused.output[-3000:]
     assert "PAYLOAD RAN" not in refused.output
     lines = [line for line in refused.output.splitlines() if "refusing to unpickle" in line]

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import signal
 import struct
 import subprocess
 import sys
@@ -45,12 +44,23 @@ LAUNCH_TIMEOUT_S = 420  # a fresh machine compiles DeepSpeed's shared-memory op 
 LOSS_TOLERANCE = 1e-5  # fp32 on CPU: ZeRO stages differ only in reduction order
 STEPS = 16
 COMMON = [
-    "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
     "model.dropout=0.1",  # dropout on: exact resume needs the RNG state restored too
-    f"optim.total_steps={STEPS}", "optim.warmup_steps=2", "optim.lr=3e-3",
-    "batch.global_batch_size=16", "batch.micro_batch_size=4",  # 2 ranks x 4 x 2 accumulation steps
-    "data.num_workers=2", "data.shuffle_shards=2", "logging.every_steps=1", "eval.every_steps=8",
-    "checkpoint.every_steps=4", "checkpoint.keep_last=2", "logging.wandb.mode=disabled",
+    f"optim.total_steps={STEPS}",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "batch.global_batch_size=16",
+    "batch.micro_batch_size=4",  # 2 ranks x 4 x 2 accumulation steps
+    "data.num_workers=2",
+    "data.shuffle_shards=2",
+    "logging.every_steps=1",
+    "eval.every_steps=8",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=2",
+    "logging.wandb.mode=disabled",
 ]
 
 
@@ -58,8 +68,13 @@ def corpus(lines: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     nouns = "cat dog bird fish horse cow sheep mouse lion tiger bear wolf".split()
     verbs = "sees chases likes follows finds watches".split()
-    return "\n".join(" ".join(["the", rng.choice(nouns), rng.choice(verbs), "the", rng.choice(nouns), "."]
-                              * rng.randint(1, 3)) for _ in range(lines)) + "\n"
+    return (
+        "\n".join(
+            " ".join(["the", rng.choice(nouns), rng.choice(verbs), "the", rng.choice(nouns), "."] * rng.randint(1, 3))
+            for _ in range(lines)
+        )
+        + "\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +83,19 @@ def shards(tmp_path_factory) -> str:
     (root / "corpus.txt").write_text(corpus(260))
     # ~200 train sequences: each rank's epoch (2 workers x 2 ranks) ends mid-run, so resume crosses an epoch;
     # blocks of 16 sequences, so that streams start inside shards and inside blocks
-    build(BuildConfig(inputs=[str(root / "corpus.txt")], out_dir=str(root / "out"), vocab_size=80, seq_len=16,
-                      shard_mb=0.01, block_sequences=16, validation_fraction=0.15), workers=1, progress=False)
+    build(
+        BuildConfig(
+            inputs=[str(root / "corpus.txt")],
+            out_dir=str(root / "out"),
+            vocab_size=80,
+            seq_len=16,
+            shard_mb=0.01,
+            block_sequences=16,
+            validation_fraction=0.15,
+        ),
+        workers=1,
+        progress=False,
+    )
     return str(root / "out")
 
 
@@ -80,27 +106,57 @@ class Launch:
     seconds: float
 
 
-def launch(run_dir: Path, shards: str, *extra: str, launcher: str = "torchrun", fault: str | None = None,
-           resume: str | None = None, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> Launch:
+def launch(
+    run_dir: Path,
+    shards: str,
+    *extra: str,
+    launcher: str = "torchrun",
+    fault: str | None = None,
+    resume: str | None = None,
+    nproc: int = 2,
+    timeout: float = LAUNCH_TIMEOUT_S,
+) -> Launch:
     sets = [f"data.path={shards}", f"output_dir={run_dir}", *COMMON, *extra]
     tail = ["--config", "tiny", "--set", *sets] + (["--resume", resume] if resume else [])
     if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(MAIN), *tail]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(MAIN),
+            *tail,
+        ]
     elif launcher == "deepspeed":
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                   "--master_port", str(free_port()), str(MAIN), *tail]
+        command = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            str(MAIN),
+            *tail,
+        ]
     else:
         command = [sys.executable, "-m", "pretrain.main", *tail]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     env.pop("PRETRAIN_FAULT", None)
     if fault:
         env["PRETRAIN_FAULT"] = fault
     began = time.monotonic()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -131,8 +187,9 @@ def completed(run_dir: Path, result: Launch) -> Path:
 @pytest.fixture(scope="module")
 def zero2(shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
-    return completed(run_dir, launch(run_dir, shards, "deepspeed.zero_optimization.stage=2",
-                                     "logging.wandb.mode=offline"))
+    return completed(
+        run_dir, launch(run_dir, shards, "deepspeed.zero_optimization.stage=2", "logging.wandb.mode=offline")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +208,7 @@ def test_zero2_and_zero3_losses_fall(zero2, zero3):
     for run_dir in (zero2, zero3):
         train, evals = losses(run_dir, "train"), losses(run_dir, "eval")
         assert [s for s, _, _ in train] == list(range(1, STEPS + 1)) and [s for s, _, _ in evals] == [8, 16]
-        first, last = sum(l for _, l, _ in train[:4]) / 4, sum(l for _, l, _ in train[-4:]) / 4
+        first, last = sum(loss for _, loss, _ in train[:4]) / 4, sum(loss for _, loss, _ in train[-4:]) / 4
         assert last < first - 0.3, train
         assert evals[1][1] < evals[0][1], evals
 
@@ -184,8 +241,10 @@ def test_stop_signal_kill_and_resume_reproduce_the_uninterrupted_run(shards, zer
     assert second.seconds < 120, f"the surviving rank took {second.seconds:.0f}s to go down"
     crashed = status(run_dir)  # rank 0 survived the kill long enough to say so
     assert crashed["status"] in ("killed", "failed") and crashed["step"] == 10 and crashed["reason"], crashed
-    print(f"SIGKILL of rank 1 after step 10: the launcher exited rc {second.rc} after {second.seconds:.1f}s "
-          f"(start-up included); run_status: {crashed['status']}: {crashed['reason']}")
+    print(
+        f"SIGKILL of rank 1 after step 10: the launcher exited rc {second.rc} after {second.seconds:.1f}s "
+        f"(start-up included); run_status: {crashed['status']}: {crashed['reason']}"
+    )
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == ckpt.tag_for(8)
     # 4. resume again from step 8: the same losses, bit for bit, as the run that was never interrupted
     third = launch(run_dir, shards, stage, resume="auto")
@@ -202,7 +261,8 @@ def test_export_reproduces_the_training_engine(stage_fixture, request, tmp_path)
     run_dir = request.getfixturevalue(stage_fixture)
     release = export(run_dir, tmp_path / "release")
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "training.json"} <= {
-        p.name for p in release.iterdir()}
+        p.name for p in release.iterdir()
+    }
     card = (release / "README.md").read_text()
     assert "hypermixer" in card and "manifest sha256" in card and f"steps: {STEPS}" in card
     result = check_release(release)  # same validation sequences and masks as the engine's last evaluation
@@ -212,8 +272,10 @@ def test_export_reproduces_the_training_engine(stage_fixture, request, tmp_path)
     reference = export(request.getfixturevalue("zero2"), tmp_path / "reference")
     for name, tensor in ForMaskedLM.from_pretrained(reference).state_dict().items():
         assert torch.allclose(model.state_dict()[name], tensor, atol=1e-5), name  # every stage, the same weights
-    weights = consolidated_weights(ckpt.latest_checkpoint(run_dir / "checkpoints"),
-                                   ckpt.read_state(ckpt.latest_checkpoint(run_dir / "checkpoints"))["zero_stage"])
+    weights = consolidated_weights(
+        ckpt.latest_checkpoint(run_dir / "checkpoints"),
+        ckpt.read_state(ckpt.latest_checkpoint(run_dir / "checkpoints"))["zero_stage"],
+    )
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
@@ -230,8 +292,8 @@ def wandb_history(run_dir: Path) -> list[dict]:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             break
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -239,8 +301,9 @@ def wandb_history(run_dir: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
@@ -248,7 +311,9 @@ def test_wandb_offline_run_holds_the_logged_metrics(zero2):
     rows = wandb_history(zero2)
     logged = {row["_step"]: row for row in rows}
     for step, loss, accuracy in losses(zero2, "train"):
-        assert logged[step]["train/loss"] == pytest.approx(loss) and logged[step]["train/accuracy"] == pytest.approx(accuracy)
+        assert logged[step]["train/loss"] == pytest.approx(loss) and logged[step]["train/accuracy"] == pytest.approx(
+            accuracy
+        )
         for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "train/memory_gib"):
             assert key in logged[step], (key, logged[step])
     for step, loss, _ in losses(zero2, "eval"):
@@ -266,15 +331,18 @@ def test_config_mistake_stops_every_rank_with_one_message(shards, tmp_path):
 def test_a_slow_rank_0_still_reports_a_mistake_every_rank_found(tmp_path):
     # torchrun kills every rank when the first one exits; rank 1 must not end the job before rank 0 printed
     script = tmp_path / "fail.py"
-    script.write_text("import os, sys, time\n"
-                      "from pretrain.main import report_failure\n"
-                      "if os.environ['RANK'] == '0':\n"
-                      "    time.sleep(3)  # a rank 0 slowed down by a loaded machine\n"
-                      "report_failure(ValueError('the same mistake on every rank'))\n"
-                      "sys.exit(2)\n")
+    script.write_text(
+        "import os, sys, time\n"
+        "from pretrain.main import report_failure\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    time.sleep(3)  # a rank 0 slowed down by a loaded machine\n"
+        "report_failure(ValueError('the same mistake on every rank'))\n"
+        "sys.exit(2)\n"
+    )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count("pretrain: the same mistake on every rank") == 1, output[-3000:]
@@ -283,8 +351,16 @@ def test_a_slow_rank_0_still_reports_a_mistake_every_rank_found(tmp_path):
 
 def test_non_finite_losses_are_dropped_then_abort(shards, tmp_path):
     run_dir = tmp_path / "run"
-    result = launch(run_dir, shards, "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
-                    "train.max_nonfinite_in_a_row=3", "data.num_workers=0", launcher="python")
+    result = launch(
+        run_dir,
+        shards,
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+        "train.max_nonfinite_in_a_row=3",
+        "data.num_workers=0",
+        launcher="python",
+    )
     assert result.rc == EXIT_DIVERGED, result.output[-3000:]
     assert result.output.count("non-finite loss on some rank: micro-batch dropped") == 3
     assert status(run_dir)["status"] == "diverged"
@@ -293,12 +369,18 @@ def test_non_finite_losses_are_dropped_then_abort(shards, tmp_path):
 
 def test_compiled_pretraining_matches_eager(shards, tmp_path):
     # train.compile=true: DeepSpeed's engine.compile() on the model with static MLM slots, 20 steps, 1 process
-    sets = ("optim.total_steps=20", "model.dropout=0.0", "data.num_workers=0", "eval.every_steps=0",
-            "checkpoint.every_steps=0")
+    sets = (
+        "optim.total_steps=20",
+        "model.dropout=0.0",
+        "data.num_workers=0",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=0",
+    )
     eager = completed(tmp_path / "eager", launch(tmp_path / "eager", shards, *sets, launcher="python", nproc=1))
     # inductor compiles forward and backward on CPU first: minutes on a loaded 2-core machine
-    compiled_run = launch(tmp_path / "compiled", shards, *sets, "train.compile=true", launcher="python", nproc=1,
-                          timeout=600)
+    compiled_run = launch(
+        tmp_path / "compiled", shards, *sets, "train.compile=true", launcher="python", nproc=1, timeout=600
+    )
     compiled = completed(tmp_path / "compiled", compiled_run)
     reference, other = losses(eager, "train"), losses(compiled, "train")
     assert [s for s, _, _ in other] == [s for s, _, _ in reference] == list(range(1, 21))
@@ -314,16 +396,17 @@ def test_compile_where_it_cannot_work_is_one_line_before_training(shards, tmp_pa
     finally:
         os.environ.pop("CXX") if env_cxx is None else os.environ.__setitem__("CXX", env_cxx)
     assert result.rc == EXIT_CONFIG, result.output[-3000:]
-    assert "train.compile: torch.compile on CPU needs a C++ compiler (no-such-c++-compiler: none found); " \
-           "set train.compile=false" in result.output
+    assert (
+        "train.compile: torch.compile on CPU needs a C++ compiler (no-such-c++-compiler: none found); "
+        "set train.compile=false" in result.output
+    )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_bf16_pretraining_tracks_fp32_and_fp16_is_refused_in_one_line_where_unsupported(shards, tmp_path):
     sets = ("model.dropout=0.0", "data.num_workers=0", "eval.every_steps=0", "checkpoint.every_steps=0")
     fp32 = completed(tmp_path / "fp32", launch(tmp_path / "fp32", shards, *sets, launcher="python"))
-    bf16 = completed(tmp_path / "bf16", launch(tmp_path / "bf16", shards, *sets, "precision=bf16",
-                                               launcher="python"))
+    bf16 = completed(tmp_path / "bf16", launch(tmp_path / "bf16", shards, *sets, "precision=bf16", launcher="python"))
     reference, other = losses(fp32, "train"), losses(bf16, "train")
     assert all(math.isfinite(loss) for _, loss, _ in other)
     worst = max(abs(a[1] - b[1]) for a, b in zip(reference, other))
@@ -343,8 +426,13 @@ def test_bf16_pretraining_tracks_fp32_and_fp16_is_refused_in_one_line_where_unsu
 # every sequence of epoch 0 once and cross into epoch 1 in the last launch. Dropout off: the resumed run must
 # follow the uninterrupted one to fp32 reduction-order noise, which it cannot if the optimizer state were lost.
 RESIZE_STEPS = 18
-RESIZE = (f"optim.total_steps={RESIZE_STEPS}", "model.dropout=0.0", "metrics.sample_ids=true",
-          "eval.every_steps=0", "checkpoint.every_steps=0")
+RESIZE = (
+    f"optim.total_steps={RESIZE_STEPS}",
+    "model.dropout=0.0",
+    "metrics.sample_ids=true",
+    "eval.every_steps=0",
+    "checkpoint.every_steps=0",
+)
 
 
 @pytest.fixture(scope="module")
@@ -371,10 +459,14 @@ def test_resume_on_another_world_size_continues_the_same_samples_and_losses(shar
     assert (counted.epoch_sequences, counted.repeated, counted.missing, counted.in_order) == (256, 0, 0, True)
     assert read_sample_ids(run_dir) == read_sample_ids(unresized)
 
-    reference, other = losses(unresized, "train") + losses(unresized, "eval"), \
-        losses(run_dir, "train") + losses(run_dir, "eval")
+    reference, other = (
+        losses(unresized, "train") + losses(unresized, "eval"),
+        losses(run_dir, "train") + losses(run_dir, "eval"),
+    )
     assert [s for s, _, _ in other] == [s for s, _, _ in reference]
     worst = max(abs(a[1] - b[1]) for a, b in zip(reference, other))
-    print(f"ZeRO-{stage}, 2 -> 1 -> 2 ranks: {counted.line()}; worst loss difference from the uninterrupted "
-          f"2-rank run {worst:.2e}")
+    print(
+        f"ZeRO-{stage}, 2 -> 1 -> 2 ranks: {counted.line()}; worst loss difference from the uninterrupted "
+        f"2-rank run {worst:.2e}"
+    )
     assert worst < LOSS_TOLERANCE, (worst, reference, other)  # as between ZeRO stages

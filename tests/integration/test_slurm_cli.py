@@ -1,4 +1,5 @@
 """`python -m slurm` and the cluster options; no cluster needed (submitit renders the script)."""
+
 from __future__ import annotations
 
 import json
@@ -25,28 +26,76 @@ def small_build(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     # enough for a micro-batch of base's 32 sequences on each of 16 streams (8 ranks x 2 loader workers)
     (root / "corpus.txt").write_text("".join(f"the cat {i % 7} sees the dog {i % 5} .\n" for i in range(1500)))
-    assert data_pipeline_main(["build", str(root / "corpus.txt"), "--out", str(root / "out"), "--vocab-size", "40",
-                               "--seq-len", "16", "--validation-fraction", "0.1", "--no-progress"]) == 0
+    assert (
+        data_pipeline_main(
+            [
+                "build",
+                str(root / "corpus.txt"),
+                "--out",
+                str(root / "out"),
+                "--vocab-size",
+                "40",
+                "--seq-len",
+                "16",
+                "--validation-fraction",
+                "0.1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root / "out"
 
 
 def test_dry_run_renders_a_multi_node_pretrain_script(tmp_path, small_build):
     config = tmp_path / "cluster.json"
     config.write_text('{"partition": "gpu", "account": "proj42", "time_min": 1440, "gpus_per_node": 4}')
-    proc = run_cli("pretrain", "--config", str(config), "--nodes", "2", "--cpus-per-task", "8",
-                   "--mem-gb", "200", "--constraint", "a100", "--exclusive", "--sbatch-arg", "mail-type=END",
-                   "--srun-arg=--cpu-bind=none", "--setup", "module load cuda",
-                   "--job-folder", str(tmp_path / "%j"), "--dry-run", "--", "--config", "base",
-                   "--set", f"data.path={small_build}")
+    proc = run_cli(
+        "pretrain",
+        "--config",
+        str(config),
+        "--nodes",
+        "2",
+        "--cpus-per-task",
+        "8",
+        "--mem-gb",
+        "200",
+        "--constraint",
+        "a100",
+        "--exclusive",
+        "--sbatch-arg",
+        "mail-type=END",
+        "--srun-arg=--cpu-bind=none",
+        "--setup",
+        "module load cuda",
+        "--job-folder",
+        str(tmp_path / "%j"),
+        "--dry-run",
+        "--",
+        "--config",
+        "base",
+        "--set",
+        f"data.path={small_build}",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    for line in ["#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --time=1440",
-                 "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=200GB", "#SBATCH --constraint=a100",
-                 "#SBATCH --exclusive", "#SBATCH --mail-type=END",
-                 "#SBATCH --signal=USR2@300",  # the pretrain stage's default lead: a step + a checkpoint + margin
-                 "#SBATCH --job-name=pretrain", f"#SBATCH --output={tmp_path}/%j/%j_0_log.out",
-                 "module load cuda"]:
+    for line in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj42",
+        "#SBATCH --time=1440",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=200GB",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --exclusive",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --signal=USR2@300",  # the pretrain stage's default lead: a step + a checkpoint + margin
+        "#SBATCH --job-name=pretrain",
+        f"#SBATCH --output={tmp_path}/%j/%j_0_log.out",
+        "module load cuda",
+    ]:
         assert line in lines, f"missing {line!r} in:\n{proc.stdout}"
     srun = next(x for x in lines if x.startswith("srun "))
     assert "--cpu-bind=none" in srun and "-m submitit.core._submit" in srun
@@ -77,7 +126,12 @@ def test_pretrain_job_always_resumes_automatically():
     from slurm.launchers.pretrain import PretrainJob, job_argv
 
     assert job_argv(["--config", "tiny"]) == ["--config", "tiny", "--resume", "auto"]
-    assert job_argv(["--resume", "auto", "--config", "tiny", "--local_rank", "0"]) == ["--config", "tiny", "--resume", "auto"]
+    assert job_argv(["--resume", "auto", "--config", "tiny", "--local_rank", "0"]) == [
+        "--config",
+        "tiny",
+        "--resume",
+        "auto",
+    ]
     assert job_argv(["--resume=auto", "--local-rank=1", "--config", "x"]) == ["--config", "x", "--resume", "auto"]
     for bad in (["--resume", "runs/x/checkpoints/step_00001000"], ["--resume", "none"], ["--print-config"]):
         with pytest.raises(StageError):
@@ -96,8 +150,20 @@ def corpus(tmp_path) -> Path:
 
 def test_preprocess_dry_run_shows_plan_array_and_merge(tmp_path, corpus, capsys):
     out = tmp_path / "out"
-    common = ["--job-folder", str(tmp_path / "jobs" / "%j"), "--array-parallelism", "2", "--dry-run",
-              "--", str(corpus), "--out", str(out), "--unit-mb", "0.003", "--no-progress"]
+    common = [
+        "--job-folder",
+        str(tmp_path / "jobs" / "%j"),
+        "--array-parallelism",
+        "2",
+        "--dry-run",
+        "--",
+        str(corpus),
+        "--out",
+        str(out),
+        "--unit-mb",
+        "0.003",
+        "--no-progress",
+    ]
     assert main(["preprocess", *common]) == 0
     printed, err = capsys.readouterr()
     lines = printed.splitlines()
@@ -105,12 +171,18 @@ def test_preprocess_dry_run_shows_plan_array_and_merge(tmp_path, corpus, capsys)
     assert [x for x in lines if x.startswith("# ==== step")] == [
         "# ==== step 1/3: plan (job) ====",
         "# ==== step 2/3: units (array job of 4 tasks, afterok plan) ====",
-        "# ==== step 3/3: merge (job, afterok units) ===="]
-    for line in ("#SBATCH --job-name=preprocess-plan", "#SBATCH --job-name=preprocess-units",
-                 "#SBATCH --job-name=preprocess-merge", "#SBATCH --array=0-3%2",
-                 "#SBATCH --dependency=afterok:JOBID_OF_PREPROCESS_PLAN",
-                 "#SBATCH --dependency=afterok:JOBID_OF_PREPROCESS_UNITS", "#SBATCH --kill-on-invalid-dep=yes",
-                 f"#SBATCH --output={tmp_path}/jobs/%A_%a/%A_%a_0_log.out"):
+        "# ==== step 3/3: merge (job, afterok units) ====",
+    ]
+    for line in (
+        "#SBATCH --job-name=preprocess-plan",
+        "#SBATCH --job-name=preprocess-units",
+        "#SBATCH --job-name=preprocess-merge",
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --dependency=afterok:JOBID_OF_PREPROCESS_PLAN",
+        "#SBATCH --dependency=afterok:JOBID_OF_PREPROCESS_UNITS",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        f"#SBATCH --output={tmp_path}/jobs/%A_%a/%A_%a_0_log.out",
+    ):
         assert line in lines, f"missing {line!r}"
     assert not out.exists() and not (tmp_path / "jobs").exists(), "a dry run writes nothing"
 
@@ -147,24 +219,53 @@ def test_finetune_dry_run_plans_in_a_scratch_folder(tmp_path, capsys):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     torch.manual_seed(0)
-    ForMaskedLM(EncoderConfig(vocab_size=len(vocab), hidden_size=16, num_layers=1, num_heads=1, intermediate_size=32,
-                              max_seq_len=16)).save_pretrained(release)
+    ForMaskedLM(
+        EncoderConfig(
+            vocab_size=len(vocab), hidden_size=16, num_layers=1, num_heads=1, intermediate_size=32, max_seq_len=16
+        )
+    ).save_pretrained(release)
     tokenizer.save(str(release / "tokenizer.json"))
     glue = tmp_path / "glue" / "SST-2"
     glue.mkdir(parents=True)
     sweep = tmp_path / "sweep"
-    args = ["finetune", "--array-parallelism", "4", "--gpus-per-node", "1", "--job-folder", str(tmp_path / "%j"),
-            "--dry-run", "--", "--sweep-dir", str(sweep), "--release", str(release), "--tasks", "SST-2,RTE",
-            "--lrs", "1e-4,3e-4", "--seeds", "0,1", "--glue-dir", str(tmp_path / "glue")]
+    args = [
+        "finetune",
+        "--array-parallelism",
+        "4",
+        "--gpus-per-node",
+        "1",
+        "--job-folder",
+        str(tmp_path / "%j"),
+        "--dry-run",
+        "--",
+        "--sweep-dir",
+        str(sweep),
+        "--release",
+        str(release),
+        "--tasks",
+        "SST-2,RTE",
+        "--lrs",
+        "1e-4,3e-4",
+        "--seeds",
+        "0,1",
+        "--glue-dir",
+        str(tmp_path / "glue"),
+    ]
     assert main(args) == 0
     printed, err = capsys.readouterr()
     lines = printed.splitlines()
     assert f"8 runs planned in {sweep / 'plan.json'}" in err
     assert [x for x in lines if x.startswith("# ==== step")] == [
         "# ==== step 1/2: runs (array job of 8 tasks) ====",
-        "# ==== step 2/2: aggregate (job, afterany runs) ===="]
-    for line in ("#SBATCH --array=0-7%4", "#SBATCH --job-name=finetune-runs", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --dependency=afterany:JOBID_OF_FINETUNE_RUNS", "#SBATCH --job-name=finetune-aggregate"):
+        "# ==== step 2/2: aggregate (job, afterany runs) ====",
+    ]
+    for line in (
+        "#SBATCH --array=0-7%4",
+        "#SBATCH --job-name=finetune-runs",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --dependency=afterany:JOBID_OF_FINETUNE_RUNS",
+        "#SBATCH --job-name=finetune-aggregate",
+    ):
         assert line in lines, f"missing {line!r}"
     aggregate = printed.split("step 2/2")[1]
     assert "--gpus-per-node" not in aggregate and "--kill-on-invalid-dep" not in aggregate  # runs whatever happened
@@ -211,8 +312,24 @@ def test_flags_override_config_and_collections_add_up(tmp_path, monkeypatch, cap
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"time_min": 30, "sbatch_args": {"mail-type": "END"}, "setup": ["A=1"]}))
     monkeypatch.setitem(STAGES, "demo", Stage("demo", "test stage", "-", build=lambda args, opts, dry_run: [print] * 5))
-    rc = main(["demo", "--config", str(config), "--time-min", "45", "--sbatch-arg", "requeue",
-               "--setup", "B=2", "--array-parallelism", "2", "--job-folder", str(tmp_path / "%j"), "--dry-run"])
+    rc = main(
+        [
+            "demo",
+            "--config",
+            str(config),
+            "--time-min",
+            "45",
+            "--sbatch-arg",
+            "requeue",
+            "--setup",
+            "B=2",
+            "--array-parallelism",
+            "2",
+            "--job-folder",
+            str(tmp_path / "%j"),
+            "--dry-run",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert rc == 0
     assert "#SBATCH --time=45" in lines and "#SBATCH --mail-type=END" in lines and "#SBATCH --requeue" in lines

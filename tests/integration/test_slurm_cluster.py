@@ -1,4 +1,5 @@
 """The slurm package against a real local SLURM cluster and real submitit (nothing mocked)."""
+
 from __future__ import annotations
 
 import os
@@ -39,6 +40,7 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
 
 # ---- job bodies ------------------------------------------------------------------------------
 
+
 def square(x: int) -> dict:
     return {"value": x * x, "host": os.uname().nodename}
 
@@ -46,8 +48,13 @@ def square(x: int) -> dict:
 def distributed_env() -> dict:
     env = submitit.JobEnvironment()
     exported = export_torch_env()
-    return {"global_rank": env.global_rank, "local_rank": env.local_rank, "num_tasks": env.num_tasks,
-            "exported": exported, "environ": {k: os.environ[k] for k in TORCH_ENV}}
+    return {
+        "global_rank": env.global_rank,
+        "local_rank": env.local_rank,
+        "num_tasks": env.num_tasks,
+        "exported": exported,
+        "environ": {k: os.environ[k] for k in TORCH_ENV},
+    }
 
 
 def fail_loudly() -> None:
@@ -101,6 +108,7 @@ class InMemoryCounter(RequeueableJob):
 
 # ---- tests -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module", autouse=True)
 def time_limited_job(slurm_cluster, tmp_path_factory):
     """A job that outlives its 2-minute limit, submitted before the first test so that its wait overlaps
@@ -108,8 +116,9 @@ def time_limited_job(slurm_cluster, tmp_path_factory):
     every 30 s and may signal early), so it is requeued as timed out until its 35 s of work are done.
     Its stage returns an unfinished result when stopped, where the 2-task test's stage exits."""
     folder = tmp_path_factory.mktemp("time_limit")
-    ex = sub.make_executor(ClusterOptions(job_folder=str(folder / "%j"), time_min=2, signal_lead_s=90,
-                                          max_requeues=6), "test")
+    ex = sub.make_executor(
+        ClusterOptions(job_folder=str(folder / "%j"), time_min=2, signal_lead_s=90, max_requeues=6), "test"
+    )
     job = ex.submit(GracefulCounter(folder, steps=350, stop_by="return"))
     yield job
     if not job.done():  # e.g. its test was deselected
@@ -157,9 +166,23 @@ def test_failing_job_shows_its_stderr(slurm_cluster, tmp_path):
 
 def test_cli_submits_prints_job_and_logs_and_reports_failure(slurm_cluster, tmp_path, monkeypatch, capsys):
     # A stage registered by the test (the real ones have no launcher yet) through the real CLI path.
-    monkeypatch.setitem(STAGES, "demo", Stage("demo", "test stage", "-", build=lambda args, opts, dry_run: [fail_loudly]))
-    rc = main(["demo", "--job-folder", str(tmp_path / "%j"), "--time-min", "15", "--wait",
-               "--wait-timeout-s", str(WAIT_S), "--", "--anything"])
+    monkeypatch.setitem(
+        STAGES, "demo", Stage("demo", "test stage", "-", build=lambda args, opts, dry_run: [fail_loudly])
+    )
+    rc = main(
+        [
+            "demo",
+            "--job-folder",
+            str(tmp_path / "%j"),
+            "--time-min",
+            "15",
+            "--wait",
+            "--wait-timeout-s",
+            str(WAIT_S),
+            "--",
+            "--anything",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 1
     job_id = out.split("submitted demo: job ")[1].split()[0]
@@ -186,8 +209,11 @@ def test_signalled_jobs_are_requeued_and_resume(slurm_cluster, tmp_path):
     def progressed(path: Path) -> bool:
         return path.exists() and int(path.read_text() or 0) >= 5
 
-    wait_until(lambda: progressed(graceful_dir / "progress_0") and progressed(graceful_dir / "progress_1"),
-               WAIT_S, "the 2-task job to start")
+    wait_until(
+        lambda: progressed(graceful_dir / "progress_0") and progressed(graceful_dir / "progress_1"),
+        WAIT_S,
+        "the 2-task job to start",
+    )
     _send_pre_limit_signal(graceful)
     wait_until(lambda: progressed(classic_dir / "progress"), WAIT_S, "the 1-task job to start")
     _send_pre_limit_signal(classic)

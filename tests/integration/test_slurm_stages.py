@@ -4,6 +4,7 @@ cluster, through real submitit, running the real stage code (nothing mocked).
 Time: the two pretraining jobs (the slow part: torch + DeepSpeed start-up, a requeue) are submitted by
 a module fixture before the first test, so they run while the preprocessing and fine-tuning jobs do.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,31 @@ def corpus(lines: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     nouns = "cat dog bird fish horse cow sheep mouse lion tiger bear wolf".split()
     verbs = "sees chases likes follows finds watches".split()
-    return "\n".join(" ".join(["the", rng.choice(nouns), rng.choice(verbs), "the", rng.choice(nouns), "."]
-                              * rng.randint(1, 3)) for _ in range(lines)) + "\n"
+    return (
+        "\n".join(
+            " ".join(["the", rng.choice(nouns), rng.choice(verbs), "the", rng.choice(nouns), "."] * rng.randint(1, 3))
+            for _ in range(lines)
+        )
+        + "\n"
+    )
 
 
 # Small enough for seconds, big enough for 4 work units, duplicates (global dedup) and a validation split.
-BUILD_ARGS = ["--vocab-size", "80", "--seq-len", "32", "--shard-mb", "0.004", "--unit-mb", "0.006",
-              "--validation-fraction", "0.15", "--dedup", "global", "--no-progress"]
+BUILD_ARGS = [
+    "--vocab-size",
+    "80",
+    "--seq-len",
+    "32",
+    "--shard-mb",
+    "0.004",
+    "--unit-mb",
+    "0.006",
+    "--validation-fraction",
+    "0.15",
+    "--dedup",
+    "global",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +85,30 @@ def options(folder: Path, **kw) -> ClusterOptions:
 
 
 def pretrain_args(data: Path, run_dir: Path) -> list[str]:
-    return ["--config", "tiny", "--set", f"data.path={data}", f"output_dir={run_dir}",
-            "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
-            "model.dropout=0.1",  # dropout on: the resume must restore the RNG too
-            f"optim.total_steps={STEPS}", "optim.warmup_steps=2", "optim.lr=3e-3",
-            "batch.global_batch_size=16", "batch.micro_batch_size=4",  # 2 ranks x 4 x 2 accumulation steps
-            "data.num_workers=0", "logging.every_steps=1", "eval.every_steps=24", "checkpoint.every_steps=16",
-            "checkpoint.keep_last=2", "logging.wandb.mode=disabled", "deepspeed.zero_optimization.stage=2"]
+    return [
+        "--config",
+        "tiny",
+        "--set",
+        f"data.path={data}",
+        f"output_dir={run_dir}",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "model.intermediate_size=64",
+        "model.dropout=0.1",  # dropout on: the resume must restore the RNG too
+        f"optim.total_steps={STEPS}",
+        "optim.warmup_steps=2",
+        "optim.lr=3e-3",
+        "batch.global_batch_size=16",
+        "batch.micro_batch_size=4",  # 2 ranks x 4 x 2 accumulation steps
+        "data.num_workers=0",
+        "logging.every_steps=1",
+        "eval.every_steps=24",
+        "checkpoint.every_steps=16",
+        "checkpoint.keep_last=2",
+        "logging.wandb.mode=disabled",
+        "deepspeed.zero_optimization.stage=2",
+    ]
 
 
 class Interrupter(threading.Thread):
@@ -137,23 +173,58 @@ def test_preprocess_array_gives_the_local_build_s_shards(corpus_file, tmp_path, 
 
     out = tmp_path / "slurm_build"
     began = time.monotonic()
-    rc = main(["preprocess", "--job-folder", str(tmp_path / "jobs" / "%j"), "--time-min", "15",
-               "--array-parallelism", "2", "--wait", "--wait-timeout-s", str(WAIT_S),
-               "--", str(corpus_file), "--out", str(out), *BUILD_ARGS])
+    rc = main(
+        [
+            "preprocess",
+            "--job-folder",
+            str(tmp_path / "jobs" / "%j"),
+            "--time-min",
+            "15",
+            "--array-parallelism",
+            "2",
+            "--wait",
+            "--wait-timeout-s",
+            str(WAIT_S),
+            "--",
+            str(corpus_file),
+            "--out",
+            str(out),
+            *BUILD_ARGS,
+        ]
+    )
     seconds = time.monotonic() - began
     printed, err = capsys.readouterr()
     assert rc == 0, printed + err
     # every job with its logs, in order, then one line per finished step
-    for step in ("plan: job", "hash: array job", "resolve: job", "units: array job", "merge: job", "cancel all: scancel"):
+    for step in (
+        "plan: job",
+        "hash: array job",
+        "resolve: job",
+        "units: array job",
+        "merge: job",
+        "cancel all: scancel",
+    ):
         assert step in printed, printed
     assert "4 tasks (afterok resolve)" in printed and "_<i>_0_log.err" in printed
     assert "preprocess-merge" in printed and "finished: manifest" in printed
 
     # The same shards as a local run. The tokenizer was trained in the plan job; WordPiece training can
     # break ties differently between runs (docs/data_pipeline.md), so the local run reuses that tokenizer.
-    local = build(BuildConfig(inputs=[str(corpus_file)], out_dir=str(tmp_path / "local"), vocab_size=80, seq_len=32,
-                              shard_mb=0.004, unit_mb=0.006, validation_fraction=0.15, dedup="global",
-                              tokenizer=str(out / "tokenizer.json")), workers=1, progress=False)
+    local = build(
+        BuildConfig(
+            inputs=[str(corpus_file)],
+            out_dir=str(tmp_path / "local"),
+            vocab_size=80,
+            seq_len=32,
+            shard_mb=0.004,
+            unit_mb=0.006,
+            validation_fraction=0.15,
+            dedup="global",
+            tokenizer=str(out / "tokenizer.json"),
+        ),
+        workers=1,
+        progress=False,
+    )
     ours, theirs = read_manifest(out), read_manifest(local)
     assert ours["report"]["units"] == 4 and ours["report"]["dropped"]["duplicate"] > 0
     assert ours["splits"] == theirs["splits"] and ours["tokenizer"] == theirs["tokenizer"]
@@ -161,17 +232,37 @@ def test_preprocess_array_gives_the_local_build_s_shards(corpus_file, tmp_path, 
         for shard in ours["splits"][split]["shards"]:
             assert (out / shard["path"]).read_bytes() == (Path(local).parent / shard["path"]).read_bytes()
     n = sum(len(s["shards"]) for s in ours["splits"].values())
-    slurm_report(f"preprocess (plan, hash array x4, resolve, units array x4 at most 2 at once, merge): "
-                 f"{seconds:.1f}s from submission to manifest; {n} shards byte-identical to the local build")
+    slurm_report(
+        f"preprocess (plan, hash array x4, resolve, units array x4 at most 2 at once, merge): "
+        f"{seconds:.1f}s from submission to manifest; {n} shards byte-identical to the local build"
+    )
 
 
 def test_preprocess_failure_shows_the_failing_task_s_error(shards, tmp_path, capsys):
     good, bad = tmp_path / "a_good.jsonl", tmp_path / "b_bad.jsonl"
     good.write_text("".join(json.dumps({"text": f"the cat sees the dog {i} ."}) + "\n" for i in range(20)))
     bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": oops}\n')
-    rc = main(["preprocess", "--job-folder", str(tmp_path / "jobs" / "%j"), "--time-min", "15", "--wait",
-               "--wait-timeout-s", str(WAIT_S), "--", str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "out"),
-               "--tokenizer", str(shards / "tokenizer.json"), "--seq-len", "16", "--no-progress"])
+    rc = main(
+        [
+            "preprocess",
+            "--job-folder",
+            str(tmp_path / "jobs" / "%j"),
+            "--time-min",
+            "15",
+            "--wait",
+            "--wait-timeout-s",
+            str(WAIT_S),
+            "--",
+            str(tmp_path / "*.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            "--tokenizer",
+            str(shards / "tokenizer.json"),
+            "--seq-len",
+            "16",
+            "--no-progress",
+        ]
+    )
     printed, err = capsys.readouterr()
     assert rc == 1
     units_job = printed.split("units: array job ")[1].split(",")[0]
@@ -192,9 +283,13 @@ def test_preprocess_failure_shows_the_failing_task_s_error(shards, tmp_path, cap
 def write_sst2(root: Path, n_train: int = 24, n_dev: int = 12) -> Path:
     """A tiny SST-2 in the GLUE layout (sentence<TAB>label), as in tests/test_finetune.py."""
     words = "the a good bad great awful movie film plot actor fun boring".split()
+
     def rows(n, offset):
-        return [f"{' '.join(words[(i * 7 + k * 3 + offset) % len(words)] for k in range(5 + i % 4))}\t{i % 2}"
-                for i in range(n)]
+        return [
+            f"{' '.join(words[(i * 7 + k * 3 + offset) % len(words)] for k in range(5 + i % 4))}\t{i % 2}"
+            for i in range(n)
+        ]
+
     (root / "SST-2").mkdir(parents=True)
     for split, n, offset in (("train", n_train, 0), ("dev", n_dev, 5)):
         (root / "SST-2" / f"{split}.tsv").write_text("\n".join(["sentence\tlabel"] + rows(n, offset)) + "\n")
@@ -210,8 +305,15 @@ def make_release(folder: Path, texts: list[str]) -> Path:
 
     tokenizer = train_tokenizer(texts, vocab_size=120, min_frequency=1)
     torch.manual_seed(0)
-    config = EncoderConfig(vocab_size=tokenizer.get_vocab_size(), mixer="hypermixer", max_seq_len=32,
-                           hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    config = EncoderConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        mixer="hypermixer",
+        max_seq_len=32,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+    )
     ForMaskedLM(config).save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
@@ -223,10 +325,41 @@ def test_finetune_sweep_array_then_aggregation_table(tmp_path, capsys, slurm_rep
     release = make_release(tmp_path / "tiny", texts)
     sweep = tmp_path / "sweep"
     began = time.monotonic()
-    rc = main(["finetune", "--job-folder", str(tmp_path / "jobs" / "%j"), "--time-min", "15", "--array-parallelism",
-               "2", "--wait", "--wait-timeout-s", str(WAIT_S), "--", "--sweep-dir", str(sweep), "--release",
-               f"tiny={release}", "--tasks", "SST-2", "--lrs", "1e-3,3e-4", "--seeds", "0", "--batch-sizes", "4",
-               "--glue-dir", str(glue), "--epochs", "1", "--device", "cpu", "--no-save-model", "--no-predict"])
+    rc = main(
+        [
+            "finetune",
+            "--job-folder",
+            str(tmp_path / "jobs" / "%j"),
+            "--time-min",
+            "15",
+            "--array-parallelism",
+            "2",
+            "--wait",
+            "--wait-timeout-s",
+            str(WAIT_S),
+            "--",
+            "--sweep-dir",
+            str(sweep),
+            "--release",
+            f"tiny={release}",
+            "--tasks",
+            "SST-2",
+            "--lrs",
+            "1e-3,3e-4",
+            "--seeds",
+            "0",
+            "--batch-sizes",
+            "4",
+            "--glue-dir",
+            str(glue),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--no-save-model",
+            "--no-predict",
+        ]
+    )
     seconds = time.monotonic() - began
     printed, err = capsys.readouterr()
     assert rc == 0, printed + err
@@ -243,10 +376,37 @@ def test_finetune_sweep_array_then_aggregation_table(tmp_path, capsys, slurm_rep
     slurm_report(f"finetune sweep (2 runs as an array, then aggregation): {seconds:.1f}s from submission to table")
 
     # submitted again: both runs are done, so only the aggregation job goes out
-    rc = main(["finetune", "--job-folder", str(tmp_path / "jobs" / "%j"), "--time-min", "15", "--dry-run", "--",
-               "--sweep-dir", str(sweep), "--release", f"tiny={release}", "--tasks", "SST-2", "--lrs", "1e-3,3e-4",
-               "--seeds", "0", "--batch-sizes", "4", "--glue-dir", str(glue), "--epochs", "1", "--device", "cpu",
-               "--no-save-model", "--no-predict"])
+    rc = main(
+        [
+            "finetune",
+            "--job-folder",
+            str(tmp_path / "jobs" / "%j"),
+            "--time-min",
+            "15",
+            "--dry-run",
+            "--",
+            "--sweep-dir",
+            str(sweep),
+            "--release",
+            f"tiny={release}",
+            "--tasks",
+            "SST-2",
+            "--lrs",
+            "1e-3,3e-4",
+            "--seeds",
+            "0",
+            "--batch-sizes",
+            "4",
+            "--glue-dir",
+            str(glue),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--no-save-model",
+            "--no-predict",
+        ]
+    )
     printed, err = capsys.readouterr()
     assert rc == 0 and "2 already done" in err
     assert "#SBATCH --job-name=finetune" in printed and "--array" not in printed and "--dependency" not in printed
@@ -265,15 +425,20 @@ def test_pretrain_two_tasks_finish_and_leave_a_checkpoint(pretrain_runs, slurm_r
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert latest is not None and latest.name == ckpt.tag_for(STEPS) and ckpt.is_complete(latest)
     assert str(latest) == outcomes[0].checkpoint
-    assert sorted(p.name for p in latest.glob("rng_rank*")) == ["rng_rank00000.safetensors", "rng_rank00001.safetensors"]
+    assert sorted(p.name for p in latest.glob("rng_rank*")) == [
+        "rng_rank00000.safetensors",
+        "rng_rank00001.safetensors",
+    ]
     assert json.loads((run_dir / "run_status.json").read_text())["status"] == "completed"
     job = submission.steps[0].jobs[0]
     log = job.stdout()
     assert "slurm pretrain: attempt 1, 2 ranks" in log and "ZeRO-2" in log and "--resume auto" in log
     assert "Requeued" not in log
     finished = json.loads((run_dir / "run_status.json").read_text())["updated_at"]
-    slurm_report(f"pretrain, 2 tasks x {STEPS} steps, uninterrupted: submission to completed run {finished - submitted:.1f}s "
-                 f"(first attempt of the signalled job alongside)")
+    slurm_report(
+        f"pretrain, 2 tasks x {STEPS} steps, uninterrupted: submission to completed run {finished - submitted:.1f}s "
+        f"(first attempt of the signalled job alongside)"
+    )
 
 
 def test_signalled_pretrain_is_requeued_and_ends_like_the_uninterrupted_run(pretrain_runs, slurm_report):
@@ -309,20 +474,28 @@ def test_signalled_pretrain_is_requeued_and_ends_like_the_uninterrupted_run(pret
     assert [s for s, _, _ in losses(ours, "train")] == list(range(1, STEPS + 1))
     assert losses(ours, "train") == losses(reference, "train")
     assert losses(ours, "eval") == losses(reference, "eval") and [s for s, _, _ in losses(ours, "eval")] == [24, 48]
-    final = {k: ckpt.read_state(ckpt.latest_checkpoint(d / "checkpoints"))["last_train"] for k, d in
-             (("requeued", run_dir), ("uninterrupted", reference_dir))}
-    assert (final["requeued"]["step"], final["requeued"]["loss"]) == (final["uninterrupted"]["step"],
-                                                                        final["uninterrupted"]["loss"])
+    final = {
+        k: ckpt.read_state(ckpt.latest_checkpoint(d / "checkpoints"))["last_train"]
+        for k, d in (("requeued", run_dir), ("uninterrupted", reference_dir))
+    }
+    assert (final["requeued"]["step"], final["requeued"]["loss"]) == (
+        final["uninterrupted"]["step"],
+        final["uninterrupted"]["loss"],
+    )
     t = interrupter.times
     requeued = submitit_time(log, "Requeued job")
     restarted = submitit_time(log, "Starting with JobEnvironment", nth=1)
     finished = json.loads((run_dir / "run_status.json").read_text())["updated_at"]
-    slurm_report(f"pretrain requeue: first step logged {t['first_step'] - t['submitted']:.1f}s after submission; "
-                 f"USR2 after step {interrupter.signalled_after_step}, stopped with a checkpoint at step {stop_step}; "
-                 f"signal -> requeued {requeued - t['signalled']:.1f}s -> job running again {restarted - requeued:.1f}s "
-                 f"-> run completed {finished - restarted:.1f}s (signal to completion {finished - t['signalled']:.1f}s)")
-    slurm_report(f"pretrain final step/loss: requeued {final['requeued']['step']} {final['requeued']['loss']!r}, "
-                 f"uninterrupted {final['uninterrupted']['step']} {final['uninterrupted']['loss']!r}")
+    slurm_report(
+        f"pretrain requeue: first step logged {t['first_step'] - t['submitted']:.1f}s after submission; "
+        f"USR2 after step {interrupter.signalled_after_step}, stopped with a checkpoint at step {stop_step}; "
+        f"signal -> requeued {requeued - t['signalled']:.1f}s -> job running again {restarted - requeued:.1f}s "
+        f"-> run completed {finished - restarted:.1f}s (signal to completion {finished - t['signalled']:.1f}s)"
+    )
+    slurm_report(
+        f"pretrain final step/loss: requeued {final['requeued']['step']} {final['requeued']['loss']!r}, "
+        f"uninterrupted {final['uninterrupted']['step']} {final['uninterrupted']['loss']!r}"
+    )
 
 
 def submitit_time(log: str, text: str, nth: int = 0) -> float:
