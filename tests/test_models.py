@@ -406,3 +406,14 @@ def test_masked_lm_step_under_autocast_tracks_fp32(mixer, dtype):
     got.backward()
     assert torch.isfinite(got) and abs(got.item() - want.item()) < 2e-2, (got.item(), want.item())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_position_table_first_built_in_inference_mode_still_trains():
+    # Fine-tuning evaluates under torch.inference_mode, then trains again on the same cached sinusoidal table.
+    model = ForMaskedLM(tiny("hypermixer", max_seq_len=48))
+    ids = torch.randint(5, 50, (2, 37))  # a length no other test asks for: the table is built right here
+    with torch.inference_mode():
+        model(ids)
+    labels = ids.clone()
+    model(ids, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

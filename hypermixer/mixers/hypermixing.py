@@ -58,13 +58,16 @@ class ParallelMLPs(nn.Module):
 def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The Transformer's sine/cosine table (length x dim), built once per (length, dim, device, dtype) and
     shared by every layer and forward (no length limit applies). The cached tensor is read-only by contract."""
-    work = torch.promote_types(dtype, torch.float32)  # at least fp32, even for a bf16 model
-    position = torch.arange(length, device=device, dtype=work).unsqueeze(1)
-    inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=work) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim, device=device, dtype=work)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
-    return table.to(dtype)
+    # Built outside inference mode even when first asked for under it (an evaluation): an inference tensor
+    # could not be saved for backward by a later training step that reuses the cached table.
+    with torch.inference_mode(False):
+        work = torch.promote_types(dtype, torch.float32)  # at least fp32, even for a bf16 model
+        position = torch.arange(length, device=device, dtype=work).unsqueeze(1)
+        inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=work) * (-math.log(10000.0) / dim))
+        table = torch.zeros(length, dim, device=device, dtype=work)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
+        return table.to(dtype)
 
 
 def token_sum(w1: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
