@@ -18,6 +18,7 @@ from hypermixer import (
     flops_per_token,
 )
 from hypermixer.hf.release import release_code
+from hypermixer.mixers import hypermixing
 
 VOCAB = 500
 
@@ -141,10 +142,13 @@ def test_hypermixing_equals_naive_loop(tied):
         assert torch.all(got[b, n:] == 0)  # padded query rows are masked out of W2
 
 
+@pytest.mark.parametrize("block_tokens", [None, 4, 25])  # one block; sequences cut in 3; two sequences a block
 @pytest.mark.parametrize("tied", [False, True])
-def test_hypermixing_gradients_match_the_reference_in_fp32(tied):
-    # The layer's backward is hand-written (it recomputes W1, W2 and the hypernetworks instead of storing
-    # them): its gradients for the input and every parameter must be the reference's autograd gradients.
+def test_hypermixing_gradients_match_the_reference_in_fp32(tied, block_tokens, monkeypatch):
+    # The layer's backward is hand-written (it recomputes W1, W2 and the hypernetworks block by block of tokens
+    # instead of storing them): its gradients for the input and every parameter must be the reference's.
+    if block_tokens:
+        monkeypatch.setattr(hypermixing, "TOKENS_PER_BLOCK", block_tokens)
     torch.manual_seed(0)
     config = tiny(
         "hypermixer", hypermixer_tied=tied, hypermixer_hypernet_hidden_size=24, hypermixer_token_mixing_size=16
@@ -174,11 +178,14 @@ def test_hypermixing_gradients_match_the_reference_in_fp32(tied):
         torch.testing.assert_close(param.grad, weights[name].grad, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("block_tokens", [None, 3])  # whole batch in one block; sequences cut in 2
 @pytest.mark.parametrize("position", ["sinusoidal", "learned", "none"])
 @pytest.mark.parametrize("mixing", ["untied", "tied", "cross"])
-def test_hypermixing_backward_passes_gradcheck(position, mixing):
+def test_hypermixing_backward_passes_gradcheck(position, mixing, block_tokens, monkeypatch):
     # Finite differences in fp64 against the hand-written backward, in every mode: tied or not, each kind of
     # positions (learned ones get a gradient), cross-mixing (the query gets one), with padding on both sides.
+    if block_tokens:
+        monkeypatch.setattr(hypermixing, "TOKENS_PER_BLOCK", block_tokens)
     torch.manual_seed(0)
     config = EncoderConfig.from_dict(
         dict(
