@@ -13,7 +13,9 @@ each of ours from its pretrained weights and from random weights.
    loss/accuracy against tokens seen and against training time.
 3. ablation: the two mixers without the embedding LayerNorm (`model.embedding_layer_norm=false`, the
    encoder as it was before this benchmark found the transformer stuck on the unigram plateau), same
-   budget; and a learning-rate sweep (`--sweep-lrs`): the mixers at other peak learning rates.
+   budget; and a sweep of the mixers at other peak learning rates (`--sweep-lrs`) and other global batches
+   at the same tokens (`--sweep-batches`). `--set KEY=VALUE` adds recipe settings to every pretraining run
+   (e.g. `model.dropout=0.1`).
 4. fine-tuning with `python -m finetune train` on SST-2, CoLA, MRPC and RTE, pretrained and scratch,
    `--seeds` each; mean and std per task beside the majority-class score.
 
@@ -493,6 +495,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="extra peak learning rates for the mixers' sweep, comma-separated; '' skips the sweep",
     )
+    parser.add_argument(
+        "--sweep-batches",
+        default="",
+        help="global batch sizes for the sweep, comma-separated, each at the recipe's lr and the sweep's token "
+        "budget (steps scaled), e.g. 32,128",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe settings added to every pretraining run (pretrain's --set), e.g. model.dropout=0.1",
+    )
     parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
     parser.add_argument("--tasks", default=None, help="subset of the fine-tuning tasks, comma-separated")
     parser.add_argument("--no-finetune", action="store_true", help="stop after pretraining")
@@ -560,6 +576,8 @@ def run(argv: list[str] | None = None) -> int:
     size = QUICK if args.quick else FULL
     if args.steps:
         size = Size(**{**asdict(size), "steps": args.steps, "tasks": size.tasks})  # asdict flattens the recipes
+    if args.sets:
+        size = Size(**{**asdict(size), "model_sets": size.model_sets + tuple(args.sets), "tasks": size.tasks})
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else size.seeds
     if args.tasks:
         wanted = [t.strip() for t in args.tasks.split(",")]
@@ -570,6 +588,7 @@ def run(argv: list[str] | None = None) -> int:
             )
         size = Size(**{**asdict(size), "tasks": tuple(r for r in size.tasks if r.task in wanted)})
     sweep_lrs = size.sweep_lrs if args.sweep_lrs is None else tuple(float(x) for x in args.sweep_lrs.split(",") if x)
+    sweep_batches = tuple(int(x) for x in args.sweep_batches.split(",") if x)
     out = (args.out or (ROOT / "runs" / "bench" / "quality-quick" if args.quick else DEFAULT_OUT)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
@@ -603,17 +622,38 @@ def run(argv: list[str] | None = None) -> int:
         for m in OURS
         if m in args.models
         for lr in sweep_lrs
+    ] + [  # other global batches at the sweep's token budget (steps scaled) and the recipe's lr
+        pretrain(
+            f"{m}-batch{b}",
+            m,
+            size,
+            data,
+            heldout,
+            out,
+            max(1, size.sweep_steps * size.global_batch // b),
+            extra_sets=(f"batch.global_batch_size={b}", f"batch.micro_batch_size={max(1, b // size.procs)}"),
+        )
+        for m in OURS
+        if m in args.models
+        for b in sweep_batches
     ]
     title = f"{RECIPE} recipe, {described}, {size.steps} steps x {size.global_batch} x 128 tokens"
     plot_curves(list(curves.values()), out / "pretraining.png", title)
     if sweep:
         recipe_lr = json.loads(config_path(RECIPE).read_text())["optim"]["lr"]
-        same_budget = [
-            pretrain(f"{m}-lr{recipe_lr:g}", m, size, data, heldout, out, size.sweep_steps, recipe_lr)
+        same_budget = [  # the recipe's lr at the sweep's length (the main runs themselves when as long)
+            {**curves[m], "lr": recipe_lr}
+            if size.steps == size.sweep_steps
+            else pretrain(f"{m}-lr{recipe_lr:g}", m, size, data, heldout, out, size.sweep_steps, recipe_lr)
             for m in OURS
             if m in args.models
         ]
-        plot_curves(same_budget + sweep, out / "sweep.png", f"learning-rate sweep, {size.sweep_steps} steps")
+        plot_curves(
+            same_budget + sweep,
+            out / "sweep.png",
+            f"sweep at {size.sweep_steps} steps x {size.global_batch} x 128 tokens (lr: peak learning rate; batch: "
+            "global batch, steps scaled to the same tokens)",
+        )
         sweep = same_budget + sweep
 
     runs, majority, summary = [], {}, {}
@@ -680,7 +720,14 @@ def run(argv: list[str] | None = None) -> int:
             "![ablation](ablation.png)",
         ]
     if sweep:
-        lines += ["", "## Learning-rate sweep", "", *pretraining_table(sweep), "", "![sweep](sweep.png)"]
+        lines += [
+            "",
+            "## Sweep: peak learning rate and global batch",
+            "",
+            *pretraining_table(sweep),
+            "",
+            "![sweep](sweep.png)",
+        ]
     if summary:
         lines += [
             "",

@@ -26,7 +26,18 @@ needs_shared = pytest.mark.skipif(
 def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     out = tmp_path / "quality"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.quality", "--quick", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "bench.quality",
+            "--quick",
+            "--out",
+            str(out),
+            "--sweep-batches",
+            "32",
+            "--set",
+            "model.dropout=0.05",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,7 +53,17 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     assert len(masked) == 1, masked  # the same held-out masks for all three
     for c in curves.values():
         assert all(0.0 < loss < 20.0 for loss in c["loss"]) and c["tokens_per_s"] > 0
-    assert report["reference_gap"] and len(report["sweep"]) == 4 and len(report["ablation"]) == 2
+    assert report["reference_gap"] and len(report["ablation"]) == 2
+    # sweep: each mixer at the recipe's lr, at the other lr, and at global batch 32 for as many tokens
+    sweep = {c["name"]: c for c in report["sweep"]}
+    assert sorted(sweep) == sorted(
+        f"{m}-{v}" for m in ("hypermixer", "transformer") for v in ("lr0.002", "lr0.004", "batch32")
+    )
+    assert {c["tokens"][-1] for c in sweep.values()} == {12 * 16 * 128 // 2}, sweep
+    state = json.loads(
+        next((out / "pretrain" / "hypermixer" / "checkpoints").glob("step_*/trainer_state.json")).read_text()
+    )
+    assert state["fingerprint"]["model"]["dropout"] == 0.05  # --set reaches every pretraining run
     downstream = report["downstream"]
     for model in ("hypermixer", "transformer"):
         for init in ("scratch", "pretrained"):
