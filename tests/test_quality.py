@@ -75,6 +75,24 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
         assert (out / name).stat().st_size > 0
     assert "| bert-hf |" in result.stdout and "| majority class |" in result.stdout
 
+    # bench.mlm_copy on the same run's releases and held-out build: every masked position in one group
+    probe = subprocess.run(
+        [sys.executable, "-m", "bench.mlm_copy", "--heldout", str(out / "data" / "heldout"), "--max-samples", "64"]
+        + [f"--release={m}={out / 'releases' / m}" for m in ("hypermixer", "transformer")]
+        + ["--json", str(out / "copy.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    groups = json.loads((out / "copy.json").read_text())
+    assert list(groups) == ["hypermixer", "transformer"]
+    counts = [{g: v["masked"] for g, v in r.items()} for r in groups.values()]
+    assert counts[0] == counts[1] and sum(counts[0].values()) > 0  # the same masks for both models
+    assert all(0.0 <= v["accuracy"] <= 1.0 for r in groups.values() for v in r.values() if v["masked"])
+    assert "| repeated, rare |" in probe.stdout
+
 
 # Runs our model and the reference through pretrain.trainer.run (1 process) with a wrapper that hashes
 # every (input_ids, attention_mask, labels) it is given: the streams must be identical.

@@ -1,0 +1,135 @@
+"""Where held-out masked-LM accuracy comes from: masked tokens that a model could copy from their own
+sequence against those it cannot, side by side for several releases.
+
+    python -m bench.mlm_copy --heldout bench/results/quality-tapt-2k/data/heldout \\
+        --release hypermixer=bench/results/quality-tapt-2k/releases/hypermixer \\
+        --release transformer=bench/results/quality-tapt-2k/releases/transformer
+
+Every masked position falls in one group:
+- `repeated, rare`: its original token also stands, visible, elsewhere in the same sequence, and is not one
+  of the held-out text's `--frequent` most common tokens (names and terms an article repeats);
+- `repeated, frequent`: visible elsewhere, but one of the most common tokens (the, of, a comma, ...);
+- `not repeated`: nowhere else in the sequence.
+Attention can fetch one particular context token; HyperMixer's token mixing passes the sequence through a
+d'-wide summary. If that is why the transformer pulls ahead late in pretraining, its lead over HyperMixer is
+largest in `repeated, rare`. Comparing models within a group controls for how hard the group's words are.
+
+Masks are drawn as the trainer's evaluation draws them (`pretrain.data.validation_batches`, `--seed`), on
+the first `--max-samples` held-out sequences. The releases must share the held-out data's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.shards import read_manifest
+from hypermixer import ForMaskedLM
+from hypermixer.heads import IGNORE_INDEX
+from pretrain.data import Masking, shards_of, validation_batches
+
+GROUPS = ("repeated, rare", "repeated, frequent", "not repeated")
+
+
+def copy_groups(input_ids: torch.Tensor, labels: torch.Tensor, frequent: torch.Tensor) -> torch.Tensor:
+    """The GROUPS index of every labelled position, in `labels[labels != IGNORE_INDEX]` order.
+    input_ids, labels: (B, N); frequent: a bool table over the vocabulary."""
+    selected = labels != IGNORE_INDEX
+    targets = torch.where(selected, labels, torch.full_like(labels, -1))
+    same = input_ids.unsqueeze(1) == targets.unsqueeze(2)  # (B, i, j): position j shows i's original token
+    same &= ~torch.eye(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)  # not i itself
+    repeated = same.any(dim=2)[selected]
+    common = frequent[labels[selected]]
+    return torch.where(repeated, torch.where(common, 1, 0), 2)
+
+
+def frequent_table(manifest: dict, split: str, count: int, max_samples: int | None) -> torch.Tensor:
+    """True for the `count` most common non-special ids in the held-out sequences that are evaluated."""
+    from pretrain.data import cut, read_piece
+
+    seq_len = int(manifest["seq_len"])
+    total = sum(s.samples for s in shards_of(manifest, split))
+    counts = np.zeros(int(manifest["vocab_size"]), dtype=np.int64)
+    for piece in cut(shards_of(manifest, split), 0, min(total, max_samples or total)):
+        for sample in read_piece(piece, seq_len):
+            counts += np.bincount(sample, minlength=len(counts))
+    counts[list(set(int(v) for v in manifest["special_ids"].values()))] = 0
+    table = torch.zeros(len(counts), dtype=torch.bool)
+    table[torch.from_numpy(np.argsort(-counts, kind="stable")[:count])] = True
+    return table
+
+
+@torch.no_grad()
+def measure(model: ForMaskedLM, batches: list[dict], frequent: torch.Tensor) -> dict[str, dict[str, float]]:
+    correct = torch.zeros(len(GROUPS))
+    total = torch.zeros(len(GROUPS))
+    for batch in batches:
+        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        hit = (out.logits.argmax(dim=-1) == targets).float()
+        group = copy_groups(batch["input_ids"], batch["labels"], frequent)
+        correct += torch.zeros(len(GROUPS)).index_add_(0, group, hit)
+        total += torch.bincount(group, minlength=len(GROUPS)).float()
+    return {
+        name: {"accuracy": float(correct[g] / total[g]) if total[g] else float("nan"), "masked": int(total[g])}
+        for g, name in enumerate(GROUPS)
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heldout", type=Path, required=True, help="a data_pipeline build of the held-out text")
+    parser.add_argument("--split", default="train", help="the build's split to read (bench.quality: train)")
+    parser.add_argument("--release", action="append", required=True, metavar="NAME=DIR", help="repeatable")
+    parser.add_argument("--max-samples", type=int, default=1024)
+    parser.add_argument("--frequent", type=int, default=100, help="how many of the commonest tokens are 'frequent'")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    releases = {}
+    for item in args.release:
+        name, sep, directory = item.partition("=")
+        if not sep or not Path(directory, "config.json").is_file():
+            print(f"--release {item}: expected NAME=DIR with a release (config.json) in DIR", file=sys.stderr)
+            return 2
+        releases[name] = Path(directory)
+    if not (args.heldout / "manifest.json").is_file():
+        print(f"--heldout {args.heldout}: no manifest.json (build it with data_pipeline)", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(args.seed)
+    manifest = read_manifest(args.heldout)
+    masking = Masking(manifest["special_ids"], manifest["vocab_size"])
+    batches = list(validation_batches(manifest, args.split, masking, args.seed, 0, 1, 32, args.max_samples))
+    frequent = frequent_table(manifest, args.split, args.frequent, args.max_samples)
+    results = {}
+    for name, directory in releases.items():
+        model = ForMaskedLM.from_pretrained(directory).eval()
+        if model.config.vocab_size != int(manifest["vocab_size"]):
+            print(
+                f"--release {name}={directory}: vocabulary of {model.config.vocab_size:,}, but {args.heldout} was "
+                f"built with {int(manifest['vocab_size']):,}: the release and the held-out data need one tokenizer",
+                file=sys.stderr,
+            )
+            return 2
+        results[name] = measure(model, batches, frequent)
+
+    first = next(iter(results.values()))
+    print(f"held-out masked-LM accuracy by group ({args.max_samples} sequences, {args.frequent} frequent tokens)\n")
+    print("| group | masked | " + " | ".join(results) + " |")
+    print("|---|---:|" + "---:|" * len(results))
+    for group in GROUPS:
+        cells = " | ".join(f"{r[group]['accuracy']:.1%}" for r in results.values())
+        print(f"| {group} | {first[group]['masked']:,} | {cells} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
