@@ -4,6 +4,8 @@ sequence against those it cannot, side by side for several releases.
     python -m bench.mlm_copy --heldout bench/results/quality-tapt-2k/data/heldout \\
         --release hypermixer=bench/results/quality-tapt-2k/releases/hypermixer \\
         --release transformer=bench/results/quality-tapt-2k/releases/transformer
+    python -m bench.mlm_copy --heldout DIR --release early=DIR1 --release late=DIR2 --tokens 15
+                                    # also: the 15 tokens the last release predicts best over the first
 
 Every masked position falls in one group:
 - `repeated, rare`: its original token also stands, visible, elsewhere in the same sequence, and is not one
@@ -65,20 +67,50 @@ def frequent_table(manifest: dict, split: str, count: int, max_samples: int | No
 
 
 @torch.no_grad()
-def measure(model: ForMaskedLM, batches: list[dict], frequent: torch.Tensor) -> dict[str, dict[str, float]]:
-    correct = torch.zeros(len(GROUPS))
-    total = torch.zeros(len(GROUPS))
+def measure(model: ForMaskedLM, batches: list[dict], frequent: torch.Tensor) -> dict:
+    """Accuracy and count per group, and per target token id (`by_token`: id -> [correct, masked])."""
+    vocab = len(frequent)
+    correct, total = torch.zeros(len(GROUPS)), torch.zeros(len(GROUPS))
+    token_correct, token_total = torch.zeros(vocab), torch.zeros(vocab)
     for batch in batches:
         out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
         targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
         hit = (out.logits.argmax(dim=-1) == targets).float()
         group = copy_groups(batch["input_ids"], batch["labels"], frequent)
-        correct += torch.zeros(len(GROUPS)).index_add_(0, group, hit)
+        correct.index_add_(0, group, hit)
         total += torch.bincount(group, minlength=len(GROUPS)).float()
-    return {
+        token_correct.index_add_(0, targets, hit)
+        token_total += torch.bincount(targets, minlength=vocab).float()
+    groups = {
         name: {"accuracy": float(correct[g] / total[g]) if total[g] else float("nan"), "masked": int(total[g])}
         for g, name in enumerate(GROUPS)
     }
+    seen = token_total.nonzero().flatten().tolist()
+    return {**groups, "by_token": {i: [int(token_correct[i]), int(token_total[i])] for i in seen}}
+
+
+def gain_table(results: dict, tokenizer_file: Path, count: int) -> list[str]:
+    """The `count` target tokens whose correct predictions grow most from the first release to the last:
+    which words a later or better model learned (held-out counts out of all masked positions)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    (first_name, first), (last_name, last) = next(iter(results.items())), list(results.items())[-1]
+    masked = sum(n for _, n in last["by_token"].values())
+    gains = {i: last["by_token"][i][0] - first["by_token"][i][0] for i in last["by_token"]}
+    lines = [
+        f"| token | masked | correct, {first_name} | correct, {last_name} | gain | gain, points of accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for i in sorted(gains, key=lambda i: -gains[i])[:count]:
+        n = last["by_token"][i][1]
+        lines.append(
+            f"| `{tokenizer.id_to_token(i)}` | {n:,} | {first['by_token'][i][0]:,} | {last['by_token'][i][0]:,} "
+            f"| {gains[i]:+,} | {100 * gains[i] / masked:+.2f} |"
+        )
+    total = sum(gains.values())
+    lines.append(f"| all tokens | {masked:,} | | | {total:+,} | {100 * total / masked:+.2f} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=1024)
     parser.add_argument("--frequent", type=int, default=100, help="how many of the commonest tokens are 'frequent'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokens", type=int, default=0, help="also list the N tokens the last release gains most on over the first"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     releases = {}
@@ -126,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     for group in GROUPS:
         cells = " | ".join(f"{r[group]['accuracy']:.1%}" for r in results.values())
         print(f"| {group} | {first[group]['masked']:,} | {cells} |")
+    if args.tokens and len(results) > 1:
+        print("\n" + "\n".join(gain_table(results, releases[next(reversed(releases))] / "tokenizer.json", args.tokens)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the `hf` extra (pip install -e '.[hf]') is not installed")
 
+from bench.mlm_copy import GROUPS
 from bench.quality import DEFAULT_GLUE, DEFAULT_HELDOUT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     probe = subprocess.run(
         [sys.executable, "-m", "bench.mlm_copy", "--heldout", str(out / "data" / "heldout"), "--max-samples", "64"]
         + [f"--release={m}={out / 'releases' / m}" for m in ("hypermixer", "transformer")]
-        + ["--json", str(out / "copy.json")],
+        + ["--tokens", "3", "--json", str(out / "copy.json")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -88,10 +89,12 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     assert probe.returncode == 0, probe.stderr[-3000:]
     groups = json.loads((out / "copy.json").read_text())
     assert list(groups) == ["hypermixer", "transformer"]
-    counts = [{g: v["masked"] for g, v in r.items()} for r in groups.values()]
+    counts = [{g: r[g]["masked"] for g in GROUPS} for r in groups.values()]
     assert counts[0] == counts[1] and sum(counts[0].values()) > 0  # the same masks for both models
-    assert all(0.0 <= v["accuracy"] <= 1.0 for r in groups.values() for v in r.values() if v["masked"])
-    assert "| repeated, rare |" in probe.stdout
+    assert all(0.0 <= r[g]["accuracy"] <= 1.0 for r in groups.values() for g in GROUPS if r[g]["masked"])
+    by_token = [r["by_token"] for r in groups.values()]
+    assert sum(n for _, n in by_token[0].values()) == sum(counts[0].values())  # every masked position, once
+    assert "| repeated, rare |" in probe.stdout and "| all tokens |" in probe.stdout
 
 
 # Runs our model and the reference through pretrain.trainer.run (1 process) with a wrapper that hashes
