@@ -27,13 +27,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_pipeline.shards import read_manifest
+from data_pipeline.tokenizer import load_tokenizer
 from hypermixer import ForMaskedLM
 from hypermixer.heads import IGNORE_INDEX
-from pretrain.data import Masking, shards_of, validation_batches
+from pretrain.data import Masking, validation_batches
 
 GROUPS = ("repeated, rare", "repeated, frequent", "not repeated")
 
@@ -50,19 +50,17 @@ def copy_groups(input_ids: torch.Tensor, labels: torch.Tensor, frequent: torch.T
     return torch.where(repeated, torch.where(common, 1, 0), 2)
 
 
-def frequent_table(manifest: dict, split: str, count: int, max_samples: int | None) -> torch.Tensor:
-    """True for the `count` most common non-special ids in the held-out sequences that are evaluated."""
-    from pretrain.data import cut, read_piece
-
-    seq_len = int(manifest["seq_len"])
-    total = sum(s.samples for s in shards_of(manifest, split))
-    counts = np.zeros(int(manifest["vocab_size"]), dtype=np.int64)
-    for piece in cut(shards_of(manifest, split), 0, min(total, max_samples or total)):
-        for sample in read_piece(piece, seq_len):
-            counts += np.bincount(sample, minlength=len(counts))
-    counts[list(set(int(v) for v in manifest["special_ids"].values()))] = 0
-    table = torch.zeros(len(counts), dtype=torch.bool)
-    table[torch.from_numpy(np.argsort(-counts, kind="stable")[:count])] = True
+def frequent_table(batches: list[dict], masking: Masking, count: int) -> torch.Tensor:
+    """True for the `count` most common non-special ids among the evaluated sequences' original tokens
+    (the label where a position is masked, the input elsewhere)."""
+    counts = torch.zeros(masking.vocab_size, dtype=torch.int64)
+    for batch in batches:
+        labels = batch["labels"]
+        original = torch.where(labels != IGNORE_INDEX, labels, batch["input_ids"])
+        counts += torch.bincount(original.flatten(), minlength=masking.vocab_size)
+    counts[torch.from_numpy(masking.special)] = 0
+    table = torch.zeros(masking.vocab_size, dtype=torch.bool)
+    table[torch.argsort(counts, descending=True, stable=True)[:count]] = True
     return table
 
 
@@ -92,9 +90,7 @@ def measure(model: ForMaskedLM, batches: list[dict], frequent: torch.Tensor) -> 
 def gain_table(results: dict, tokenizer_file: Path, count: int) -> list[str]:
     """The `count` target tokens whose correct predictions grow most from the first release to the last:
     which words a later or better model learned (held-out counts out of all masked positions)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = load_tokenizer(tokenizer_file)
     (first_name, first), (last_name, last) = next(iter(results.items())), list(results.items())[-1]
     masked = sum(n for _, n in last["by_token"].values())
     gains = {i: last["by_token"][i][0] - first["by_token"][i][0] for i in last["by_token"]}
@@ -137,11 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--heldout {args.heldout}: no manifest.json (build it with data_pipeline)", file=sys.stderr)
         return 2
 
-    torch.manual_seed(args.seed)
     manifest = read_manifest(args.heldout)
     masking = Masking(manifest["special_ids"], manifest["vocab_size"])
     batches = list(validation_batches(manifest, args.split, masking, args.seed, 0, 1, 32, args.max_samples))
-    frequent = frequent_table(manifest, args.split, args.frequent, args.max_samples)
+    frequent = frequent_table(batches, masking, args.frequent)
     results = {}
     for name, directory in releases.items():
         model = ForMaskedLM.from_pretrained(directory).eval()

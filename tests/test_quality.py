@@ -22,26 +22,25 @@ needs_shared = pytest.mark.skipif(
 )
 
 
+def _run_module(module: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.mark.slow
 @needs_shared
 def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     out = tmp_path / "quality"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.quality",
-            "--quick",
-            "--out",
-            str(out),
-            "--sweep-batches",
-            "32",
-            "--set",
-            "model.dropout=0.05",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = _run_module(
+        "bench.quality",
+        "--quick",
+        "--out",
+        str(out),
+        "--sweep-batches",
+        "32",
+        "--set",
+        "model.dropout=0.05",
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,13 +76,11 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     assert "| bert-hf |" in result.stdout and "| majority class |" in result.stdout
 
     # bench.mlm_copy on the same run's releases and held-out build: every masked position in one group
-    probe = subprocess.run(
-        [sys.executable, "-m", "bench.mlm_copy", "--heldout", str(out / "data" / "heldout"), "--max-samples", "64"]
-        + [f"--release={m}={out / 'releases' / m}" for m in ("hypermixer", "transformer")]
-        + ["--tokens", "3", "--json", str(out / "copy.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    probe = _run_module(
+        "bench.mlm_copy",
+        *("--heldout", str(out / "data" / "heldout"), "--max-samples", "64"),
+        *(f"--release={m}={out / 'releases' / m}" for m in ("hypermixer", "transformer")),
+        *("--tokens", "3", "--json", str(out / "copy.json")),
         timeout=300,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
