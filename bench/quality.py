@@ -42,8 +42,12 @@ DEFAULT_CORPUS = ROOT / "demo" / "data" / "corpus" / "wikitext-2-valid.txt"  # =
 DEFAULT_HELDOUT = SHARED / "corpus" / "wikitext-2" / "test.txt"
 DEFAULT_GLUE = SHARED / "glue"
 DEFAULT_OUT = ROOT / "bench" / "results" / "quality"
-MODELS = ("hypermixer", "transformer", "bert-hf")  # bert-hf: the independent reference
+MODELS = ("hypermixer", "transformer", "bert-hf", "transformer-post")  # bert-hf: the independent reference
+DEFAULT_MODELS = ("hypermixer", "transformer", "bert-hf")
 OURS = ("hypermixer", "transformer")
+# Variants of our models, by their settings on top of the recipe. transformer-post is our transformer in
+# BERT's block layout (post-LN, no final LayerNorm): the reference minus only its own code.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {"transformer-post": ("transformer", ("model.norm_position=post",))}
 RECIPE = "cpu"  # pretrain/configs/cpu.json
 WARMUP_FRACTION = 0.0625  # the recipe's 50 of 800 steps, kept for other step counts
 
@@ -420,14 +424,14 @@ def pretraining_table(curves: list[dict]) -> list[str]:
     return lines
 
 
-def reference_gap(curves: dict[str, dict]) -> list[dict]:
-    """Our transformer's held-out loss relative to the HF BERT's at each evaluation."""
-    ours, ref = curves.get("transformer"), curves.get("bert-hf")
-    if not ours or not ref:
+def reference_gap(curves: dict[str, dict], ours: str = "transformer") -> list[dict]:
+    """Our transformer's (or a variant's) held-out loss relative to the HF BERT's at each evaluation."""
+    mine, ref = curves.get(ours), curves.get("bert-hf")
+    if not mine or not ref:
         return []
     return [
-        {"tokens": t, "transformer": a, "bert_hf": b, "relative": a / b - 1.0}
-        for t, a, b in zip(ours["tokens"], ours["loss"], ref["loss"])
+        {"tokens": t, ours.replace("-", "_"): a, "bert_hf": b, "relative": a / b - 1.0}
+        for t, a, b in zip(mine["tokens"], mine["loss"], ref["loss"])
     ]
 
 
@@ -509,7 +513,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="recipe settings added to every pretraining run (pretrain's --set), e.g. model.dropout=0.1",
     )
-    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+    parser.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated, from {','.join(MODELS)} (transformer-post: our transformer in BERT's post-LN layout)",
+    )
     parser.add_argument("--tasks", default=None, help="subset of the fine-tuning tasks, comma-separated")
     parser.add_argument("--no-finetune", action="store_true", help="stop after pretraining")
     parser.add_argument("--no-ablation", action="store_true", help="skip the runs without the embedding LayerNorm")
@@ -603,7 +611,11 @@ def run(argv: list[str] | None = None) -> int:
     )
     log(f"data: {described}")
 
-    curves = {m: pretrain(m, m, size, data, heldout, out, size.steps) for m in args.models}
+    curves = {
+        m: pretrain(m, mixer, size, data, heldout, out, size.steps, extra_sets=sets)
+        for m in args.models
+        for mixer, sets in [VARIANTS.get(m, (m, ()))]
+    }
     ablation = [
         pretrain(
             f"{m}-no-embln", m, size, data, heldout, out, size.steps, extra_sets=("model.embedding_layer_norm=false",)
@@ -675,6 +687,7 @@ def run(argv: list[str] | None = None) -> int:
         plot_downstream(summary, majority, tasks, out / "downstream.png")
 
     gap = reference_gap(curves)
+    gap_post = reference_gap(curves, "transformer-post")
     report = {
         "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
         "recipe": f"pretrain/configs/{RECIPE}.json",
@@ -686,6 +699,7 @@ def run(argv: list[str] | None = None) -> int:
         "ablation": ablation,
         "sweep": sweep,
         "reference_gap": gap,
+        "reference_gap_post": gap_post,
         "finetune_runs": runs,
         "downstream": summary,
         "majority": majority,
@@ -703,13 +717,14 @@ def run(argv: list[str] | None = None) -> int:
         "",
         "![curves](pretraining.png)",
     ]
-    if gap:
-        late = [g for g in gap if g["tokens"] > 0.1 * gap[-1]["tokens"]]
-        lines += [
-            "",
-            "Our transformer's held-out loss relative to the Hugging Face BERT reference, per evaluation "
-            "after the first 10% of training: " + ", ".join(f"{100 * g['relative']:+.1f}%" for g in late),
-        ]
+    for model, model_gap in (("Our transformer", gap), ("Our transformer with post-LN blocks", gap_post)):
+        if model_gap:
+            late = [g for g in model_gap if g["tokens"] > 0.1 * model_gap[-1]["tokens"]]
+            lines += [
+                "",
+                f"{model}: held-out loss relative to the Hugging Face BERT reference, per evaluation "
+                "after the first 10% of training: " + ", ".join(f"{100 * g['relative']:+.1f}%" for g in late),
+            ]
     if ablation:
         lines += [
             "",

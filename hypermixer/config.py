@@ -10,6 +10,7 @@ MIXERS = ("hypermixer", "transformer", "mlpmixer", "fnet")
 HYPERMIXER_POSITIONS = ("sinusoidal", "learned", "none")
 EMBEDDING_POSITIONS = ("learned", "none")
 POOLINGS = ("mean", "cls")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass
@@ -28,6 +29,10 @@ class EncoderConfig:
     # LayerNorm on the summed embeddings, as BERT has. Without it the pre-LN residual stream starts at the
     # embeddings' std 0.02 and our transformer sat on the unigram plateau (docs/pretrain.md#quality).
     embedding_layer_norm: bool = True
+    # Where each block's LayerNorms sit. "pre": x + f(norm(x)), and a final LayerNorm after the last block
+    # (stable at high learning rates, Cramming's choice). "post": norm(x + f(x)), no final LayerNorm, as
+    # BERT has: our transformer with "post" is the HF BERT reference's layout (docs/pretrain.md#quality).
+    norm_position: str = "pre"
     dropout: float = 0.1
     attention_dropout: float = 0.1  # transformer only; > 0 puts torch's CPU attention on its math path (N x N stored)
     layer_norm_eps: float = 1e-5
@@ -79,6 +84,7 @@ class EncoderConfig:
         _check_choice("position_embedding", self.position_embedding, EMBEDDING_POSITIONS)
         _check_choice("hypermixer_position", self.hypermixer_position, HYPERMIXER_POSITIONS)
         _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"EncoderConfig.num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         for name in ("hypermixer_hypernet_hidden_size", "hypermixer_token_mixing_size"):

@@ -1,4 +1,4 @@
-"""The encoder shared by every mixer: embeddings, N pre-norm residual blocks, final norm.
+"""The encoder shared by every mixer: embeddings, N residual blocks (pre-norm and a final norm by default).
 
 Only the token mixer differs between `hypermixer`, `transformer`, `mlpmixer` and `fnet`, so that a
 comparison between them isolates the mixer.
@@ -54,10 +54,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mix(norm(x)), then x + mlp(norm(x))."""
+    """Residual block. Pre-norm: x + mix(norm(x)), then x + mlp(norm(x)). Post-norm (BERT's layout):
+    norm(x + mix(x)), then norm(x + mlp(x))."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
+        self.post_norm = config.norm_position == "post"
         self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mixer = build_mixer(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -65,6 +67,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.post_norm:
+            x = self.mixer_norm(x + self.dropout(self.mixer(x, mask)))
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))
         x = x + self.dropout(self.mixer(self.mixer_norm(x), mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -75,7 +80,12 @@ class Encoder(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Post-norm blocks already end in a LayerNorm.
+        self.final_norm = (
+            nn.Identity()
+            if config.norm_position == "post"
+            else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        )
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
     def forward(
