@@ -55,10 +55,10 @@ def test_shapes(mixer):
 # FNet is not padding-invariant: its DFT along the sequence has length N, so appending padding changes
 # every frequency, and so every output, even with the padded inputs zeroed.
 @pytest.mark.parametrize("mixer", ["hypermixer", "transformer", "mlpmixer"])
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_appended_padding_leaves_real_positions_unchanged(mixer, pooling):
+@pytest.mark.parametrize("pooling, layout", [("mean", "pre"), ("cls", "pre"), ("mean", "post")])
+def test_appended_padding_leaves_real_positions_unchanged(mixer, pooling, layout):
     torch.manual_seed(0)
-    model = ForSequenceClassification(tiny(mixer, pooling=pooling)).eval()
+    model = ForSequenceClassification(tiny(mixer, pooling=pooling, norm_position=layout)).eval()
     ids = batch(b=2, n=10)
     padded = torch.cat([ids, torch.zeros(2, 7, dtype=ids.dtype)], dim=1)
     mask = torch.cat([torch.ones(2, 10), torch.zeros(2, 7)], dim=1)
@@ -232,6 +232,7 @@ def test_gradients_reach_every_parameter(mixer):
     for model in (
         ForMaskedLM(tiny(mixer, **overrides)),
         ForSequenceClassification(tiny(mixer, **overrides), num_labels=2),
+        ForMaskedLM(tiny(mixer, norm_position="post", **overrides)),
     ):
         ids = batch()
         mask = torch.ones_like(ids)
@@ -259,6 +260,7 @@ def test_gradients_reach_every_parameter(mixer):
         ({"mixer": "lstm"}, "mixer"),
         ({"hypermixer_token_mixing_size": 30}, "hypermixer_token_mixing_size"),
         ({"dropout": 1.5}, "dropout"),
+        ({"norm_position": "middle"}, "norm_position"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):
@@ -275,10 +277,10 @@ def test_presets():
         EncoderConfig.preset("huge")
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
-def test_save_load_round_trip_is_bit_identical(tmp_path, mixer):
+@pytest.mark.parametrize("mixer, layout", [(m, "pre") for m in MIXERS] + [("transformer", "post")])
+def test_save_load_round_trip_is_bit_identical(tmp_path, mixer, layout):
     torch.manual_seed(0)
-    model = ForMaskedLM(tiny(mixer, hypermixer_tied=True)).eval()
+    model = ForMaskedLM(tiny(mixer, hypermixer_tied=True, norm_position=layout)).eval()
     model.save_pretrained(tmp_path)
     # + the code Hugging Face's Auto classes load (generated from the library: tests/test_hf.py)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.json", "model.safetensors", *release_code()])

@@ -191,3 +191,74 @@ def test_without_transformers_the_reference_asks_for_the_extra():
     assert result.stderr.strip().splitlines() == [
         "bench.quality: Hugging Face transformers is not installed (the reference model): pip install -e '.[hf]'"
     ]
+
+
+def _bert_weights_as_ours(bert, ours) -> None:
+    """Copy a BertForMaskedLM's weights into our ForMaskedLM, module by module."""
+    import torch
+
+    b, e = bert.bert, ours.encoder
+    pairs = [
+        (b.embeddings.word_embeddings, e.embeddings.token),
+        (b.embeddings.position_embeddings, e.embeddings.position),
+        (b.embeddings.token_type_embeddings, e.embeddings.segment),
+        (b.embeddings.LayerNorm, e.embeddings.norm),
+        (bert.cls.predictions.transform.dense, ours.transform),
+        (bert.cls.predictions.transform.LayerNorm, ours.transform_norm),
+    ]
+    for layer, block in zip(b.encoder.layer, e.blocks):
+        pairs += [
+            (layer.attention.output.dense, block.mixer.out),
+            (layer.attention.output.LayerNorm, block.mixer_norm),
+            (layer.intermediate.dense, block.mlp.up),
+            (layer.output.dense, block.mlp.down),
+            (layer.output.LayerNorm, block.mlp_norm),
+        ]
+    with torch.no_grad():
+        for source, target in pairs:
+            target.load_state_dict(source.state_dict())
+        for layer, block in zip(b.encoder.layer, e.blocks):
+            attention = layer.attention.self
+            for name in ("weight", "bias"):  # our fused projection: q, k, v stacked, as its view splits them
+                stacked = [getattr(getattr(attention, p), name) for p in ("query", "key", "value")]
+                getattr(block.mixer.qkv, name).copy_(torch.cat(stacked))
+        ours.output_bias.copy_(bert.cls.predictions.bias)
+
+
+def test_our_post_norm_transformer_computes_the_hf_berts_function():
+    """With BERT's weights, our transformer in the post-LN layout gives BertForMaskedLM's logits and loss:
+    what differs between the two in bench.quality is the block layout (pre-LN by default) and the draw of
+    the random initial weights, not the computation."""
+    import torch
+
+    from bench.reference_bert import BertReference
+    from hypermixer import EncoderConfig, ForMaskedLM
+
+    config = EncoderConfig.preset(
+        "tiny", mixer="transformer", vocab_size=120, max_seq_len=24, dropout=0.0, attention_dropout=0.0
+    )
+    torch.manual_seed(0)
+    reference = BertReference(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, 120, (3, 24), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 17:] = 0  # padding
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 3::5] = input_ids[:, 3::5]
+    labels[1, 17:] = -100
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=attention_mask, labels=labels)
+        expected_logits = reference.bert(input_ids, attention_mask=attention_mask).logits
+    for layout, should_match in (("post", True), ("pre", False)):
+        ours = ForMaskedLM(config.replace(norm_position=layout)).eval()
+        _bert_weights_as_ours(reference.bert, ours)
+        with torch.no_grad():
+            got = ours(input_ids, attention_mask=attention_mask, labels=labels)
+            logits = ours(input_ids, attention_mask=attention_mask).logits
+        real = attention_mask.bool()
+        close = torch.allclose(logits[real], expected_logits[real], atol=1e-4, rtol=1e-4)
+        assert close == should_match, layout
+        if should_match:
+            assert torch.allclose(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+            assert abs(got.loss.item() - expected.loss.item()) < 1e-5
+            assert got.num_masked == expected.num_masked
