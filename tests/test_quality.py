@@ -30,7 +30,7 @@ def _run_module(module: str, *args: str, timeout: int) -> subprocess.CompletedPr
 
 @pytest.mark.slow
 @needs_shared
-def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
+def test_quick_run_writes_the_curves_and_the_downstream_table(tmp_path):
     out = tmp_path / "quality"
     result = _run_module(
         "bench.quality",
@@ -39,6 +39,8 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
         str(out),
         "--sweep-batches",
         "32",
+        "--models",
+        "hypermixer,transformer,bert-hf,transformer-post",
         "--set",
         "model.dropout=0.05",
         timeout=900,
@@ -46,11 +48,11 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     curves = report["pretraining"]
-    assert list(curves) == ["hypermixer", "transformer", "bert-hf"]
+    assert list(curves) == ["hypermixer", "transformer", "bert-hf", "transformer-post"]
     budgets = {name: c["tokens"] for name, c in curves.items()}
     assert len({tuple(t) for t in budgets.values()}) == 1, budgets  # equal token budget, same evaluation points
     masked = {c["masked_tokens"] for c in curves.values()}
-    assert len(masked) == 1, masked  # the same held-out masks for all three
+    assert len(masked) == 1, masked  # the same held-out masks for every model
     for c in curves.values():
         assert all(0.0 < loss < 20.0 for loss in c["loss"]) and c["tokens_per_s"] > 0
     assert report["reference_gap"] and len(report["ablation"]) == 2
@@ -64,6 +66,12 @@ def test_quick_run_writes_three_curves_and_the_downstream_table(tmp_path):
         next((out / "pretrain" / "hypermixer" / "checkpoints").glob("step_*/trainer_state.json")).read_text()
     )
     assert state["fingerprint"]["model"]["dropout"] == 0.05  # --set reaches every pretraining run
+    post = json.loads(
+        next((out / "pretrain" / "transformer-post" / "checkpoints").glob("step_*/trainer_state.json")).read_text()
+    )["fingerprint"]["model"]
+    assert (post["norm_position"], post["mixer"], post["dropout"]) == ("post", "transformer", 0.05)
+    assert state["fingerprint"]["model"]["norm_position"] == "pre"
+    assert len(report["reference_gap_post"]) == len(report["reference_gap"]) > 0
     downstream = report["downstream"]
     for model in ("hypermixer", "transformer"):
         for init in ("scratch", "pretrained"):
