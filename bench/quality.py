@@ -10,7 +10,8 @@ each of ours from its pretrained weights and from random weights.
    `cpu` recipe: `hypermixer`, `transformer`, and Hugging Face's `BertForMaskedLM` of the same width,
    depth, heads, FFN size, vocabulary and sequence length (`bench/reference_bert.py`): same shards,
    same masks and labels, same optimizer and schedule; its forward and loss are its own. Held-out MLM
-   loss/accuracy against tokens seen and against training time.
+   loss/accuracy against tokens seen and against training time. `--models` also takes `transformer-post`
+   and `hypermixer-post`: our mixers in BERT's post-LN block layout (`model.norm_position=post`).
 3. ablation: the two mixers without the embedding LayerNorm (`model.embedding_layer_norm=false`, the
    encoder as it was before this benchmark found the transformer stuck on the unigram plateau), same
    budget; and a sweep of the mixers at other peak learning rates (`--sweep-lrs`) and other global batches

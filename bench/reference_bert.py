@@ -6,9 +6,10 @@ loss are transformers' own (its cross-entropy over the label tensor, -100 ignore
     python -m bench.reference_bert --config cpu --set data.path=... output_dir=...   # as pretrain/main.py
 
 Same width, depth, heads, FFN size, vocabulary, sequence length, dropout, LayerNorm epsilon and
-initializer range as the `EncoderConfig` that the trainer resolves. What stays BERT's own: post-LN
-blocks with an embedding LayerNorm (ours are pre-LN with a final LayerNorm), which is the point of
-an independent reference.
+initializer range as the `EncoderConfig` that the trainer resolves. What stays BERT's own: its code,
+and its post-LN blocks (ours are pre-LN with a final LayerNorm by default). Our transformer with
+`model.norm_position=post` computes the same function: given BERT's weights it gives BERT's logits and
+loss (tests/test_quality.py), so a gap between it and this reference is the initial draw's, not a defect.
 """
 
 from __future__ import annotations
