@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -690,7 +691,8 @@ def run(argv: list[str] | None = None) -> int:
     gap = reference_gap(curves)
     gap_post = reference_gap(curves, "transformer-post")
     report = {
-        "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
+        # shlex.join keeps empty arguments (--sweep-lrs '') so the recorded command can be pasted back
+        "command": "python -m bench.quality " + shlex.join(sys.argv[1:] if argv is None else argv),
         "recipe": f"pretrain/configs/{RECIPE}.json",
         "size": asdict(size),
         "corpus": described,
