@@ -221,7 +221,7 @@ class _HyperMixingFunction(torch.autograd.Function):
                 target = grad_x if grad_query is None else grad_query
                 target[rows, cols] += _merge_heads(grad_side)
                 if grad_key_pos is not None and query is None:  # self-mixing: the queries' positions are P
-                    grad_key_pos[cols] += _merge_heads(grad_side).sum(0)
+                    grad_key_pos[cols] += _merge_heads(grad_side.sum(0, keepdim=True))[0]  # sum first: 1/b the copy
             grad_token_mix = torch.ops.aten.gelu_backward(grad_mixed, token_mix).to(dtype)
             del grad_mixed
             # Pass 2, W1's side. W1 and X were masked, so X·dSᵀ and W1·dS are already zero at padded keys.
@@ -239,7 +239,7 @@ class _HyperMixingFunction(torch.autograd.Function):
                 grads1 = _add_into(grads1, grads)
                 grad_x[rows, cols] += _merge_heads(grad_values + grad_side)
                 if grad_key_pos is not None:
-                    grad_key_pos[cols] += _merge_heads(grad_side).sum(0)
+                    grad_key_pos[cols] += _merge_heads(grad_side.sum(0, keepdim=True))[0]  # sum first: 1/b the copy
         assert grads1 is not None
         param_grads: list[torch.Tensor | None] = [g.to(p.dtype) for g, p in zip(grads1 + (grads2 or []), params)]
         if h2 is None:
