@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="device bf16 peak, for MFU")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per cell")
+    parser.add_argument("--no-compile", action="store_true", help="eager cells only (compiling takes minutes)")
     parser.add_argument("--lengths", default=None, help="long-sequence lengths, comma-separated (default: 512-65536)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measured cell here (after each cell)")
     args = parser.parse_args(argv)
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.gpu: skipped: no CUDA device (torch.cuda.is_available() is False)")
         return 0
     base, long = cells(args.quick, lengths)
+    if args.no_compile:
+        base = [cell for cell in base if not cell["compile"]]
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast"
     print(device, flush=True)
     measured: dict[str, list[dict]] = {}

@@ -123,12 +123,17 @@ def _masked(w: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # zero
 # single block: 3.0x less transient memory and 1.2-1.7x faster at N = 512 x 32, 8k x 2 and 32k x 1; 2,048 and
 # 4,096 tokens per block were level, 1,024 no better.
 TOKENS_PER_BLOCK = 2048
+# On a GPU each block costs the same few dozen kernel launches per pass whatever its size, so small blocks leave
+# it waiting on launches: on an H200 (bench/results/gpu_h200) the base model's HyperMixer with 2,048-token blocks
+# ran at 0.18x the transformer's tokens/s. Its memory is large enough for 64k-token blocks at any width here.
+GPU_TOKENS_PER_BLOCK = 65536
 
 
-def token_blocks(batch: int, length: int) -> list[tuple[slice, slice]]:
-    """(sequences, tokens) slices covering a (batch, length) grid with at most TOKENS_PER_BLOCK tokens each:
-    whole sequences grouped when they are short, one sequence cut along its tokens when it is long."""
-    budget = TOKENS_PER_BLOCK
+def token_blocks(batch: int, length: int, device_type: str = "cpu") -> list[tuple[slice, slice]]:
+    """(sequences, tokens) slices covering a (batch, length) grid with at most TOKENS_PER_BLOCK tokens each
+    (GPU_TOKENS_PER_BLOCK off the CPU): whole sequences grouped when they are short, one sequence cut along its
+    tokens when it is long."""
+    budget = TOKENS_PER_BLOCK if device_type == "cpu" else GPU_TOKENS_PER_BLOCK
     if length >= budget:
         return [
             (slice(b, b + 1), slice(s, min(s + budget, length))) for b in range(batch) for s in range(0, length, budget)
@@ -170,7 +175,7 @@ class _HyperMixingFunction(torch.autograd.Function):
         batch, width = x.shape[0], x.shape[-1]
         queries, queries_pos = (x, key_pos) if query is None else (query, query_pos)
         token_mix = None  # (B, H, d'/H, d/H), at least fp32: linear in N
-        for rows, cols in token_blocks(batch, x.shape[1]):
+        for rows, cols in token_blocks(batch, x.shape[1], x.device.type):
             keep = _keep_of(key_keep, rows, cols)
             w1 = _masked(_hypernet(_side(x, key_pos, rows, cols, num_heads), h1)[2], keep)
             part = token_sum(w1, _masked(_heads(x[rows, cols], num_heads), keep))
@@ -180,7 +185,7 @@ class _HyperMixingFunction(torch.autograd.Function):
         assert token_mix is not None
         mixing = F.gelu(token_mix).to(x.dtype)
         out = x.new_empty((batch, queries.shape[1], width))
-        for rows, cols in token_blocks(batch, queries.shape[1]):
+        for rows, cols in token_blocks(batch, queries.shape[1], x.device.type):
             w2 = _hypernet(_side(queries, queries_pos, rows, cols, num_heads), h1 if h2 is None else h2)[2]
             w2 = _masked(w2, _keep_of(query_keep, rows, cols))
             out[rows, cols] = _merge_heads(torch.matmul(w2, mixing[rows]))
@@ -207,7 +212,7 @@ class _HyperMixingFunction(torch.autograd.Function):
             grads2: list[torch.Tensor] | None = None
             # Pass 1, W2's side: W2ᵀ·dOut summed over the query tokens (fp32, like the forward's token sum)
             # and, untied, h2's gradients. W2's gradient comes from the output's, so it needs the query mask.
-            for rows, cols in token_blocks(batch, queries.shape[1]):
+            for rows, cols in token_blocks(batch, queries.shape[1], x.device.type):
                 side = _side(queries, queries_pos, rows, cols, heads)
                 keep = _keep_of(query_keep, rows, cols)
                 pre2, hidden2, w2 = _hypernet(side, h1 if h2 is None else h2)
@@ -225,7 +230,7 @@ class _HyperMixingFunction(torch.autograd.Function):
             grad_token_mix = torch.ops.aten.gelu_backward(grad_mixed, token_mix).to(dtype)
             del grad_mixed
             # Pass 2, W1's side. W1 and X were masked, so X·dSᵀ and W1·dS are already zero at padded keys.
-            for rows, cols in token_blocks(batch, x.shape[1]):
+            for rows, cols in token_blocks(batch, x.shape[1], x.device.type):
                 side = _side(x, key_pos, rows, cols, heads)
                 keep = _keep_of(key_keep, rows, cols)
                 pre1, hidden1, w1 = _hypernet(side, h1)
