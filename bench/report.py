@@ -28,6 +28,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,7 +373,7 @@ def kind(data: Any) -> str:
     return "generic"
 
 
-RENDERERS = {
+RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "quality": render_quality,
     "models": render_models,
     "pretrain_curves": render_pretrain_curves,
