@@ -15,6 +15,7 @@ NUMBER = re.compile(r"(?<![\w\-./=])[+-]?\d[\d,]*(?:\.\d+)?%?(?![\w.]\w)")
 # A figure as results print it: a decimal or a percentage with at least three digits (5.774, 18.1%, 77.1).
 FIGURE = re.compile(r"(?<![\w\-./])\d[\d,]*(?:\.\d+)?%?(?![\w.]\w)")
 GENERATED = {"results.md", "config.md"}  # written by bench.report and common.reference
+CITED = {"finetune.md": {"78.9"}}  # published scores quoted from elsewhere that happen to equal one of ours
 
 
 def prose(text: str) -> str:
@@ -73,7 +74,7 @@ def test_readme_and_docs_carry_no_measured_figures():
     assert len(measured) > 100  # the page holds the results
     docs = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in GENERATED)]
     for path in docs:
-        stale = sorted(figures(path.read_text(encoding="utf-8")) & measured)
+        stale = sorted(figures(path.read_text(encoding="utf-8")) & measured - CITED.get(path.name, set()))
         assert not stale, f"{path}: {stale} are results figures; link docs/results.md instead of copying them"
 
 
