@@ -43,6 +43,8 @@ REGENERATE = "python -m bench.report"
 TABLES_MARK = "<!-- tables -->"
 PLACEHOLDER = re.compile(r"\{\{\s*([^}:]+?)\s*(?::([^}]*))?\}\}")
 NO_NOTES_ORDER = 1000
+TASK_SCORES = {"SST-2": "accuracy", "CoLA": "MCC", "MRPC": "mean of F1 and accuracy", "RTE": "accuracy"}
+MODELS_KEYS = {"mixer", "length", "batch_size", "tokens_per_s", "step_s", "step_mem_mib", "tflops"}  # format_table's
 
 
 class ReportError(SystemExit):
@@ -245,7 +247,9 @@ def render_quality(data: dict) -> list[str]:
         lines += [
             "",
             "Fine-tuning, dev sets, mean ± std over seeds "
-            f"{', '.join(map(str, size['seeds']))}, x100 (SST-2 and RTE accuracy, CoLA MCC, MRPC mean of F1 and accuracy):",
+            f"{', '.join(map(str, size['seeds']))}, x100 ("
+            + ", ".join(f"{t}: {TASK_SCORES.get(t, 'task score')}" for t in tasks)
+            + "):",
             "",
             *downstream_table(data["downstream"], data["majority"], tasks),
             "",
@@ -361,7 +365,7 @@ def kind(data: Any) -> str:
     if (
         isinstance(data, list)
         and data
-        and all(isinstance(r, dict) and {"mixer", "length", "tokens_per_s"} <= set(r) for r in data)
+        and all(isinstance(r, dict) and (MODELS_KEYS <= set(r) or {"mixer", "length", "error"} <= set(r)) for r in data)
     ):
         return "models"
     if isinstance(data, dict) and "curves" in data and "steps" in data:
