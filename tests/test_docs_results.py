@@ -91,3 +91,12 @@ def test_a_bad_placeholder_or_front_matter_fails_in_one_line(tmp_path):
     (folder / "notes.md").write_text("---\ntitel: a run\n---\n")
     with pytest.raises(SystemExit, match="front matter line 'titel: a run'"):
         report.generate(tmp_path)
+
+
+def test_the_pretrain_module_table_names_modules_that_exist():
+    text = (ROOT / "docs" / "pretrain.md").read_text(encoding="utf-8")
+    table = text.split("| role | where |", 1)[1].split("\n\n", 1)[0]
+    named = re.findall(r"`([\w/]+(?:\.py|/))`", table)
+    assert "step.py" in named and "watchdog.py" in named
+    missing = [name for name in named if not (ROOT / "pretrain" / name).exists()]
+    assert not missing, f"docs/pretrain.md's module table names {missing}, which pretrain/ does not have"
