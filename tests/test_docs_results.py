@@ -100,3 +100,24 @@ def test_the_pretrain_module_table_names_modules_that_exist():
     assert "step.py" in named and "watchdog.py" in named
     missing = [name for name in named if not (ROOT / "pretrain" / name).exists()]
     assert not missing, f"docs/pretrain.md's module table names {missing}, which pretrain/ does not have"
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors a markdown page has: explicit ids and GitHub's slugs of its headings."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    return slugs | set(re.findall(r'<a id="([^"]+)"', text))
+
+
+def test_links_in_readme_and_docs_point_to_files_and_anchors_that_exist():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            name, _, anchor = target.partition("#")
+            path = (page.parent / name).resolve() if name else page
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
