@@ -355,7 +355,7 @@ def render_finetune_sweep(data: dict) -> list[str]:
     return [
         f"{data['runs_done']} of {data['runs_planned']} planned runs done; dev scores x100.",
         "",
-        *table(head, rows),
+        *table(head, rows, right=3),
     ]
 
 
