@@ -359,7 +359,26 @@ def render_finetune_sweep(data: dict) -> list[str]:
     ]
 
 
+def render_gpu(data: dict) -> list[str]:
+    """bench.gpu's --json: its cells by table title, in bench.models' format with MFU."""
+    from bench.gpu import H100_BF16_TFLOPS
+
+    lines = [f"{data['device']}; MFU against {H100_BF16_TFLOPS:g} TFLOP/s (dense bf16)."]
+    for title, rows in data["cells"].items():
+        for compiled in sorted({bool(r.get("compile")) for r in rows}):
+            group = [r for r in rows if bool(r.get("compile")) == compiled]
+            lines += [
+                "",
+                f"{title}{' (torch.compile)' if compiled else ''}:",
+                "",
+                format_table(group, H100_BF16_TFLOPS),
+            ]
+    return lines
+
+
 def kind(data: Any) -> str:
+    if isinstance(data, dict) and "cells" in data and "device" in data:
+        return "gpu"
     if isinstance(data, dict) and "pretraining" in data and "size" in data:
         return "quality"
     if (
@@ -383,6 +402,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "pretrain_curves": render_pretrain_curves,
     "finetune_sweep": render_finetune_sweep,
     "mlm_copy": render_mlm_copy,
+    "gpu": render_gpu,
     "generic": render_generic,
 }
 
