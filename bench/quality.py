@@ -137,11 +137,11 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run_command(command: list[str], log_file: Path, threads: int = 1) -> None:
+def run_command(command: list[str], log_file: Path, threads: int = 1, append: bool = False) -> None:
     """Run one stage command; its output goes to log_file; a failure names the command and the log."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**environment(), "OMP_NUM_THREADS": str(threads)}
-    with open(log_file, "w") as handle:
+    with open(log_file, "a" if append else "w") as handle:
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = log_file.read_text().strip().splitlines()[-15:]
@@ -207,7 +207,10 @@ def pretrain(
     run_dir = out / "pretrain" / name
     status = run_dir / "run_status.json"
     if not (status.is_file() and json.loads(status.read_text()).get("status") == "completed"):
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        # An interrupted run continues from its newest checkpoint (--resume auto); one without any starts over.
+        resume = any((run_dir / "checkpoints").glob("step_*"))
+        if not resume:
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         script = ["--module", "bench.reference_bert"] if mixer == "bert-hf" else [str(ROOT / "pretrain" / "main.py")]
         # torchrun even for one process: --standalone finds its own free port (no race between runs)
         launcher = [
@@ -225,10 +228,11 @@ def pretrain(
             "--set",
             *pretrain_sets(size, data, heldout, run_dir, mixer, steps, lr),
             *extra_sets,
+            *(["--resume", "auto"] if resume else []),
         ]
-        log(f"pretraining {name}: {steps} steps ({'$ ' + ' '.join(command)})")
+        log(f"pretraining {name}: {steps} steps{' (resumed)' if resume else ''} ({'$ ' + ' '.join(command)})")
         began = time.monotonic()
-        run_command(command, out / "logs" / f"pretrain-{name}.log", threads=2 // size.procs or 1)
+        run_command(command, out / "logs" / f"pretrain-{name}.log", threads=2 // size.procs or 1, append=resume)
         log(f"  done in {(time.monotonic() - began) / 60:.1f} min")
     records = read_metrics(run_dir)
     evals = [r for r in records if r["kind"] == "eval"]
@@ -259,12 +263,15 @@ def _parameters(run_dir: Path) -> int | None:
     return None
 
 
-def export(name: str, out: Path) -> Path:
+def export(name: str, out: Path, checkpoint: Path | None = None) -> Path:
+    """The release of a run's newest checkpoint, or of `checkpoint` (a kept step folder)."""
     release = out / "releases" / name
     if not (release / "model.safetensors").is_file():
+        source = checkpoint or out / "pretrain" / name
+        if not source.is_dir():
+            raise RuntimeError(f"checkpoint {source} not found: its run did not keep it")
         run_command(
-            [sys.executable, "-m", "pretrain.export", str(out / "pretrain" / name), str(release)],
-            out / "logs" / f"export-{name}.log",
+            [sys.executable, "-m", "pretrain.export", str(source), str(release)], out / "logs" / f"export-{name}.log"
         )
     return release
 

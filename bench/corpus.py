@@ -1,0 +1,413 @@
+"""Pretraining on a real corpus: held-out masked-LM curves against tokens and wall-clock, releases kept at
+fixed token counts, and those releases read on out-of-domain text.
+
+    python -m bench.corpus                  # IMDB from ../shared: 40M tokens per model; a rerun continues
+    python -m bench.corpus --quick          # every stage at toy size on a sample of the corpus (the test)
+
+1. data: the corpus documents (jsonl, with an id and a text field) are split by a hash of their id: a fixed
+   `--heldout-fraction` of them (1%) is held out and never trained on; a held-out document whose text also
+   occurs among the training documents (the corpus has a few exact duplicates) is dropped from the held-out
+   set and counted. `data_pipeline build` makes the training shards and a WordPiece tokenizer, and, with the
+   same tokenizer, shards of the held-out documents and of `--ood` text (WikiText-2's test split).
+2. pretraining through `pretrain/main.py` with the shipped `cpu` recipe, per model and pretraining seed, at
+   an equal token budget: evaluations on the held-out documents every `--eval-tokens`, a checkpoint at each
+   release point (2.5M, 10M and 40M tokens by default) kept and exported as a release. An interrupted run
+   continues from its newest checkpoint when the command is run again.
+3. held-out text: every release read on the held-out documents and on the out-of-domain text, with the
+   same sequences and masks for every model (loss and accuracy over the masked tokens).
+
+Writes results.json, results.md and PNGs into --out. The HF BERT reference (`bert-hf`) is pretrained and
+evaluated in step 2 like ours; its checkpoints are not releases of this project, so step 3 reads ours only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.quality import ROOT, SHARED, BenchError, Size, export, log, plot_curves, pretrain, pretraining_table
+
+IMDB = SHARED / "corpus" / "imdb"
+DEFAULT_CORPUS = (IMDB / "unsup.jsonl.gz", IMDB / "train.jsonl.gz")
+DEFAULT_OOD = SHARED / "corpus" / "wikitext-2" / "test.txt"
+DEFAULT_OUT = ROOT / "bench" / "results" / "corpus"
+MODELS = ("hypermixer", "transformer", "bert-hf")
+SEQ_LEN = 128
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Token counts are rounded to whole optimizer steps of global_batch x 128 tokens."""
+
+    release_tokens: tuple[int, ...]  # releases kept (and evaluated out of domain) at these token counts
+    eval_tokens: int  # held-out evaluation every so many tokens
+    global_batch: int
+    eval_samples: int  # held-out sequences per evaluation (x ~19 masked tokens each)
+    vocab_size: int
+    procs: int
+    max_documents: int | None = None  # a sample of the corpus (quick)
+    model_sets: tuple[str, ...] = ()
+
+    def steps(self, tokens: int) -> int:
+        return max(1, round(tokens / (self.global_batch * SEQ_LEN)))
+
+
+FULL = Budget(
+    release_tokens=(2_500_000, 10_000_000, 40_000_000),
+    eval_tokens=500_000,
+    global_batch=64,
+    eval_samples=2048,
+    vocab_size=8192,
+    procs=2,
+)
+QUICK = Budget(
+    release_tokens=(8 * 16 * SEQ_LEN, 16 * 16 * SEQ_LEN),
+    eval_tokens=4 * 16 * SEQ_LEN,
+    global_batch=16,
+    eval_samples=64,
+    vocab_size=1024,
+    procs=1,
+    max_documents=400,
+    model_sets=("model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def held_out(doc_id: str, fraction: float) -> bool:
+    """A fixed share of the documents, whatever the file order: the first 8 bytes of sha1(id) as a fraction."""
+    return int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def read_documents(path: Path, text_field: str, id_field: str, limit: int | None) -> list[dict]:
+    """The documents of one jsonl(.gz) corpus file; a missing, empty or field-less file is one line."""
+    if not path.is_file():
+        raise BenchError(f"--corpus {path}: file not found")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    docs = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise BenchError(f"--corpus {path}: line {number} is not JSON") from None
+            missing = [f for f in (text_field, id_field) if f not in record]
+            if missing:
+                raise BenchError(
+                    f"--corpus {path}: line {number} has no {missing[0]!r} field (it has {', '.join(sorted(record))}; "
+                    "set --text-field / --id-field)"
+                )
+            docs.append({"id": str(record[id_field]), "text": record[text_field]})
+            if limit and len(docs) >= limit:
+                break
+    if not docs:
+        raise BenchError(f"--corpus {path}: no documents in the file")
+    return docs
+
+
+def _fingerprint(text: str) -> bytes:
+    return hashlib.sha1(" ".join(text.split()).encode()).digest()
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> None:
+    """Written whole or not at all: a temp file renamed into place."""
+    temp = path.with_suffix(".tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        for doc in docs:
+            handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    os.replace(temp, path)
+
+
+def split_corpus(files: list[Path], fraction: float, text_field: str, id_field: str, out: Path, limit: int | None):
+    """train.jsonl and heldout.jsonl in out (reused when split.json says they are complete)."""
+    summary_path = out / "split.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    docs = [doc for path in files for doc in read_documents(path, text_field, id_field, limit)]
+    ids = [d["id"] for d in docs]
+    if len(set(ids)) != len(ids):
+        raise BenchError(f"--corpus: {len(ids) - len(set(ids))} document ids occur twice; ids must be unique")
+    train = [d for d in docs if not held_out(d["id"], fraction)]
+    trained = {_fingerprint(d["text"]) for d in train}
+    candidates = [d for d in docs if held_out(d["id"], fraction)]
+    heldout = [d for d in candidates if _fingerprint(d["text"]) not in trained]
+    if not heldout or not train:
+        raise BenchError(f"--heldout-fraction {fraction}: leaves {len(heldout)} held-out, {len(train)} training docs")
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "heldout.jsonl", heldout)
+    summary = {
+        "files": [str(p) for p in files],
+        "fraction": fraction,
+        "documents": len(docs),
+        "train_documents": len(train),
+        "heldout_documents": len(heldout),
+        "heldout_dropped_as_duplicates": len(candidates) - len(heldout),
+    }
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def check_no_overlap(ood: Path, train_jsonl: Path) -> None:
+    """Refuse out-of-domain text whose lines are training documents."""
+    trained = set()
+    with open(train_jsonl, encoding="utf-8") as handle:
+        for line in handle:
+            trained.add(_fingerprint(json.loads(line)["text"]))
+    lines = [line for line in ood.read_text(encoding="utf-8").splitlines() if line.strip()]
+    overlap = sum(_fingerprint(line) in trained for line in lines)
+    if overlap:
+        raise BenchError(f"--ood {ood}: {overlap} of its {len(lines)} lines are training documents; not held out")
+
+
+def build_shards(inputs: list[Path], out_dir: Path, budget: Budget, tokenizer: Path | None = None) -> Path:
+    from data_pipeline.build import build
+    from data_pipeline.config import BuildConfig
+
+    if not (out_dir / "manifest.json").is_file():
+        config = BuildConfig(
+            inputs=[str(p) for p in inputs],
+            out_dir=str(out_dir),
+            tokenizer=None if tokenizer is None else str(tokenizer),
+            vocab_size=budget.vocab_size,
+            seq_len=SEQ_LEN,
+            validation_fraction=0.0,
+            shard_mb=4.0,
+        )
+        build(config, workers=1, progress=False)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------- held-out reading
+
+
+def heldout_batches(shards: Path, samples: int) -> list[dict]:
+    """The first `samples` sequences with masks fixed by seed 0: the same inputs for every release."""
+    from data_pipeline.shards import read_manifest
+    from pretrain.data import Masking, validation_batches
+
+    manifest = read_manifest(shards)
+    masking = Masking(manifest["special_ids"], manifest["vocab_size"])
+    return list(validation_batches(manifest, "train", masking, 0, 0, 1, 32, samples))
+
+
+def read_heldout(release: Path, batches: list[dict]) -> dict:
+    """Masked-LM loss and accuracy of a release over every masked token of the batches."""
+    import torch
+
+    from hypermixer import ForMaskedLM
+    from hypermixer.heads import IGNORE_INDEX
+
+    model = ForMaskedLM.from_pretrained(release).eval()
+    loss_sum, correct, masked = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+            targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
+            loss_sum += float(out.loss) * len(targets)
+            correct += int((out.logits.argmax(dim=-1) == targets).sum())
+            masked += len(targets)
+    return {"loss": loss_sum / masked, "accuracy": correct / masked, "masked_tokens": masked}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def tokens_label(tokens: int) -> str:
+    return f"{tokens / 1e6:g}M" if tokens >= 100_000 else f"{tokens / 1e3:g}k"
+
+
+def plot_wallclock(curves: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for curve in curves:
+        ax.plot([s / 60 for s in curve["train_seconds"]], curve["loss"], label=curve["name"])
+    ax.set_xlabel("training minutes (steps only; evaluations and checkpoints excluded)")
+    ax.set_ylabel("held-out masked-LM loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def release_table(readings: dict[str, dict[str, dict]], sets: list[str]) -> list[str]:
+    head = "| release | tokens | " + " | ".join(f"{s} loss | {s} accuracy" for s in sets) + " |"
+    lines = [head, "|---|---:|" + "---:|---:|" * len(sets)]
+    for name, reading in readings.items():
+        cells = " | ".join(f"{reading[s]['loss']:.3f} | {100 * reading[s]['accuracy']:.1f}%" for s in sets)
+        lines.append(f"| {name} | {tokens_label(reading['tokens'])} | {cells} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every stage at toy size (a couple of minutes)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT})")
+    parser.add_argument(
+        "--corpus", type=Path, action="append", default=None, help="jsonl(.gz) corpus file, repeatable (default: IMDB)"
+    )
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--id-field", default="id", help="the held-out split hashes this field")
+    parser.add_argument("--heldout-fraction", type=float, default=0.01)
+    parser.add_argument(
+        "--ood", type=Path, default=DEFAULT_OOD, help="out-of-domain held-out text (default: WikiText-2 test)"
+    )
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+    parser.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated")
+    parser.add_argument(
+        "--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE", help="recipe settings for every run"
+    )
+    args = parser.parse_args(argv)
+    args.corpus = args.corpus or list(DEFAULT_CORPUS)
+    if not args.ood.is_file():
+        raise BenchError(f"--ood {args.ood}: file not found")
+    if not 0 < args.heldout_fraction < 0.5:
+        raise BenchError(f"--heldout-fraction {args.heldout_fraction}: expected a fraction in (0, 0.5)")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise BenchError(f"--models: unknown model {unknown[0]!r} (choose from {', '.join(MODELS)})")
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except RuntimeError as err:  # a stage failed: its command and the tail of its log
+        print(f"bench.corpus: {err}", file=sys.stderr)
+        return 1
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    out = (args.out or (ROOT / "runs" / "bench" / "corpus-quick" if args.quick else DEFAULT_OUT)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+
+    split = split_corpus(
+        args.corpus, args.heldout_fraction, args.text_field, args.id_field, out / "data" / "docs", budget.max_documents
+    )
+    docs = out / "data" / "docs"
+    check_no_overlap(args.ood, docs / "train.jsonl")
+    train = build_shards([docs / "train.jsonl"], out / "data" / "train", budget)
+    tokenizer = train / "tokenizer.json"
+    heldout = build_shards([docs / "heldout.jsonl"], out / "data" / "heldout", budget, tokenizer)
+    ood = build_shards([args.ood], out / "data" / "ood", budget, tokenizer)
+    train_tokens = json.loads((train / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    log(
+        f"data: {split['train_documents']:,} training documents ({train_tokens:,} tokens), "
+        f"{split['heldout_documents']:,} held out ({split['heldout_dropped_as_duplicates']} duplicates dropped)"
+    )
+
+    release_steps = [budget.steps(t) for t in budget.release_tokens]
+    steps = release_steps[-1]
+    eval_every = budget.steps(budget.eval_tokens)
+    size = Size(
+        steps=steps,
+        global_batch=budget.global_batch,
+        eval_every=eval_every,
+        eval_samples=budget.eval_samples,
+        vocab_size=budget.vocab_size,
+        procs=budget.procs,
+        tasks=(),
+        seeds=(),
+        sweep_lrs=(),
+        sweep_steps=0,
+        model_sets=budget.model_sets + tuple(args.sets),
+    )
+    # Checkpoints at every release point (their greatest common step), all kept until exported.
+    every = release_steps[0]
+    for s in release_steps[1:]:
+        while s % every:
+            every, s = s % every, every
+    checkpoint_sets = (f"checkpoint.every_steps={every}", f"checkpoint.keep_last={steps // every + 1}")
+    curves = {}
+    for seed in args.seeds:
+        for model in args.models:
+            name = f"{model}-s{seed}"
+            curves[name] = pretrain(
+                name, model, size, train, heldout, out, steps, extra_sets=(*checkpoint_sets, f"seed={seed}")
+            )
+
+    heldout_sets = {
+        "in-domain": heldout_batches(heldout, budget.eval_samples),
+        "ood": heldout_batches(ood, budget.eval_samples),
+    }
+    readings: dict[str, dict] = {}
+    for name, curve in curves.items():
+        if curve["mixer"] == "bert-hf":
+            continue
+        for step, tokens in zip(release_steps, budget.release_tokens):
+            release_name = f"{name}-{tokens_label(tokens)}"
+            cached = out / "releases" / release_name / "heldout.json"
+            if not cached.is_file():
+                export_from = Path(curve["run_dir"]) / "checkpoints" / f"step_{step:08d}"
+                release = export(release_name, out, export_from)
+                reading = {key: read_heldout(release, batches) for key, batches in heldout_sets.items()}
+                cached.write_text(json.dumps({**reading, "tokens": step * budget.global_batch * SEQ_LEN}) + "\n")
+            readings[release_name] = json.loads(cached.read_text())
+
+    plot_curves(
+        list(curves.values()),
+        out / "pretraining.png",
+        f"held-out masked-LM, {tokens_label(steps * budget.global_batch * SEQ_LEN)} tokens",
+    )
+    plot_wallclock(list(curves.values()), out / "wallclock.png")
+    report = {
+        "command": "python -m bench.corpus " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "recipe": "pretrain/configs/cpu.json",
+        "budget": {**budget.__dict__, "steps": steps, "release_steps": release_steps, "eval_every_steps": eval_every},
+        "split": split,
+        "train_tokens": train_tokens,
+        "cpu_count": os.cpu_count(),
+        "minutes_total": (time.monotonic() - began) / 60,
+        "pretraining": curves,
+        "releases": readings,
+    }
+    temp = out / "results.json.tmp"
+    temp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(temp, out / "results.json")
+    lines = [
+        "# bench.corpus",
+        "",
+        f"`{report['command']}` — {split['train_documents']:,} training documents, {train_tokens:,} tokens; "
+        f"{split['heldout_documents']:,} held out by a hash of their id.",
+        "",
+        "## Pretraining (held-out documents, final evaluation)",
+        "",
+        *pretraining_table(list(curves.values())),
+        "",
+        "![curves](pretraining.png) ![wall-clock](wallclock.png)",
+        "",
+        "## Releases on held-out text (in-domain: the held-out documents; ood: out-of-domain text)",
+        "",
+        *release_table(readings, list(heldout_sets)),
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines[2:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

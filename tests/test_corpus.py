@@ -1,0 +1,95 @@
+"""bench.corpus: the held-out split by id hash, its refusals, and the whole benchmark at toy size."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT / "demo" / "data" / "corpus" / "wikitext-2-valid.txt"
+
+
+def paragraphs() -> list[str]:
+    return [line.strip() for line in WIKI.read_text(encoding="utf-8").splitlines() if len(line.strip()) > 200]
+
+
+def write_corpus(path: Path, texts: list[str], prefix: str = "doc") -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for i, text in enumerate(texts):
+            handle.write(json.dumps({"id": f"{prefix}/{i}", "text": text}) + "\n")
+    return path
+
+
+def test_split_is_fixed_by_id_disjoint_and_drops_duplicate_texts(tmp_path):
+    texts = paragraphs()[:300]
+    texts.append(texts[0])  # an exact duplicate under another id
+    first = write_corpus(tmp_path / "a.jsonl.gz", texts)
+    split = corpus.split_corpus([first], 0.1, "text", "id", tmp_path / "one", None)
+    train = [json.loads(line) for line in (tmp_path / "one" / "train.jsonl").open()]
+    held = [json.loads(line) for line in (tmp_path / "one" / "heldout.jsonl").open()]
+    assert {d["id"] for d in train}.isdisjoint(d["id"] for d in held)
+    assert {" ".join(d["text"].split()) for d in train}.isdisjoint(" ".join(d["text"].split()) for d in held)
+    assert split["train_documents"] + split["heldout_documents"] + split["heldout_dropped_as_duplicates"] == 301
+    assert 10 <= len(held) <= 55  # ~10% of 301 by hash
+    assert all(corpus.held_out(d["id"], 0.1) for d in held)
+    # the same documents in another order: the same held-out ids
+    reverse = tmp_path / "b.jsonl"
+    reverse.write_text("".join(json.dumps({"id": f"doc/{i}", "text": texts[i]}) + "\n" for i in reversed(range(301))))
+    corpus.split_corpus([reverse], 0.1, "text", "id", tmp_path / "two", None)
+    again = [json.loads(line) for line in (tmp_path / "two" / "heldout.jsonl").open()]
+    assert sorted(d["id"] for d in again) == sorted(d["id"] for d in held)
+
+
+def test_bad_corpus_and_overlapping_heldout_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        corpus.read_documents(tmp_path / "missing.jsonl", "text", "id", None)
+    assert "--corpus" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        corpus.read_documents(empty, "text", "id", None)
+    assert "no documents" in capsys.readouterr().err
+    fieldless = tmp_path / "fieldless.jsonl"
+    fieldless.write_text(json.dumps({"id": "x", "body": "some words"}) + "\n")
+    with pytest.raises(SystemExit):
+        corpus.read_documents(fieldless, "text", "id", None)
+    err = capsys.readouterr().err
+    assert "'text'" in err and "body" in err and err.count("\n") == 1
+    train = tmp_path / "train.jsonl"
+    texts = paragraphs()[:20]
+    train.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    ood = tmp_path / "ood.txt"
+    ood.write_text("\n".join([texts[3], texts[5], "a line of its own"]) + "\n")
+    with pytest.raises(SystemExit):
+        corpus.check_no_overlap(ood, train)
+    assert "2 of its 3 lines are training documents" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_run_writes_curves_and_release_readings(tmp_path):
+    texts = paragraphs()
+    data = write_corpus(tmp_path / "corpus.jsonl.gz", texts[:-40])
+    ood = tmp_path / "ood.txt"
+    ood.write_text("\n".join(texts[-40:]) + "\n")
+    out = tmp_path / "out"
+    args = ["--quick", "--out", str(out), "--corpus", str(data), "--ood", str(ood), "--models", "hypermixer"]
+    assert corpus.main(args) == 0
+    report = json.loads((out / "results.json").read_text())
+    curve = report["pretraining"]["hypermixer-s0"]
+    assert curve["tokens"][-1] == report["budget"]["steps"] * corpus.QUICK.global_batch * corpus.SEQ_LEN
+    assert sorted(report["releases"]) == [
+        f"hypermixer-s0-{corpus.tokens_label(t)}" for t in sorted(corpus.QUICK.release_tokens)
+    ]
+    for reading in report["releases"].values():
+        assert reading["in-domain"]["masked_tokens"] > 0 and reading["ood"]["masked_tokens"] > 0
+    # the final release, read again, gives the loss the trainer logged at its last evaluation
+    last = report["releases"][f"hypermixer-s0-{corpus.tokens_label(corpus.QUICK.release_tokens[-1])}"]
+    assert last["in-domain"]["loss"] == pytest.approx(curve["loss"][-1], rel=1e-4)
+    assert (out / "pretraining.png").is_file() and (out / "wallclock.png").is_file()
+    # a rerun reuses every stage
+    assert corpus.main(args) == 0
