@@ -200,7 +200,7 @@ def _read_table(path: str, _mtime: int, _size: int, columns: Columns, id_field: 
                 raise FinetuneError(f"{place}: no field {column!r} (the line has: {', '.join(map(str, record))})")
         table.lines.append(line)
         table.text.append(_text(record[columns.text_a], columns.text_a, place))
-        if table.pair is not None:
+        if table.pair is not None and columns.text_b is not None:
             table.pair.append(_text(record[columns.text_b], columns.text_b, place))
         if table.labels is not None:
             table.labels.append(record[columns.label])

@@ -15,6 +15,7 @@ MLP-Mixer's token-mixing weights are sized by max_seq_len themselves: there is n
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,10 @@ from hypermixer.mixers.hypermixing import HyperMixing
 EXTENSIONS = ("copy", "interpolate")
 
 
-def extend_positions(model: nn.Module, length: int, how: str) -> list[str]:
+def extend_positions(model: Any, length: int, how: str) -> list[str]:
     """Extend a classifier (or masked LM) in place to `length` positions; returns the names of the
-    tables extended. The model's config says the new max_seq_len, so a saved model reloads at it."""
+    tables extended. The model's config says the new max_seq_len, so a saved model reloads at it.
+    `model`: a hypermixer ForSequenceClassification or ForMaskedLM (`.config`, `.encoder`)."""
     config = model.config
     if how not in EXTENSIONS:
         raise FinetuneError(f"extend_positions: {how!r} is not one of {', '.join(EXTENSIONS)}")

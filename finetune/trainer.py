@@ -51,6 +51,10 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             pick = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(config.seed))
             train_examples = train_examples.subset(sorted(pick[: config.max_train_examples].tolist()))
     dev_examples = {ev.name: read_split(task, ev.dev, **source) for ev in task.evals if ev.dev is not None}
+    if config.predict_test and task.files is not None:  # a bad --test-file stops the run before training
+        for ev in task.evals:
+            if ev.test.files:
+                read_split(task, ev.test)
     seed_everything(config.seed)
     runner = load(
         config.release,

@@ -345,6 +345,10 @@ def test_bad_inputs_give_one_line_and_leave_no_run(release, tmp_path, capsys):
             "max_seq_len 64 exceeds the release's max_seq_len 32",
         ),
         (["--train-file", str(good)], "give a dev set: --dev-file FILE, or --dev-size N"),
+        (
+            ["--train-file", str(good), "--dev-size", "2", "--test-file", str(missing)],
+            f"{missing}: no column 'text' (the file has: id, review, label)",
+        ),
         (["--train-file", str(tmp_path / "x.parquet"), "--dev-size", "2"], "x.parquet: no such file"),
         (["--train-file", str(good), "--dev-size", "12"], "--dev-size 12 leaves no training rows (the file has 12)"),
         (
