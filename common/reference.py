@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,20 @@ def _load(target: str) -> type[BaseModel]:
     return getattr(importlib.import_module(module), name)
 
 
+def literal_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The values of a Literal field, also of an optional one (Literal[...] | None)."""
+    for kind in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(kind) is typing.Literal:
+            return typing.get_args(kind)
+    return None
+
+
 def fields_table(cls: type[BaseModel]) -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in cls.model_fields.items():
         default = "required" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
         kind = cell(type_text(field.annotation))
-        choices = getattr(field.annotation, "__args__", None) if "Literal" in str(field.annotation) else None
+        choices = literal_choices(field.annotation)
         meaning = cell(field.description or "")
         if choices:
             meaning = f"one of {', '.join(f'`{c}`' for c in choices)}" + (f"; {meaning}" if meaning else "")

@@ -22,12 +22,26 @@ TRAINING_FIELDS = (
     "max_grad_norm",
     "adam_eps",
     "max_seq_len",
+    "extend_positions",
+    "long_inputs",
+    "window_stride",
     "max_train_examples",
     "eval_batch_size",
     "device",
     "precision",
     "save_model",
     "predict_test",
+)
+# Your own data (finetune.files): the flags that go with --train-file.
+FILE_FIELDS = (
+    "dev_file",
+    "test_file",
+    "dev_size",
+    "text_field",
+    "text_pair_field",
+    "label_field",
+    "id_field",
+    "problem",
 )
 
 
@@ -55,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="fine-tune one release on one task",
-        description="Fine-tune a release on a GLUE task: dev evaluation after each epoch, the "
-        "best epoch kept in <output-dir>/model, test predictions in <output-dir>/predictions.",
+        description="Fine-tune a release on a GLUE task or on your own files (--train-file): dev "
+        "evaluation after each epoch, the best epoch kept in <output-dir>/model, test predictions in "
+        "<output-dir>/predictions.",
     )
     add_flags(
         train,
@@ -64,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "task", "output_dir", "from_scratch", "learning_rate", "batch_size", "seed"),
         rename=FLAG_NAMES,
     )
-    _data_args(train)
+    _data_args(train, files=True)
     _training_args(train)
     train.set_defaults(func=cmd_train)
 
@@ -84,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="releases",
         help="release folder, or LABEL=FOLDER; repeat for several",
     )
-    sweep.add_argument("--tasks", default="all", help="'all' (the nine) or a comma-separated list (default: all)")
+    sweep.add_argument(
+        "--tasks",
+        default="all",
+        help="'all' (the nine) or a comma-separated list (default: all); with --train-file, the task's name",
+    )
     sweep.add_argument(
         "--lrs", type=_floats, default=(2e-5, 3e-5, 5e-5), help="comma-separated (default: 2e-5,3e-5,5e-5)"
     )
@@ -97,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained, scratch or pretrained,scratch (default: pretrained)",
     )
     sweep.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
-    _data_args(sweep)
+    _data_args(sweep, files=True)
     _training_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
@@ -135,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--precision", default="auto", choices=PRECISIONS)
     predict.add_argument("--batch-size", type=int, default=128)
-    _data_args(predict)
+    _data_args(predict, test_file=True)
     predict.set_defaults(func=cmd_predict)
 
     submit = commands.add_parser(
@@ -156,8 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
+def _data_args(parser: argparse.ArgumentParser, files: bool = False, test_file: bool = False) -> None:
+    """The data source: a GLUE folder, Hugging Face `datasets`, or (`files`) the user's own files;
+    `test_file`: a file to predict with a model fine-tuned on the user's files."""
     group = parser.add_mutually_exclusive_group(required=True)
+    if files:
+        group.add_argument(
+            "--train-file",
+            help="your own labelled data instead of GLUE: a .jsonl, .csv or .tsv file (optionally .gz); "
+            "with --dev-file or --dev-size, and the columns named by --text-field, --label-field",
+        )
+    if test_file:
+        group.add_argument("--test-file", help="for a model fine-tuned on your own files: the rows to predict")
     group.add_argument("--glue-dir", help="GLUE folder: <glue-dir>/<TASK>/{train,dev,test}.tsv")
     group.add_argument(
         "--hf",
@@ -168,6 +197,8 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
         help=f"Hugging Face `datasets`: a hub name (default {HF_HUB_NAME}) or a folder of "
         "DatasetDict.save_to_disk copies (<folder>/<config>, e.g. <folder>/cola)",
     )
+    if files:
+        add_flags(parser, FinetuneConfig, FILE_FIELDS)
 
 
 def _training_args(parser: argparse.ArgumentParser) -> None:
@@ -274,6 +305,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.device,
         args.precision,
         args.batch_size,
+        args.test_file,
     )
     for path in written:
         print(path)

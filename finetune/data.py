@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 from finetune.errors import FinetuneError, where
-from finetune.tasks import Columns, Split, Task
+from finetune.tasks import STSB_RANGE, Columns, Split, Task
 
 TOKENIZER_FILE = "tokenizer.json"
 HF_HUB_NAME = "nyu-mll/glue"  # what the `--hf` flag loads when given no value
-STSB_RANGE = (0.0, 5.0)
 
 csv.field_size_limit(sys.maxsize)  # a few GLUE fields are long; the csv default (128 KiB) is arbitrary
 
@@ -51,7 +50,12 @@ class Examples:
 
 
 def read_split(task: Task, split: Split, glue_dir: str | None = None, hf_dataset: str | None = None) -> Examples:
-    """One split of a task from a GLUE folder or from Hugging Face `datasets` (exactly one of the two)."""
+    """One split of a task from a GLUE folder or from Hugging Face `datasets` (exactly one of the two),
+    or, for a task made from the user's files, from its own files (finetune.files)."""
+    if task.files is not None:
+        from finetune.files import read_file  # it builds on this module
+
+        return read_file(task, split)
     if (glue_dir is None) == (hf_dataset is None):
         raise FinetuneError("give exactly one data source: a GLUE folder or a Hugging Face dataset")
     if glue_dir is not None:
@@ -229,11 +233,27 @@ class Encoded:
     tokens: np.ndarray  # int32, all examples' token ids back to back
     types: np.ndarray  # int8, their segment ids
     offsets: np.ndarray  # int64, example i is tokens[offsets[i]:offsets[i + 1]]
-    labels: torch.Tensor | None  # (N,) int64 label ids, or float32 scores
-    index: list[str]
+    labels: torch.Tensor | None  # (N,) int64 label ids, or float32 scores; per row (window)
+    index: list[str]  # per document
+    # With windows: the document each row (window) comes from, rows of a document next to each other;
+    # None: one row per document.
+    documents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.index)
+
+    @property
+    def document_labels(self) -> torch.Tensor | None:
+        """One label per document (a document's windows share its label)."""
+        if self.labels is None or self.documents is None:
+            return self.labels
+        first = torch.ones(len(self), dtype=torch.bool)
+        first[1:] = self.documents[1:] != self.documents[:-1]
+        return self.labels[first]
 
     @cached_property
     def lengths(self) -> np.ndarray:
@@ -269,22 +289,34 @@ def load_tokenizer(release: str | Path, max_len: int):
     return tokenizer
 
 
-def encode(tokenizer, examples: Examples, regression: bool, chunk: int = 8192) -> Encoded:
-    """Tokenise in chunks (the tokenizer's per-example objects are large), keeping flat arrays."""
-    tokens, types, lengths = [], [], []
+def encode(tokenizer, examples: Examples, regression: bool, windows: bool = False, chunk: int = 8192) -> Encoded:
+    """Tokenise in chunks (the tokenizer's per-example objects are large), keeping flat arrays. With
+    `windows`, an input longer than the tokenizer's truncation length gives one row per window (the
+    tokenizer's overflowing pieces, each with its own [CLS]/[SEP]); otherwise it is truncated."""
+    tokens, types, lengths, documents = [], [], [], []
     for start in range(0, len(examples), chunk):
         a = examples.text_a[start : start + chunk]
         inputs = a if examples.text_b is None else list(zip(a, examples.text_b[start : start + chunk]))
-        for e in tokenizer.encode_batch(inputs):
-            tokens.append(np.asarray(e.ids, dtype=np.int32))
-            types.append(np.asarray(e.type_ids, dtype=np.int8))
-            lengths.append(len(e.ids))
+        for number, encoding in enumerate(tokenizer.encode_batch(inputs), start=start):
+            for e in [encoding, *encoding.overflowing] if windows else [encoding]:
+                tokens.append(np.asarray(e.ids, dtype=np.int32))
+                types.append(np.asarray(e.type_ids, dtype=np.int8))
+                lengths.append(len(e.ids))
+                documents.append(number)
     labels = None
+    rows = torch.tensor(documents, dtype=torch.long)
     if examples.labels is not None:
-        labels = torch.tensor(examples.labels, dtype=torch.float32 if regression else torch.long)
+        labels = torch.tensor(examples.labels, dtype=torch.float32 if regression else torch.long)[rows]
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return Encoded(np.concatenate(tokens), np.concatenate(types), offsets, labels, list(examples.index))
+    return Encoded(
+        np.concatenate(tokens),
+        np.concatenate(types),
+        offsets,
+        labels,
+        list(examples.index),
+        rows if windows else None,
+    )
 
 
 def batches(

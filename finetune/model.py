@@ -17,6 +17,7 @@ import torch
 
 from finetune.data import Encoded, Examples, batches, encode, load_tokenizer
 from finetune.errors import FinetuneError
+from finetune.positions import extend_positions as extend
 from hypermixer import EncoderConfig, ForSequenceClassification, read_release_config
 
 FIXED_LENGTH_MIXERS = ("fnet",)
@@ -30,6 +31,7 @@ class Runner:
     amp_dtype: torch.dtype | None  # autocast dtype, None: fp32
     max_len: int
     pad_to: int | None  # fixed length (FNet) or None: pad each batch to its longest row
+    windows: bool = False  # long inputs split into windows (their predictions pooled), not truncated
 
     @property
     def config(self) -> EncoderConfig:
@@ -44,7 +46,7 @@ class Runner:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
     def encode(self, examples: Examples) -> Encoded:
-        return encode(self.tokenizer, examples, self.regression)
+        return encode(self.tokenizer, examples, self.regression, windows=self.windows)
 
     def batches(self, data: Encoded, batch_size: int, order: torch.Tensor | None = None):
         return batches(data, batch_size, self.config.pad_token_id, order, self.pad_to)
@@ -64,16 +66,20 @@ class Runner:
 
     @torch.inference_mode()
     def predict(self, data: Encoded, batch_size: int) -> torch.Tensor:
-        """Label ids (classification) or scores (regression), in the order of `data`, on the CPU."""
+        """Label ids (classification) or scores (regression), one per document in the order of `data`,
+        on the CPU. A document in windows gets the mean of its windows' probabilities (or scores)."""
         self.model.eval()
-        out = torch.empty(len(data), dtype=torch.float32 if self.regression else torch.long)
+        out = torch.empty(len(data), self.model.num_labels, dtype=torch.float32)
         for rows, batch in self.batches(data, batch_size):
             inputs = self.inputs(batch)
             inputs.pop("labels", None)
             with self.autocast():
                 logits = self.model(**inputs).logits.float()
-            out[rows] = (logits[:, 0] if self.regression else logits.argmax(dim=-1)).cpu()
-        return out
+            out[rows] = (logits if self.regression else logits.softmax(dim=-1)).cpu()
+        if data.documents is not None:
+            pooled = torch.zeros(data.num_documents, out.shape[1]).index_add_(0, data.documents, out)
+            out = pooled / torch.bincount(data.documents, minlength=data.num_documents)[:, None]
+        return out[:, 0] if self.regression else out.argmax(dim=-1)
 
 
 def load(
@@ -83,24 +89,46 @@ def load(
     max_seq_len: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    extend_positions: str | None = None,
+    long_inputs: str = "truncate",
+    window_stride: int | None = None,
 ) -> Runner:
     """A classifier from a release: the encoder's weights from the release and a new head (or all
     weights, for a fine-tuned model folder with the same head), or random weights with
-    `from_scratch`. Seed torch before calling: the head's (or everything's) initialisation draws."""
+    `from_scratch`. Seed torch before calling: the head's (or everything's) initialisation draws.
+    A max_seq_len beyond the release's needs `extend_positions` (finetune.positions), except from
+    scratch, where the encoder is simply built longer."""
     try:
         encoder_config = read_release_config(release)["encoder"]
+        max_len = max_seq_len or encoder_config.max_seq_len
+        longer = max_len > encoder_config.max_seq_len
+        if longer and not from_scratch and extend_positions is None:
+            raise FinetuneError(
+                f"max_seq_len {max_len} exceeds the release's max_seq_len {encoder_config.max_seq_len} ({release}); "
+                f"to fine-tune at {max_len}, extend its position embeddings with --extend-positions copy "
+                "(or interpolate)"
+            )
         if from_scratch:
-            model = ForSequenceClassification(encoder_config, num_labels=num_labels)
+            config = encoder_config.replace(max_seq_len=max_len) if longer else encoder_config
+            model = ForSequenceClassification(config, num_labels=num_labels)
         else:
             model = ForSequenceClassification.from_pretrained(release, num_labels=num_labels)
+            if longer:
+                extend(model, max_len, extend_positions)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise FinetuneError(f"{release}: cannot load the model ({str(err).splitlines()[0]})") from None
-    max_len = max_seq_len or encoder_config.max_seq_len
-    if max_len > encoder_config.max_seq_len:
-        raise FinetuneError(
-            f"max_seq_len {max_len} exceeds the release's max_seq_len {encoder_config.max_seq_len} ({release})"
-        )
     tokenizer = load_tokenizer(release, max_len)
+    windows = long_inputs == "windows"
+    if windows:
+        content = max_len - tokenizer.num_special_tokens_to_add(False)  # a window's text tokens
+        stride = window_stride or content
+        if not 1 <= stride <= content:
+            raise FinetuneError(
+                f"--window-stride {stride}: must be between 1 and {content} "
+                f"(max_seq_len {max_len} less the special tokens)"
+            )
+        # The tokenizer's overflowing pieces are the windows; its `stride` is their overlap.
+        tokenizer.enable_truncation(max_length=max_len, stride=content - stride)
     if tokenizer.get_vocab_size() > encoder_config.vocab_size:
         raise FinetuneError(
             f"{release}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
@@ -109,7 +137,7 @@ def load(
     torch_device = resolve_device(device)
     model.to(torch_device)
     pad_to = max_len if encoder_config.mixer in FIXED_LENGTH_MIXERS else None
-    return Runner(model, tokenizer, torch_device, resolve_precision(precision, torch_device), max_len, pad_to)
+    return Runner(model, tokenizer, torch_device, resolve_precision(precision, torch_device), max_len, pad_to, windows)
 
 
 def resolve_device(name: str) -> torch.device:

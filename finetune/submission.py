@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from common.files import atomic_path, write_text_atomic
-from finetune.data import STSB_RANGE, find_file, hf_folder, read_split
+from finetune.data import find_file, hf_folder, read_split
 from finetune.errors import FinetuneError
 from finetune.model import Runner, load
 from finetune.tasks import TASKS, EvalSet, Task, get_task
@@ -29,7 +29,9 @@ SUBMISSION_FILES: dict[str, tuple[Task, EvalSet]] = {
 
 def prediction_strings(task: Task, predictions) -> list[str]:
     if task.labels is None:
-        low, high = STSB_RANGE
+        if task.score_range is None:
+            return [f"{float(x):.6g}" for x in predictions]
+        low, high = task.score_range
         return [f"{min(max(float(x), low), high):.3f}" for x in predictions]
     return [task.labels[int(i)] for i in predictions]
 
@@ -55,6 +57,8 @@ def predict_tests(
     for answered in [task] + [t for t in TASKS.values() if t.predicted_by == task.name]:
         for ev in answered.evals:
             if not _has_split(answered, ev, glue_dir, hf_dataset):
+                if answered.files is not None:
+                    continue  # no --test-file: nothing to predict
                 print(
                     f"finetune: no {ev.name} test set in {glue_dir or hf_dataset}; no {ev.name}.tsv written",
                     file=sys.stderr,
@@ -71,6 +75,8 @@ def predict_tests(
 
 
 def _has_split(task: Task, ev: EvalSet, glue_dir: str | None, hf_dataset: str | None) -> bool:
+    if task.files is not None:
+        return bool(ev.test.files)
     if glue_dir is not None:
         return find_file(ev.test, glue_dir) is not None
     if not Path(hf_dataset).is_dir():
@@ -143,14 +149,36 @@ def predict_model(
     device: str = "auto",
     precision: str = "auto",
     batch_size: int = 128,
+    test_file: str | None = None,
 ) -> list[Path]:
-    """Test-set predictions from a fine-tuned model folder (a run's `model/`)."""
+    """Test-set predictions from a fine-tuned model folder (a run's `model/`): of the GLUE test sets,
+    or, for a model fine-tuned on the user's files, of `test_file` (<out_dir>/<task>.tsv)."""
     info_path = Path(model_dir) / FINETUNE_FILE
     if not info_path.is_file():
         raise FinetuneError(f"{info_path}: no such file (is {model_dir} the model/ folder of a fine-tuning run?)")
     info = json.loads(info_path.read_text())
-    trained = get_task(info["task"])
-    if task is not None and get_task(task).name != trained.name:
-        raise FinetuneError(f"{model_dir}: fine-tuned on {trained.name}, not {get_task(task).name}")
-    runner = load(model_dir, trained.num_labels, max_seq_len=info["max_seq_len"], device=device, precision=precision)
+    if "text_field" in info:  # fine-tuned on the user's files
+        from finetune.files import saved_task
+
+        if test_file is None:
+            raise FinetuneError(f"{model_dir} was fine-tuned on your own files ({info['task']}): give --test-file")
+        trained = saved_task(info, test_file)
+        glue_dir = hf_dataset = None
+    else:
+        if test_file is not None:
+            raise FinetuneError(
+                f"{model_dir} was fine-tuned on {info['task']}: give --glue-dir or --hf, not --test-file"
+            )
+        trained = get_task(info["task"])
+        if task is not None and get_task(task).name != trained.name:
+            raise FinetuneError(f"{model_dir}: fine-tuned on {trained.name}, not {get_task(task).name}")
+    runner = load(
+        model_dir,
+        trained.num_labels,
+        max_seq_len=info["max_seq_len"],
+        device=device,
+        precision=precision,
+        long_inputs=info.get("long_inputs", "truncate"),
+        window_stride=info.get("window_stride"),
+    )
     return predict_tests(runner, trained, out_dir, glue_dir, hf_dataset, batch_size)

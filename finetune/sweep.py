@@ -22,7 +22,8 @@ from common.files import write_json_atomic
 from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.errors import FinetuneError
-from finetune.tasks import GLUE_TASKS, get_task, parse_tasks
+from finetune.files import default_task_name
+from finetune.tasks import GLUE_TASKS, parse_tasks
 from finetune.trainer import RESULT_FILE, train
 
 PLAN_FILE = "plan.json"
@@ -65,7 +66,7 @@ def plan_sweep(
     Planning again into the same folder adds new runs; a known run with other settings is refused."""
     sweep_dir = Path(sweep_dir).resolve()
     # Absolute paths: array tasks may start in another folder than the one that planned.
-    for key in ("glue_dir", "hf_dataset"):
+    for key in ("glue_dir", "hf_dataset", "train_file", "dev_file", "test_file"):
         if settings.get(key) and Path(settings[key]).exists():
             settings[key] = str(Path(settings[key]).resolve())
     if "release" in settings or "task" in settings or "output_dir" in settings:
@@ -73,7 +74,7 @@ def plan_sweep(
     models = _models(releases, init)
     specs = []
     for (label, release, scratch), task, lr, bs, seed in itertools.product(
-        models, parse_tasks(tasks), _unique(learning_rates), _unique(batch_sizes), _unique(seeds)
+        models, _task_names(tasks, settings), _unique(learning_rates), _unique(batch_sizes), _unique(seeds)
     ):
         name = f"{label}--{task}--lr{lr:g}--bs{bs}--seed{seed}"
         config = FinetuneConfig(
@@ -89,6 +90,17 @@ def plan_sweep(
         specs.append(RunSpec(name, label, task, config.to_dict()))
     _record_plan(sweep_dir, specs)
     return specs
+
+
+def _task_names(tasks: str | Iterable[str], settings: dict[str, Any]) -> list[str]:
+    """GLUE tasks by name, or, with a train_file, the one task it makes: named by `tasks` unless that
+    is 'all' (then by the file, as `train --train-file` names it)."""
+    if not settings.get("train_file"):
+        return parse_tasks(tasks)
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if len(names) > 1:
+        raise FinetuneError(f"--train-file makes one task; --tasks gives {len(names)} names ({', '.join(names)})")
+    return [default_task_name(settings["train_file"]) if names in ([], ["all"]) else names[0]]
 
 
 def load_plan(sweep_dir: str | Path) -> list[RunSpec]:
@@ -149,7 +161,9 @@ def aggregate(sweep_dir: str | Path) -> dict:
     for entry in models.values():
         entry["tasks"] = {task: _summarise_task(task, runs) for task, runs in entry["tasks"].items()}
         entry["glue_score"] = {
-            kind: metrics.glue_score({task: summary[kind]["score"] for task, summary in entry["tasks"].items()})
+            kind: metrics.glue_score(
+                {task: summary[kind]["score"] for task, summary in entry["tasks"].items() if task in GLUE_TASKS}
+            )
             for kind in ("median", "best")
         }
     summary = {
@@ -190,7 +204,7 @@ def _summarise_task(task: str, runs: list[tuple[RunSpec, dict]]) -> dict:
     chosen = max(settings, key=lambda s: s["score"])  # first of equals: plan order
     best_spec, best_result = max(runs, key=lambda run: run[1]["score"])
     return {
-        "metrics": list(get_task(task).metrics),
+        "metrics": list(runs[0][1]["metrics"]),
         "runs": len(runs),
         "median": chosen,
         "best": {
@@ -207,7 +221,7 @@ def _summarise_task(task: str, runs: list[tuple[RunSpec, dict]]) -> dict:
 
 def markdown_table(summary: dict) -> str:
     """A summary table (models x tasks, median over seeds) and one detail table per model."""
-    tasks = [t for t in GLUE_TASKS if any(t in m["tasks"] for m in summary["models"].values())]
+    tasks = _tasks_in(summary)
     heads = [_task_head(t) for t in tasks]
     lines = [
         "# GLUE dev results",
@@ -252,7 +266,7 @@ def plot(summary: dict, path: Path) -> None:
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in batch jobs
 
-    tasks = [t for t in GLUE_TASKS if any(t in m["tasks"] for m in summary["models"].values())]
+    tasks = _tasks_in(summary)
     with_glue = any(m["glue_score"]["median"] is not None for m in summary["models"].values())
     groups = tasks + (["GLUE"] if with_glue else [])
     models = list(summary["models"].items())
@@ -319,6 +333,12 @@ def _record_plan(sweep_dir: Path, specs: list[RunSpec]) -> None:
         known[spec.name] = spec
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"format": PLAN_FORMAT, "runs": [spec.to_dict() for spec in known.values()]})
+
+
+def _tasks_in(summary: dict) -> list[str]:
+    """The summary's tasks: GLUE's in GLUE order, then tasks from the user's files by name."""
+    present = {t for m in summary["models"].values() for t in m["tasks"]}
+    return [t for t in GLUE_TASKS if t in present] + sorted(present - set(GLUE_TASKS))
 
 
 def _unique(values: Iterable) -> list:

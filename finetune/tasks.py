@@ -4,6 +4,9 @@ the Hugging Face `glue` config, and the name the GLUE server wants for the submi
 Label strings are the ones the GLUE files (and the server) use: "0"/"1" for CoLA, SST-2, MRPC,
 QQP and WNLI, entailment/... for MNLI, QNLI, RTE and AX; STS-B is a regression (score 0..5).
 The order of `labels` is also the Hugging Face `glue` ClassLabel order, so HF label i is labels[i].
+
+A task made from a user's own files (`--train-file`) is a `Task` too, with `files` saying where its
+data is; `finetune.files` builds it and reads its splits.
 """
 
 from __future__ import annotations
@@ -21,6 +24,20 @@ class Columns:
     text_b: str | int | None = None
     label: str | int | None = None  # None: an unlabelled test file
     index: str | int | None = None  # the id the GLUE server wants back; None: the row number
+
+
+STSB_RANGE = (0.0, 5.0)
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """Where a user's task reads its data: files in jsonl, csv or tsv (optionally .gz), by column name."""
+
+    train: str
+    dev: str | None  # None: `dev_size` rows of the training file are held out
+    test: str | None  # None: nothing to predict
+    dev_size: int | None
+    id_field: str | None  # None: a column named "id" when the file has one, else the line number
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,8 @@ class Task:
     hf_text: tuple[str, str | None]  # the HF columns holding text_a and text_b
     skip_malformed: bool = False  # QQP: rows with missing fields are skipped and counted
     predicted_by: str | None = None
+    score_range: tuple[float, float] | None = None  # regression: predictions are clipped to it (STS-B)
+    files: FileSpec | None = None  # a task from the user's own files (not GLUE)
 
     @property
     def is_regression(self) -> bool:

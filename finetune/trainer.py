@@ -27,9 +27,10 @@ from common.optim import lr_scheduler, param_groups
 from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.data import Encoded, read_split
+from finetune.files import fixed_subset, task_of
 from finetune.model import Runner, load
 from finetune.submission import FINETUNE_FILE, predict_tests
-from finetune.tasks import get_task
+from finetune.tasks import Task
 from hypermixer.hf.release import tokenizer_files
 
 RESULT_FILE = "result.json"
@@ -39,25 +40,43 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
     """Fine-tune, evaluate on dev after each epoch, keep the best epoch; returns (and writes) the result.
     progress: tqdm bar per epoch; None = only on a terminal."""
     started = time.perf_counter()
-    task = get_task(config.task)
+    # Data and model first: a bad input stops the run before its folder is touched.
+    task = task_of(config)
+    source = dict(glue_dir=config.glue_dir, hf_dataset=config.hf_dataset)
+    train_examples = read_split(task, task.train, **source)
+    if config.max_train_examples is not None and config.max_train_examples < len(train_examples):
+        if task.files is not None:  # the same subset for every seed
+            train_examples = fixed_subset(train_examples, config.max_train_examples)
+        else:
+            pick = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(config.seed))
+            train_examples = train_examples.subset(sorted(pick[: config.max_train_examples].tolist()))
+    dev_examples = {ev.name: read_split(task, ev.dev, **source) for ev in task.evals if ev.dev is not None}
+    if config.predict_test and task.files is not None:  # a bad --test-file stops the run before training
+        for ev in task.evals:
+            if ev.test.files:
+                read_split(task, ev.test)
+    seed_everything(config.seed)
+    runner = load(
+        config.release,
+        task.num_labels,
+        config.from_scratch,
+        config.max_seq_len,
+        config.device,
+        config.precision,
+        config.extend_positions,
+        config.long_inputs,
+        config.window_stride,
+    )
+    train_data = runner.encode(train_examples)
+    dev_data = {name: runner.encode(examples) for name, examples in dev_examples.items()}
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT_FILE).unlink(missing_ok=True)
     write_json_atomic(out / "config.json", config.to_dict())
-    seed_everything(config.seed)
-    runner = load(
-        config.release, task.num_labels, config.from_scratch, config.max_seq_len, config.device, config.precision
-    )
-    source = dict(glue_dir=config.glue_dir, hf_dataset=config.hf_dataset)
-
-    train_examples = read_split(task, task.train, **source)
-    if config.max_train_examples is not None and config.max_train_examples < len(train_examples):
-        pick = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(config.seed))
-        train_examples = train_examples.subset(sorted(pick[: config.max_train_examples].tolist()))
-    train_data = runner.encode(train_examples)
-    dev_data = {ev.name: runner.encode(read_split(task, ev.dev, **source)) for ev in task.evals}
+    windows = f" ({len(train_data)} windows)" if train_data.documents is not None else ""
     _log(
-        f"{task.name}: {len(train_data)} training examples, dev {', '.join(f'{k} {len(v)}' for k, v in dev_data.items())}; "
+        f"{task.name}: {train_data.num_documents} training examples{windows}, "
+        f"dev {', '.join(f'{k} {v.num_documents}' for k, v in dev_data.items())}; "
         f"{runner.config.mixer} from {config.release}{' (random init)' if config.from_scratch else ''} "
         f"on {runner.device} ({runner.precision})"
     )
@@ -114,7 +133,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             extra = tokenizer_files(config.release, runner.config.max_seq_len)
         except ValueError:  # a tokenizer without BERT-style special tokens nor side files: tokenizer.json alone
             extra = {"tokenizer.json": (Path(config.release) / "tokenizer.json").read_text()}
-        extra[FINETUNE_FILE] = json.dumps({"task": task.name, "max_seq_len": runner.max_len}, indent=2) + "\n"
+        extra[FINETUNE_FILE] = json.dumps(finetune_info(task, config, runner.max_len), indent=2) + "\n"
         runner.model.save_pretrained(out / "model", extra_files=extra)
     predictions = []
     if config.predict_test:
@@ -126,7 +145,8 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
         "dev": best["dev"],
         "best_epoch": best["epoch"],
         "history": history,
-        "train_examples": len(train_data),
+        "labels": None if task.labels is None else list(task.labels),  # label id i is labels[i]
+        "train_examples": train_data.num_documents,
         "skipped_rows": train_examples.skipped,
         "model_dir": "model" if config.save_model else None,
         "predictions": [p.name for p in predictions],
@@ -184,11 +204,23 @@ def train_epoch(
 
 
 def evaluate(runner: Runner, task, dev_data: dict[str, Encoded], batch_size: int) -> dict[str, dict[str, float]]:
-    """{eval set: {metric: value}} on the labelled dev sets."""
+    """{eval set: {metric: value}} on the labelled dev sets, one prediction per document."""
     return {
-        name: metrics.compute(task.metrics, data.labels.numpy(), runner.predict(data, batch_size).numpy())
+        name: metrics.compute(task.metrics, data.document_labels.numpy(), runner.predict(data, batch_size).numpy())
         for name, data in dev_data.items()
     }
+
+
+def finetune_info(task: Task, config: FinetuneConfig, max_len: int) -> dict:
+    """What a fine-tuned model folder records besides the model: the task (for a task from files,
+    its labels and columns, so predictions map back), the length and how long inputs were read."""
+    info: dict = {"task": task.name, "max_seq_len": max_len}
+    if config.long_inputs != "truncate":
+        info.update(long_inputs=config.long_inputs, window_stride=config.window_stride)
+    if task.files is not None:
+        info["labels"] = None if task.labels is None else list(task.labels)
+        info.update(text_field=config.text_field, text_pair_field=config.text_pair_field, id_field=config.id_field)
+    return info
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
