@@ -83,10 +83,12 @@ def load(
     max_seq_len: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    dropout: float | None = None,
 ) -> Runner:
     """A classifier from a release: the encoder's weights from the release and a new head (or all
     weights, for a fine-tuned model folder with the same head), or random weights with
-    `from_scratch`. Seed torch before calling: the head's (or everything's) initialisation draws."""
+    `from_scratch`. Seed torch before calling: the head's (or everything's) initialisation draws.
+    dropout: the hidden dropout to fine-tune with (None: the release's)."""
     try:
         encoder_config = read_release_config(release)["encoder"]
         if from_scratch:
@@ -95,6 +97,8 @@ def load(
             model = ForSequenceClassification.from_pretrained(release, num_labels=num_labels)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise FinetuneError(f"{release}: cannot load the model ({str(err).splitlines()[0]})") from None
+    if dropout is not None:
+        set_dropout(model, dropout)
     max_len = max_seq_len or encoder_config.max_seq_len
     if max_len > encoder_config.max_seq_len:
         raise FinetuneError(
@@ -110,6 +114,14 @@ def load(
     model.to(torch_device)
     pad_to = max_len if encoder_config.mixer in FIXED_LENGTH_MIXERS else None
     return Runner(model, tokenizer, torch_device, resolve_precision(precision, torch_device), max_len, pad_to)
+
+
+def set_dropout(model: ForSequenceClassification, p: float) -> None:
+    """Every hidden dropout layer to `p`, and the config too, so the saved fine-tuned model records it."""
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
 
 
 def resolve_device(name: str) -> torch.device:

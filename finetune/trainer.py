@@ -27,12 +27,17 @@ from common.optim import lr_scheduler, param_groups
 from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.data import Encoded, read_split
+from finetune.errors import FinetuneError
 from finetune.model import Runner, load
 from finetune.submission import FINETUNE_FILE, predict_tests
 from finetune.tasks import get_task
 from hypermixer.hf.release import tokenizer_files
 
 RESULT_FILE = "result.json"
+
+
+class DivergedError(FinetuneError):
+    """The training loss became NaN or infinite: the run cannot give a model."""
 
 
 def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
@@ -46,7 +51,13 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
     write_json_atomic(out / "config.json", config.to_dict())
     seed_everything(config.seed)
     runner = load(
-        config.release, task.num_labels, config.from_scratch, config.max_seq_len, config.device, config.precision
+        config.release,
+        task.num_labels,
+        config.from_scratch,
+        config.max_seq_len,
+        config.device,
+        config.precision,
+        config.dropout,
     )
     source = dict(glue_dir=config.glue_dir, hf_dataset=config.hf_dataset)
 
@@ -85,6 +96,8 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             desc=f"{task.name} epoch {epoch}/{config.epochs}",
             progress=progress,
         )
+        if not math.isfinite(loss):  # a diverged run: no epoch after this one can be trusted
+            raise DivergedError(f"diverged: the training loss is {loss} in epoch {epoch} (lr {config.learning_rate:g})")
         dev = evaluate(runner, task, dev_data, config.eval_batch_size)
         score = metrics.task_score(dev)
         record = {
