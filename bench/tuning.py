@@ -108,7 +108,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="NAME=FOLDER",
         help="a pretrained release to fine-tune (and its random-init twin); repeat for several",
     )
-    parser.add_argument("--pair-task", choices=PAIR_TASKS, default="MRPC", help="the sentence-pair task (default: MRPC)")
+    parser.add_argument(
+        "--pair-task", choices=PAIR_TASKS, default="MRPC", help="the sentence-pair task (default: MRPC)"
+    )
     parser.add_argument("--trials", type=int, default=None, help="trials per model and task (default: 20; quick: 4)")
     parser.add_argument("--space", default=None, help="search space: a file or a shipped preset (default: small)")
     parser.add_argument("--search-seed", type=int, default=0, help="the trials' seed (default: 0)")
@@ -196,7 +198,9 @@ def make_models(
         models.append(([f"{label}={path}" for label, path in given.values()], ("pretrained", "scratch")))
     missing = [m for m in MIXERS if m not in given]
     if missing:
-        made = scratch_releases(missing, next(iter(given.values()))[1] if given else None, size, glue_dir, tasks, folder)
+        made = scratch_releases(
+            missing, next(iter(given.values()))[1] if given else None, size, glue_dir, tasks, folder
+        )
         models.append(([f"{mixer}={path}" for mixer, path in made.items()], ("scratch",)))
     return models
 
@@ -245,6 +249,7 @@ def train_tokenizer(glue_dir: Path, tasks: list[str], vocab_size: int, path: Pat
     texts: list[str] = []
     for name in tasks:
         task = get_task(name)
+        assert task.train is not None  # SST-2 and the pair tasks have training sets
         examples = read_split(task, task.train, glue_dir=str(glue_dir))
         texts += examples.text_a + (examples.text_b or [])
     tokenizer = train_wordpiece(texts, vocab_size=vocab_size, min_frequency=2)

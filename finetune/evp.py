@@ -141,9 +141,13 @@ def markdown(summary: dict) -> str:
             if entry is None:
                 continue
             init = "scratch" if model["from_scratch"] else "pretrained"
-            cells = [_band(entry["table"].get(str(k))) for k in (*TABLE_KS, entry["n"])] if entry["table"] else ["-"] * 3
+            cells = (
+                [_band(entry["table"].get(str(k))) for k in (*TABLE_KS, entry["n"])] if entry["table"] else ["-"] * 3
+            )
             lines.append(
-                f"| {label} | {model['mixer']} | {init} | {task} | {entry['n']} | {entry['failed']} | " + " | ".join(cells) + " |"
+                f"| {label} | {model['mixer']} | {init} | {task} | {entry['n']} | {entry['failed']} | "
+                + " | ".join(cells)
+                + " |"
             )
     return "\n".join(lines) + "\n"
 
@@ -166,9 +170,11 @@ def plot_tasks(summary: dict, out_dir: Path) -> list[Path]:
 
 def plot_task(evp: dict, task: str, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in batch jobs
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for label, model in evp["models"].items():
         points = model["tasks"].get(task, {}).get("curve")
         if not points:
@@ -182,6 +188,7 @@ def plot_task(evp: dict, task: str, path: Path) -> None:
     ax.set_ylabel("expected best dev score (x100), ± std")
     ax.set_title(f"{task}: expected validation performance")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.lines:
+        ax.legend(fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -107,7 +107,8 @@ def _distribution_problems(name: str, dist: Distribution) -> list[str]:
 def _value_problems(key: str, name: str, value: float) -> list[str]:
     """`value` checked against the FinetuneConfig field it will be set to (its type and bounds)."""
     field = FinetuneConfig.model_fields[name]
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field], config=ConfigDict(strict=True))
+    kind: Any = Annotated[field.annotation, field]  # the field's type with its bounds (gt, le, ...)
+    adapter: TypeAdapter[Any] = TypeAdapter(kind, config=ConfigDict(strict=True))
     try:
         adapter.validate_python(value)
     except ValidationError as err:
@@ -163,7 +164,8 @@ def draw_trial(space: SearchSpace, search_seed: int, trial: int) -> dict[str, An
         elif dist.kind == "uniform":
             drawn[name] = _round(rng.uniform(dist.low, dist.high))
         else:
-            drawn[name] = _round(math.exp(rng.uniform(math.log(dist.low), math.log(dist.high))))  # type: ignore[arg-type]
+            assert dist.low is not None and dist.high is not None
+            drawn[name] = _round(math.exp(rng.uniform(math.log(dist.low), math.log(dist.high))))
     return drawn
 
 
