@@ -128,9 +128,11 @@ def markdown(summary: dict) -> str:
         "",
         "## Expected validation performance (random search)",
         "",
-        "The expected best dev score (x100) after k trials drawn from the N finished ones, ± one standard "
-        "deviation (Dodge et al. 2019: exact, from order statistics). A higher value at small k means a good "
-        f"model with less tuning. Failed trials: {FAILED_CONVENTION}.",
+        "The expected best dev task score (x100; a task's score is the mean of its metrics) after k trials "
+        "drawn from the N finished ones, ± one standard deviation (Dodge et al. 2019: exact, from order "
+        "statistics). A higher value at small k means a good model with less tuning. Failed trials: "
+        f"{FAILED_CONVENTION}. In the tables above each trial is its own setting, so their 'median over "
+        "seeds' is a single trial's score.",
         "",
         "| Model | Mixer | Init | Task | N | Failed | k=1 | k=5 | k=N |",
         "|---|---|---|---|---|---|---|---|---|",
