@@ -21,6 +21,7 @@ TRAINING_FIELDS = (
     "weight_decay",
     "max_grad_norm",
     "adam_eps",
+    "dropout",
     "max_seq_len",
     "extend_positions",
     "long_inputs",
@@ -116,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained, scratch or pretrained,scratch (default: pretrained)",
     )
     sweep.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
+    search = sweep.add_argument_group(
+        "random search",
+        "--search random draws --trials settings from a search space instead of the grid (--lrs, --seeds and "
+        "--batch-sizes are then unused); every model and task gets the same trials",
+    )
+    search.add_argument("--search", choices=("grid", "random"), default="grid", help="(default: grid)")
+    search.add_argument("--trials", type=int, default=20, help="random search: trials per model and task (default: 20)")
+    search.add_argument("--space", help="random search: a search-space JSON file, or a shipped preset: small, base")
+    search.add_argument("--search-seed", type=int, default=0, help="random search: the draws' seed (default: 0)")
     _data_args(sweep, files=True)
     _training_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
@@ -227,6 +237,25 @@ def sweep_settings(args: argparse.Namespace) -> dict:
     return _settings(args, skip=("learning_rate", "batch_size", "seed"))[0]
 
 
+def plan_from_args(args: argparse.Namespace, sweep_dir: str | Path) -> list:
+    """Plan a parsed `sweep` command line into sweep_dir: the grid, or the random search's trials.
+    Public: the SLURM launcher plans with it."""
+    from finetune.sweep import plan_sweep
+
+    settings = sweep_settings(args)
+    if args.search == "random":
+        from finetune.search import plan_random
+
+        if args.space is None:
+            raise FinetuneError("--search random needs --space FILE or a preset (small, base)")
+        return plan_random(
+            sweep_dir, args.releases, args.tasks, args.space, args.trials, args.search_seed, args.init, **settings
+        )
+    return plan_sweep(
+        sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from finetune.trainer import train
 
@@ -249,12 +278,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from finetune.sweep import plan_sweep, run_sweep
+    from finetune.sweep import run_sweep
 
-    settings = sweep_settings(args)
-    specs = plan_sweep(
-        args.sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings
-    )
+    specs = plan_from_args(args, args.sweep_dir)
     print(f"finetune: planned {len(specs)} runs in {Path(args.sweep_dir) / 'plan.json'}")
     if args.plan_only:
         return 0

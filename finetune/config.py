@@ -74,6 +74,14 @@ class FinetuneConfig(Checked):
     weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False, description="not on biases and norms")
     max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False, description="0: no clipping")
     adam_eps: float = Field(1e-6, gt=0, allow_inf_nan=False)
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="hidden dropout (embeddings, blocks, classifier head); default: the release's. "
+        "Attention dropout stays the release's",
+    )
     max_seq_len: int | None = Field(
         None,
         gt=0,

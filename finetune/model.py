@@ -92,12 +92,14 @@ def load(
     extend_positions: str | None = None,
     long_inputs: str = "truncate",
     window_stride: int | None = None,
+    dropout: float | None = None,
 ) -> Runner:
     """A classifier from a release: the encoder's weights from the release and a new head (or all
     weights, for a fine-tuned model folder with the same head), or random weights with
     `from_scratch`. Seed torch before calling: the head's (or everything's) initialisation draws.
     A max_seq_len beyond the release's needs `extend_positions` (finetune.positions), except from
-    scratch, where the encoder is simply built longer."""
+    scratch, where the encoder is simply built longer. dropout: the hidden dropout to fine-tune with
+    (None: the release's)."""
     try:
         encoder_config = read_release_config(release)["encoder"]
         max_len = max_seq_len or encoder_config.max_seq_len
@@ -117,6 +119,8 @@ def load(
                 extend(model, max_len, extend_positions)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise FinetuneError(f"{release}: cannot load the model ({str(err).splitlines()[0]})") from None
+    if dropout is not None:
+        set_dropout(model, dropout)
     tokenizer = load_tokenizer(release, max_len)
     windows = long_inputs == "windows"
     if windows:
@@ -138,6 +142,14 @@ def load(
     model.to(torch_device)
     pad_to = max_len if encoder_config.mixer in FIXED_LENGTH_MIXERS else None
     return Runner(model, tokenizer, torch_device, resolve_precision(precision, torch_device), max_len, pad_to, windows)
+
+
+def set_dropout(model: ForSequenceClassification, p: float) -> None:
+    """Every hidden dropout layer to `p`, and the config too, so the saved fine-tuned model records it."""
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
 
 
 def resolve_device(name: str) -> torch.device:

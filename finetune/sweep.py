@@ -28,6 +28,7 @@ from finetune.trainer import RESULT_FILE, train
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = 1
+SEARCH_FILE = "search.json"  # a random search's space and seed (finetune/search.py)
 INITS = ("pretrained", "scratch")
 
 
@@ -37,6 +38,7 @@ class RunSpec:
     model: str  # the release's label, "-scratch" appended for random init
     task: str
     config: dict[str, Any]  # a FinetuneConfig as a dict
+    trial: int | None = None  # a random-search trial's number (finetune/search.py); None in a grid
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +73,8 @@ def plan_sweep(
             settings[key] = str(Path(settings[key]).resolve())
     if "release" in settings or "task" in settings or "output_dir" in settings:
         raise FinetuneError("plan_sweep: give releases and tasks as their own arguments, not in settings")
+    if (sweep_dir / SEARCH_FILE).is_file():
+        raise FinetuneError(f"{sweep_dir} holds a random search; plan the grid into another sweep folder")
     models = _models(releases, init)
     specs = []
     for (label, release, scratch), task, lr, bs, seed in itertools.product(
@@ -120,6 +124,10 @@ def run_one(spec: RunSpec | dict[str, Any], progress: bool | None = None) -> dic
     if done.is_file():
         print(f"finetune: {spec.name}: already done ({done})", flush=True)
         return json.loads(done.read_text())
+    if spec.trial is not None:  # a random-search trial: a failure is recorded, not raised
+        from finetune.search import run_trial
+
+        return run_trial(spec, progress=progress)
     print(f"finetune: {spec.name}: starting", flush=True)
     return train(FinetuneConfig.from_dict(spec.config), progress=progress)
 
@@ -140,16 +148,20 @@ def aggregate(sweep_dir: str | Path) -> dict:
     """Per model and task: for each (learning rate, batch size), the median over seeds; the setting
     with the best median; and the best single run. Plus the GLUE score of both where all nine tasks
     are there. Writes results.json, results.md, results.png into the sweep folder."""
+    from finetune.search import failure
+
     sweep_dir = Path(sweep_dir)
     specs = load_plan(sweep_dir)
-    results, missing = {}, []
+    results, missing, failed = {}, [], {}
     for spec in specs:
         path = spec.output_dir / RESULT_FILE
         if path.is_file():
             results[spec.name] = json.loads(path.read_text())
+        elif failure(spec) is not None:
+            failed[spec.name] = failure(spec)
         else:
             missing.append(spec.name)
-    if not results:
+    if not results and not failed:
         raise FinetuneError(f"{sweep_dir}: none of the {len(specs)} planned runs has finished yet")
     models: dict[str, dict] = {}
     for spec in specs:
@@ -171,13 +183,20 @@ def aggregate(sweep_dir: str | Path) -> dict:
         "runs_planned": len(specs),
         "runs_done": len(results),
         "missing_runs": missing,
+        "failed_runs": {name: f"{record['kind']}: {record['reason']}" for name, record in failed.items()},
         "glue_score_convention": "mean of the nine task scores; a task's score is the mean of its metrics; "
         "MNLI's is the mean of matched and mismatched accuracy; AX not included",
         "models": models,
     }
+    if any(spec.trial is not None for spec in specs):  # a random search: expected validation performance
+        from finetune import evp
+
+        summary["evp"] = evp.summarise(summary, specs, results, failed)
     write_json_atomic(sweep_dir / "results.json", summary)
-    (sweep_dir / "results.md").write_text(markdown_table(summary))
+    (sweep_dir / "results.md").write_text(markdown_table(summary) + (evp.markdown(summary) if "evp" in summary else ""))
     plot(summary, sweep_dir / "results.png")
+    if "evp" in summary:
+        evp.plot_tasks(summary, sweep_dir)
     return summary
 
 

@@ -27,6 +27,7 @@ from common.optim import lr_scheduler, param_groups
 from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.data import Encoded, read_split
+from finetune.errors import FinetuneError
 from finetune.files import fixed_subset, task_of
 from finetune.model import Runner, load
 from finetune.submission import FINETUNE_FILE, predict_tests
@@ -34,6 +35,10 @@ from finetune.tasks import Task
 from hypermixer.hf.release import tokenizer_files
 
 RESULT_FILE = "result.json"
+
+
+class DivergedError(FinetuneError):
+    """The training loss became NaN or infinite: the run cannot give a model."""
 
 
 def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
@@ -66,6 +71,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
         config.extend_positions,
         config.long_inputs,
         config.window_stride,
+        config.dropout,
     )
     train_data = runner.encode(train_examples)
     dev_data = {name: runner.encode(examples) for name, examples in dev_examples.items()}
@@ -104,6 +110,8 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             desc=f"{task.name} epoch {epoch}/{config.epochs}",
             progress=progress,
         )
+        if not math.isfinite(loss):  # a diverged run: no epoch after this one can be trusted
+            raise DivergedError(f"diverged: the training loss is {loss} in epoch {epoch} (lr {config.learning_rate:g})")
         dev = evaluate(runner, task, dev_data, config.eval_batch_size)
         score = metrics.task_score(dev)
         record = {

@@ -80,11 +80,10 @@ def parse_sweep_args(stage_args: list[str]) -> Any:
 def plan(args: Any, sweep_dir: Path) -> list[Any]:
     """plan_sweep into sweep_dir, exactly as `python -m finetune sweep` does; the whole plan (earlier
     plannings into the same folder included)."""
-    from finetune.__main__ import sweep_settings
-    from finetune.sweep import load_plan, plan_sweep
+    from finetune.__main__ import plan_from_args
+    from finetune.sweep import load_plan
 
-    settings = sweep_settings(args)
-    plan_sweep(sweep_dir, args.releases, args.tasks, args.lrs, args.seeds, args.batch_sizes, args.init, **settings)
+    plan_from_args(args, sweep_dir)
     return load_plan(sweep_dir)
 
 
@@ -142,8 +141,10 @@ def build(stage_args: list[str], options: ClusterOptions, dry_run: bool) -> list
 
 
 def _copy_plan(sweep_dir: Path, scratch: Path) -> None:
-    """The sweep's plan.json, if any, as if it had been planned into `scratch` (so that planning there
-    sees the same runs, and refuses the same conflicting settings)."""
+    """The sweep's plan.json (and a random search's search.json), if any, as if it had been planned into
+    `scratch` (so that planning there sees the same runs, and refuses the same conflicting settings)."""
+    if (sweep_dir / "search.json").is_file():
+        (scratch / "search.json").write_text((sweep_dir / "search.json").read_text())
     source = sweep_dir / "plan.json"
     if not source.is_file():
         return
@@ -159,4 +160,4 @@ def _moved(spec: Any, sweep_dir: Path) -> Any:
     from finetune.sweep import RunSpec
 
     config = {**spec.config, "output_dir": str(sweep_dir / "runs" / spec.name)}
-    return RunSpec(spec.name, spec.model, spec.task, config)
+    return RunSpec(spec.name, spec.model, spec.task, config, spec.trial)

@@ -1,0 +1,66 @@
+"""bench.tuning --quick: the whole measurement's code path (four mixers, two tasks, random search,
+EVP curves, report) on a small GLUE folder made here, then a rerun that continues instead of redoing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_finetune import sentence
+
+from hypermixer import MIXERS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_tasks(root: Path) -> Path:
+    """SST-2 and MRPC in the GLUE layout: 64 training and 24 dev rows each."""
+    for task, head, row in (
+        ("SST-2", "sentence\tlabel", lambda i: f"{sentence(i)}\t{i % 2}"),
+        (
+            "MRPC",
+            "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+            lambda i: f"{i % 2}\t{i}\t{i + 1}\t{sentence(i)}\t{sentence(i + 3)}",
+        ),
+    ):
+        (root / task).mkdir(parents=True)
+        for split, n in (("train", 64), ("dev", 24)):
+            (root / task / f"{split}.tsv").write_text("\n".join([head] + [row(i) for i in range(n)]) + "\n")
+    return root
+
+
+def test_quick_run_writes_curves_table_and_resumes(tmp_path):
+    glue = write_tasks(tmp_path / "glue")
+    out = tmp_path / "tuning"
+    command = [sys.executable, "-m", "bench.tuning", "--quick", "--out", str(out), "--glue-dir", str(glue)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["command"] == f"python -m bench.tuning --quick --out {out} --glue-dir {glue}"
+    models = report["evp"]["models"]
+    assert sorted(m["mixer"] for m in models.values()) == sorted(MIXERS)
+    trials = report["setup"]["trials_per_model_and_task"]
+    for model in models.values():
+        assert set(model["tasks"]) == {"SST-2", "MRPC"}
+        for task in model["tasks"].values():
+            means = [p["mean"] for p in task["curve"]]
+            assert len(means) == trials, task
+            assert all(b >= a - 1e-12 for a, b in zip(means, means[1:], strict=False)), means  # EVP rises with k
+            assert all(0.0 <= p["mean"] <= 1.0 and p["std"] >= 0.0 for p in task["curve"])
+    # the same trials (hyperparameters and training seeds) for every mixer
+    plan = json.loads((out / "sweep" / "plan.json").read_text())["runs"]
+    drawn = {}
+    for run in plan:
+        values = {k: run["config"][k] for k in ("learning_rate", "batch_size", "seed", "dropout", "warmup_ratio")}
+        assert drawn.setdefault((run["task"], run["trial"]), values) == values
+    table = (out / "results.md").read_text()
+    assert "| Model | Mixer | Init | Task | N | Failed | k=1 | k=5 | k=N |" in table and "## Against the paper" in table
+    for task in ("SST-2", "MRPC"):
+        assert (out / f"evp-{task}.png").read_bytes()[:4] == b"\x89PNG"
+
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already done") == len(plan) == 4 * 2 * trials
