@@ -320,7 +320,9 @@ def run(argv: list[str] | None = None) -> int:
         f"{split['heldout_documents']:,} held out ({split['heldout_dropped_as_duplicates']} duplicates dropped)"
     )
 
-    release_steps = [budget.steps(t) for t in budget.release_tokens]
+    # Every release point a whole multiple of the first, so that one checkpoint interval lands on all of them.
+    first = budget.steps(budget.release_tokens[0])
+    release_steps = [first * round(t / budget.release_tokens[0]) for t in budget.release_tokens]
     steps = release_steps[-1]
     eval_every = budget.steps(budget.eval_tokens)
     size = Size(
@@ -336,12 +338,8 @@ def run(argv: list[str] | None = None) -> int:
         sweep_steps=0,
         model_sets=budget.model_sets + tuple(args.sets),
     )
-    # Checkpoints at every release point (their greatest common step), all kept until exported.
-    every = release_steps[0]
-    for s in release_steps[1:]:
-        while s % every:
-            every, s = s % every, every
-    checkpoint_sets = (f"checkpoint.every_steps={every}", f"checkpoint.keep_last={steps // every + 1}")
+    # A checkpoint at every release point, all kept until exported.
+    checkpoint_sets = (f"checkpoint.every_steps={first}", f"checkpoint.keep_last={steps // first + 1}")
     curves = {}
     for seed in args.seeds:
         for model in args.models:
@@ -359,7 +357,7 @@ def run(argv: list[str] | None = None) -> int:
         if curve["mixer"] == "bert-hf":
             continue
         for step, tokens in zip(release_steps, budget.release_tokens):
-            release_name = f"{name}-{tokens_label(tokens)}"
+            release_name = f"{name}-{tokens_label(tokens)}"  # named by its nominal budget; tokens are exact
             cached = out / "releases" / release_name / "heldout.json"
             if not cached.is_file():
                 export_from = Path(curve["run_dir"]) / "checkpoints" / f"step_{step:08d}"
