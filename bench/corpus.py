@@ -30,10 +30,26 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.quality import ROOT, SHARED, BenchError, Size, export, log, plot_curves, pretrain, pretraining_table
+from bench.quality import (
+    DEFAULT_GLUE,
+    ROOT,
+    SHARED,
+    BenchError,
+    Size,
+    TaskRecipe,
+    export,
+    finetune,
+    log,
+    plot_curves,
+    pretrain,
+    pretraining_table,
+    summarize,
+)
+from bench.quality import FULL as QUALITY_FULL
 
 IMDB = SHARED / "corpus" / "imdb"
 DEFAULT_CORPUS = (IMDB / "unsup.jsonl.gz", IMDB / "train.jsonl.gz")
@@ -255,6 +271,96 @@ def release_table(readings: dict[str, dict[str, dict]], sets: list[str]) -> list
     return lines
 
 
+# ------------------------------------------------------------------------------------------ downstream
+
+SCALING_EXAMPLES = 2000  # labelled examples for the downstream-against-tokens curves
+EFFICIENCY_EXAMPLES = (500, 2000, 8000, None)  # None: all (SST-2 capped at 20,000)
+SST2_ALL = 20_000
+IMDB_DEV = 2500  # reviews of imdb/train.jsonl.gz held out as its dev set, fixed by a hash of their id
+QUICK_IMDB_DEV = 40
+QUICK_JOBS = (("SST-2", "scratch"), ("imdb", "pretrained"))
+
+
+def epochs_for(examples: int | None) -> int:
+    """About the same number of optimizer steps at every size, within 2-10 epochs."""
+    return max(2, min(10, 20_000 // (examples or SST2_ALL)))
+
+
+def downstream_recipes(examples: int | None, imdb: Path, dev_size: int = IMDB_DEV) -> list[TaskRecipe]:
+    """SST-2 (GLUE) and IMDB (the labelled reviews, through finetune's support for a user's files)."""
+    tag = f"n{examples or 'all'}"
+    imdb_files = (
+        *("--train-file", str(imdb), "--text-field", "text", "--label-field", "label", "--id-field", "id"),
+        *("--dev-size", str(dev_size)),
+    )
+    sst2 = min(examples or SST2_ALL, SST2_ALL)
+    return [
+        TaskRecipe("SST-2", 1e-3, epochs_for(examples), 64, max_train_examples=sst2, tag=tag),
+        TaskRecipe("imdb", 1e-3, epochs_for(examples), 128, max_train_examples=examples, files=imdb_files, tag=tag),
+    ]
+
+
+def downstream_jobs(
+    releases: dict[str, dict[int, Path]], seeds: list[int], imdb: Path, dev_size: int = IMDB_DEV
+) -> list[tuple]:
+    """(release, recipe, init, seed), cheapest first: the scaling points, then the data-efficiency sizes
+    from the last release, then CoLA, MRPC and RTE at full size from the last release. Scratch runs take
+    the last release's config and tokenizer."""
+    jobs: list[tuple] = []
+    inits = ("scratch", "pretrained")
+    for by_tokens in releases.values():
+        last = by_tokens[max(by_tokens)]
+        for recipe in downstream_recipes(SCALING_EXAMPLES, imdb, dev_size):
+            jobs += [(last, recipe, "scratch", seed) for seed in seeds]
+            jobs += [(release, recipe, "pretrained", seed) for release in by_tokens.values() for seed in seeds]
+    for examples in [n for n in EFFICIENCY_EXAMPLES if n != SCALING_EXAMPLES]:
+        for by_tokens in releases.values():
+            last = by_tokens[max(by_tokens)]
+            recipes = downstream_recipes(examples, imdb, dev_size)
+            jobs += [(last, r, i, s) for r in recipes for i in inits for s in seeds]
+    glue = [r for r in QUALITY_FULL.tasks if r.task in ("CoLA", "MRPC", "RTE")]
+    for by_tokens in releases.values():
+        jobs += [(by_tokens[max(by_tokens)], r, i, s) for r in glue for i in inits for s in seeds]
+    return jobs
+
+
+def _cell(summary: dict, model: str, init: str, task: str) -> str:
+    entry = summary.get(model, {}).get(init, {}).get(task)
+    return "" if entry is None else f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+
+
+def scaling_table(summary: dict, releases: dict[str, dict[int, Path]]) -> list[str]:
+    """Downstream score against pretraining tokens (scratch: 0 tokens)."""
+    tasks = [r.name for r in downstream_recipes(SCALING_EXAMPLES, Path())]
+    points = sorted({t for by_tokens in releases.values() for t in by_tokens})
+    lines = [
+        "| pretraining run | task | scratch | " + " | ".join(tokens_label(t) for t in points) + " |",
+        "|---|---|" + "---:|" * (len(points) + 1),
+    ]
+    for run, by_tokens in releases.items():
+        for task in tasks:
+            cells = [_cell(summary, by_tokens[max(by_tokens)].name, "scratch", task)]
+            cells += [_cell(summary, by_tokens[t].name, "pretrained", task) if t in by_tokens else "" for t in points]
+            lines.append(f"| {run} | {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def efficiency_table(summary: dict, releases: dict[str, dict[int, Path]]) -> list[str]:
+    """Score by labelled examples, pretrained (the last release) against scratch, and the gain."""
+    lines = ["| pretraining run | task | examples | scratch | pretrained | gain |", "|---|---|---:|---:|---:|---:|"]
+    for run, by_tokens in releases.items():
+        last = by_tokens[max(by_tokens)].name
+        for examples in EFFICIENCY_EXAMPLES:
+            for recipe in downstream_recipes(examples, Path()):
+                entries = [summary.get(last, {}).get(init, {}).get(recipe.name) for init in ("scratch", "pretrained")]
+                gain = f"{100 * (entries[1]['mean'] - entries[0]['mean']):+.1f}" if all(entries) else ""
+                lines.append(
+                    f"| {run} | {recipe.task} | {examples or 'all'} | {_cell(summary, last, 'scratch', recipe.name)} "
+                    f"| {_cell(summary, last, 'pretrained', recipe.name)} | {gain} |"
+                )
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -273,6 +379,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
     parser.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated")
+    parser.add_argument("--finetune-seeds", default="0,1,2", help="fine-tuning seeds, comma-separated")
+    parser.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE, help="GLUE folder with SST-2, CoLA, MRPC, RTE")
+    parser.add_argument(
+        "--imdb",
+        type=Path,
+        default=IMDB / "train.jsonl.gz",
+        help="labelled reviews for the IMDB task (jsonl: text, label, id)",
+    )
+    parser.add_argument("--no-finetune", action="store_true", help="stop after pretraining and the held-out readings")
     parser.add_argument(
         "--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE", help="recipe settings for every run"
     )
@@ -287,6 +402,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         raise BenchError(f"--models: unknown model {unknown[0]!r} (choose from {', '.join(MODELS)})")
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.finetune_seeds = [int(s) for s in args.finetune_seeds.split(",") if s.strip()]
+    if not args.no_finetune:
+        for flag, path in (("--glue-dir", args.glue_dir), ("--imdb", args.imdb)):
+            if not path.exists():
+                raise BenchError(f"{flag} {path}: not found (or pass --no-finetune)")
     return args
 
 
@@ -366,6 +486,23 @@ def run(argv: list[str] | None = None) -> int:
                 cached.write_text(json.dumps({**reading, "tokens": step * budget.global_batch * SEQ_LEN}) + "\n")
             readings[release_name] = json.loads(cached.read_text())
 
+    releases: dict[str, dict[int, Path]] = {}  # pretraining run -> tokens -> release
+    for release_name, reading in readings.items():
+        run_name = release_name.rsplit("-", 1)[0]
+        releases.setdefault(run_name, {})[reading["tokens"]] = out / "releases" / release_name
+    runs, summary = [], {}
+    if not args.no_finetune and releases:
+        jobs = downstream_jobs(releases, args.finetune_seeds, args.imdb, QUICK_IMDB_DEV if args.quick else IMDB_DEV)
+        if args.quick:  # the code path, not the curves: a small SST-2 and IMDB run, from scratch and pretrained
+            picked = [next(j for j in jobs if j[1].task == task and j[2] == init) for task, init in QUICK_JOBS]
+            jobs = [
+                (release, replace(recipe, max_train_examples=64, epochs=1), *rest) for release, recipe, *rest in picked
+            ]
+        log(f"fine-tuning: {len(jobs)} runs, two at a time")
+        with ThreadPoolExecutor(max_workers=2) as pool:  # one thread each: two processes fill the 2 cores
+            runs = list(pool.map(lambda job: finetune(*job, args.glue_dir, out), jobs))
+        summary = summarize(runs)
+
     plot_curves(
         list(curves.values()),
         out / "pretraining.png",
@@ -382,6 +519,8 @@ def run(argv: list[str] | None = None) -> int:
         "minutes_total": (time.monotonic() - began) / 60,
         "pretraining": curves,
         "releases": readings,
+        "finetune_runs": runs,
+        "downstream": summary,
     }
     temp = out / "results.json.tmp"
     temp.write_text(json.dumps(report, indent=1) + "\n")
@@ -402,6 +541,18 @@ def run(argv: list[str] | None = None) -> int:
         "",
         *release_table(readings, list(heldout_sets)),
     ]
+    if summary:
+        lines += [
+            "",
+            f"## Downstream against pretraining tokens ({SCALING_EXAMPLES:,} labelled examples; dev x100, mean ± std "
+            f"over fine-tuning seeds {','.join(map(str, args.finetune_seeds))})",
+            "",
+            *scaling_table(summary, releases),
+            "",
+            "## Data efficiency (the last release against the same model from random weights)",
+            "",
+            *efficiency_table(summary, releases),
+        ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines[2:]))
     return 0

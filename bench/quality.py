@@ -56,7 +56,8 @@ WARMUP_FRACTION = 0.0625  # the recipe's 50 of 800 steps, kept for other step co
 
 @dataclass(frozen=True)
 class TaskRecipe:
-    """Fine-tuning settings for one GLUE task (the same for pretrained and scratch)."""
+    """Fine-tuning settings for one task (the same for pretrained and scratch): a GLUE task, or with `files`
+    a task from the user's files (finetune's --train-file ... flags, in place of --task and --glue-dir)."""
 
     task: str
     lr: float
@@ -64,6 +65,12 @@ class TaskRecipe:
     max_seq_len: int
     max_train_examples: int | None = None
     batch_size: int = 32
+    files: tuple[str, ...] = ()
+    tag: str = ""  # added to the run folder's name, to tell recipes of one task apart
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}-{self.tag}" if self.tag else self.task
 
 
 @dataclass(frozen=True)
@@ -277,7 +284,7 @@ def export(name: str, out: Path, checkpoint: Path | None = None) -> Path:
 
 
 def finetune(release: Path, recipe: TaskRecipe, init: str, seed: int, glue: Path, out: Path) -> dict:
-    run_dir = out / "finetune" / f"{release.name}-{init}-{recipe.task}-s{seed}"
+    run_dir = out / "finetune" / f"{release.name}-{init}-{recipe.name}-s{seed}"
     result = run_dir / "result.json"
     if not result.is_file():
         command = [
@@ -287,12 +294,9 @@ def finetune(release: Path, recipe: TaskRecipe, init: str, seed: int, glue: Path
             "train",
             "--release",
             str(release),
-            "--task",
-            recipe.task,
+            *(recipe.files or ("--task", recipe.task, "--glue-dir", str(glue))),
             "--output-dir",
             str(run_dir),
-            "--glue-dir",
-            str(glue),
             "--lr",
             str(recipe.lr),
             "--batch-size",
@@ -318,10 +322,10 @@ def finetune(release: Path, recipe: TaskRecipe, init: str, seed: int, glue: Path
     return {
         "model": release.name,
         "init": init,
-        "task": recipe.task,
+        "task": recipe.name,
         "seed": seed,
         "score": data["score"],
-        "dev": data["dev"][recipe.task],
+        "dev": data["dev"][recipe.task] if recipe.task in data["dev"] else next(iter(data["dev"].values())),
         "best_epoch": data["best_epoch"],
         "seconds": data["seconds"],
     }

@@ -76,8 +76,13 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path):
     data = write_corpus(tmp_path / "corpus.jsonl.gz", texts[:-40])
     ood = tmp_path / "ood.txt"
     ood.write_text("\n".join(texts[-40:]) + "\n")
+    labelled = tmp_path / "labelled.jsonl"  # a stand-in for IMDB's labelled reviews
+    labelled.write_text(
+        "".join(json.dumps({"id": f"r/{i}", "text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts[:200]))
+    )
     out = tmp_path / "out"
     args = ["--quick", "--out", str(out), "--corpus", str(data), "--ood", str(ood), "--models", "hypermixer"]
+    args += ["--imdb", str(labelled), "--glue-dir", str(ROOT / "demo" / "data" / "glue"), "--finetune-seeds", "0"]
     assert corpus.main(args) == 0
     report = json.loads((out / "results.json").read_text())
     curve = report["pretraining"]["hypermixer-s0"]
@@ -91,5 +96,10 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path):
     last = report["releases"][f"hypermixer-s0-{corpus.tokens_label(corpus.QUICK.release_tokens[-1])}"]
     assert last["in-domain"]["loss"] == pytest.approx(curve["loss"][-1], rel=1e-4)
     assert (out / "pretraining.png").is_file() and (out / "wallclock.png").is_file()
+    # fine-tuning: SST-2 from scratch and IMDB (a file task) from the last release
+    done = {(r["task"], r["init"]) for r in report["finetune_runs"]}
+    assert done == {("SST-2-n2000", "scratch"), ("imdb-n2000", "pretrained")}
+    assert all(0 <= r["score"] <= 1 for r in report["finetune_runs"])
+    assert "Downstream against pretraining tokens" in (out / "results.md").read_text()
     # a rerun reuses every stage
     assert corpus.main(args) == 0
