@@ -47,6 +47,7 @@ from bench.quality import (
     plot_curves,
     pretrain,
     pretraining_table,
+    read_curve,
     summarize,
 )
 from bench.quality import FULL as QUALITY_FULL
@@ -389,6 +390,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-finetune", action="store_true", help="stop after pretraining and the held-out readings")
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the results of what the runs hold so far (also while they run); no fine-tuning",
+    )
+    parser.add_argument(
         "--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE", help="recipe settings for every run"
     )
     args = parser.parse_args(argv)
@@ -419,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
+    from pretrain.metrics import read_metrics
+
     args = parse_args(argv)
     budget = QUICK if args.quick else FULL
     out = (args.out or (ROOT / "runs" / "bench" / "corpus-quick" if args.quick else DEFAULT_OUT)).resolve()
@@ -464,6 +472,10 @@ def run(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for model in args.models:
             name = f"{model}-s{seed}"
+            if args.report_only:  # what the runs have written so far, e.g. while they run
+                if any(r["kind"] == "eval" for r in read_metrics(out / "pretrain" / name)):
+                    curves[name] = read_curve(name, model, out / "pretrain" / name, steps)
+                continue
             curves[name] = pretrain(
                 name, model, size, train, heldout, out, steps, extra_sets=(*checkpoint_sets, f"seed={seed}")
             )
@@ -479,8 +491,10 @@ def run(argv: list[str] | None = None) -> int:
         for step, tokens in zip(release_steps, budget.release_tokens):
             release_name = f"{name}-{tokens_label(tokens)}"  # named by its nominal budget; tokens are exact
             cached = out / "releases" / release_name / "heldout.json"
+            export_from = Path(curve["run_dir"]) / "checkpoints" / f"step_{step:08d}"
+            if not cached.is_file() and not curve["done"] and not export_from.is_dir():
+                continue  # not reached yet
             if not cached.is_file():
-                export_from = Path(curve["run_dir"]) / "checkpoints" / f"step_{step:08d}"
                 release = export(release_name, out, export_from)
                 reading = {key: read_heldout(release, batches) for key, batches in heldout_sets.items()}
                 cached.write_text(json.dumps({**reading, "tokens": step * budget.global_batch * SEQ_LEN}) + "\n")
@@ -491,7 +505,7 @@ def run(argv: list[str] | None = None) -> int:
         run_name = release_name.rsplit("-", 1)[0]
         releases.setdefault(run_name, {})[reading["tokens"]] = out / "releases" / release_name
     runs, summary = [], {}
-    if not args.no_finetune and releases:
+    if not args.no_finetune and not args.report_only and releases:
         jobs = downstream_jobs(releases, args.finetune_seeds, args.imdb, QUICK_IMDB_DEV if args.quick else IMDB_DEV)
         if args.quick:  # the code path, not the curves: a small SST-2 and IMDB run, from scratch and pretrained
             picked = [next(j for j in jobs if j[1].task == task and j[2] == init) for task, init in QUICK_JOBS]
@@ -517,6 +531,7 @@ def run(argv: list[str] | None = None) -> int:
         "train_tokens": train_tokens,
         "cpu_count": os.cpu_count(),
         "minutes_total": (time.monotonic() - began) / 60,
+        "partial": not all(c["done"] for c in curves.values()) or len(curves) < len(args.seeds) * len(args.models),
         "pretraining": curves,
         "releases": readings,
         "finetune_runs": runs,

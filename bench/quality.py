@@ -209,8 +209,6 @@ def pretrain(
     extra_sets: tuple[str, ...] = (),
 ) -> dict:
     """One pretraining run (reused when its run_status says completed); returns its curve."""
-    from pretrain.metrics import read_metrics
-
     run_dir = out / "pretrain" / name
     status = run_dir / "run_status.json"
     if not (status.is_file() and json.loads(status.read_text()).get("status") == "completed"):
@@ -241,6 +239,13 @@ def pretrain(
         began = time.monotonic()
         run_command(command, out / "logs" / f"pretrain-{name}.log", threads=2 // size.procs or 1, append=resume)
         log(f"  done in {(time.monotonic() - began) / 60:.1f} min")
+    return read_curve(name, mixer, run_dir, steps, lr)
+
+
+def read_curve(name: str, mixer: str, run_dir: Path, steps: int, lr: float | None = None) -> dict:
+    """A pretraining run's held-out curve from its metrics, so far: `done` says whether it reached `steps`."""
+    from pretrain.metrics import read_metrics
+
     records = read_metrics(run_dir)
     evals = [r for r in records if r["kind"] == "eval"]
     trains = [r for r in records if r["kind"] == "train"]
@@ -259,6 +264,7 @@ def pretrain(
         "masked_tokens": evals[-1]["masked_tokens"],
         "tokens_per_s": len(windows) / sum(1.0 / r["tokens_per_s"] for r in windows),
         "minutes": evals[-1]["train_seconds"] / 60,
+        "done": evals[-1]["step"] >= steps,
     }
 
 
