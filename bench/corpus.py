@@ -540,37 +540,48 @@ def run(argv: list[str] | None = None) -> int:
     temp = out / "results.json.tmp"
     temp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(temp, out / "results.json")
-    lines = [
-        "# bench.corpus",
-        "",
-        f"`{report['command']}` — {split['train_documents']:,} training documents, {train_tokens:,} tokens; "
-        f"{split['heldout_documents']:,} held out by a hash of their id.",
-        "",
-        "## Pretraining (held-out documents, final evaluation)",
-        "",
-        *pretraining_table(list(curves.values())),
-        "",
-        "![curves](pretraining.png) ![wall-clock](wallclock.png)",
-        "",
-        "## Releases on held-out text (in-domain: the held-out documents; ood: out-of-domain text)",
-        "",
-        *release_table(readings, list(heldout_sets)),
-    ]
-    if summary:
-        lines += [
-            "",
-            f"## Downstream against pretraining tokens ({SCALING_EXAMPLES:,} labelled examples; dev x100, mean ± std "
-            f"over fine-tuning seeds {','.join(map(str, args.finetune_seeds))})",
-            "",
-            *scaling_table(summary, releases),
-            "",
-            "## Data efficiency (the last release against the same model from random weights)",
-            "",
-            *efficiency_table(summary, releases),
-        ]
+    lines = ["# bench.corpus", "", f"`{report['command']}`", "", *tables(report)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines[2:]))
     return 0
+
+
+def tables(report: dict) -> list[str]:
+    """results.md's body from results.json (bench.report renders it too)."""
+    split, curves, readings, summary = report["split"], report["pretraining"], report["releases"], report["downstream"]
+    releases: dict[str, dict[int, Path]] = {}  # pretraining run -> tokens -> release (by name)
+    for release_name, reading in readings.items():
+        releases.setdefault(release_name.rsplit("-", 1)[0], {})[reading["tokens"]] = Path(release_name)
+    sets = [key for key in next(iter(readings.values()), {}) if key != "tokens"]
+    lines = [
+        f"{split['train_documents']:,} training documents ({report['train_tokens']:,} tokens); "
+        f"{split['heldout_documents']:,} held out by a hash of their id"
+        f"{' (partial: runs still to finish)' if report['partial'] else ''}.",
+        "",
+        "Pretraining (held-out documents, last evaluation so far):",
+        "",
+        *pretraining_table(list(curves.values())),
+    ]
+    if readings:
+        lines += [
+            "",
+            "Releases on held-out text (in-domain: the held-out documents; ood: the out-of-domain text):",
+            "",
+            *release_table(readings, sets),
+        ]
+    if summary:
+        lines += [
+            "",
+            f"Downstream against pretraining tokens ({SCALING_EXAMPLES:,} labelled examples; dev x100, mean ± std "
+            "over fine-tuning seeds):",
+            "",
+            *scaling_table(summary, releases),
+            "",
+            "Data efficiency (the last release against the same model from random weights):",
+            "",
+            *efficiency_table(summary, releases),
+        ]
+    return lines
 
 
 if __name__ == "__main__":

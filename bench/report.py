@@ -376,7 +376,15 @@ def render_gpu(data: dict) -> list[str]:
     return lines
 
 
+def render_corpus(data: dict) -> list[str]:
+    from bench.corpus import tables
+
+    return tables(data)
+
+
 def kind(data: Any) -> str:
+    if isinstance(data, dict) and "pretraining" in data and "releases" in data and "split" in data:
+        return "corpus"
     if isinstance(data, dict) and "cells" in data and "device" in data:
         return "gpu"
     if isinstance(data, dict) and "pretraining" in data and "size" in data:
@@ -403,6 +411,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "finetune_sweep": render_finetune_sweep,
     "mlm_copy": render_mlm_copy,
     "gpu": render_gpu,
+    "corpus": render_corpus,
     "generic": render_generic,
 }
 
