@@ -10,7 +10,7 @@ truncated), hypermixer against transformer, 3 seeds per cell. A release shorter 
 with `--extend-positions`; without releases both mixers start from random weights of the `tiny` shape with a
 WordPiece tokenizer trained on the training part. Per cell: dev accuracy (best epoch), seconds per epoch
 (the training pass alone), training tokens/s (real tokens, padding not counted) and the fine-tuning
-process's peak resident memory.
+process's peak resident memory (evaluation batches are as large as training batches).
 (b) Pretraining throughput through the real entry point (`pretrain/main.py` under torchrun, 2 processes,
 the `cpu` recipe) at 512, 1,024 and 2,048 tokens on data_pipeline shards of review text built at that
 length: tokens/s from the trainer's metrics.jsonl (every log window but the first), and peak memory (the
@@ -20,7 +20,7 @@ largest process's resident set).
 Attention dropout is 0 for both mixers (a release with another value is fine-tuned from a copy with 0), so
 the transformer keeps torch's fused SDPA path; results.json records it. Cells run interleaved (every length
 and mixer of seed 0, then seed 1, ...); a rerun skips finished cells. Writes results.json (with the exact
-command), results.md and long.png into --out.
+command), results.md and long.png into --out; the cells, runs, shards and releases go to --work.
 """
 
 from __future__ import annotations
@@ -146,6 +146,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pretrain-lengths", type=int, nargs="*", default=None, help="none: skip part (b)")
     parser.add_argument("--pretrain-steps", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="fine-tuning device (default: cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads of a fine-tuning run (default: 2; quick: 1)"
+    )
+    parser.add_argument("--work", type=Path, default=None, help="cells, runs, data and releases (default: <out>/work)")
     return parser.parse_args(argv)
 
 
@@ -164,6 +168,7 @@ class Setup:
     releases: dict[str, str]  # mixer -> the release fine-tuned ({} : from scratch)
     extend_positions: str
     device: str
+    threads: int  # OMP_NUM_THREADS of each fine-tuning process (pretraining: 1 per rank, 2 ranks)
     pretrain_steps: int
     pretrain_tokens_per_step: int
     pretrain_sets: list[str] = field(default_factory=list)
@@ -183,6 +188,7 @@ def setup_of(args: argparse.Namespace, size: Size) -> Setup:
         releases={},
         extend_positions=args.extend_positions,
         device=args.device,
+        threads=args.threads or (1 if size is QUICK else 2),
         pretrain_steps=args.pretrain_steps or size.pretrain_steps,
         pretrain_tokens_per_step=size.pretrain_tokens_per_step,
         pretrain_sets=list(size.pretrain_sets),
@@ -197,7 +203,9 @@ def check_setup(out: Path, setup: Setup) -> None:
         stored = json.loads(path.read_text())
         changed = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in asdict(setup).items() if stored.get(k) != v]
         if changed:
-            raise BenchError(f"{out} holds cells made with other settings ({'; '.join(changed)}); use another --out")
+            raise BenchError(
+                f"{out} holds cells made with other settings ({'; '.join(changed)}); use another --out (or --work)"
+            )
     else:
         write_json_atomic(path, asdict(setup))
 
@@ -214,15 +222,19 @@ def measured_run(command: list[str], log_path: Path, timeout_s: int, env: dict[s
             command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + timeout_s
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-                os.wait4(process.pid, 0)
-                raise BenchError(f"{shlex.join(command)} ran past {timeout_s} s (log: {log_path})")
-            time.sleep(0.2)
+        try:
+            while True:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{shlex.join(command)} ran past {timeout_s} s (log: {log_path})")
+                time.sleep(0.2)
+        except BaseException:  # a timeout or Ctrl-C: the launch (its own session) goes down with us
+            os.killpg(process.pid, signal.SIGKILL)
+            os.wait4(process.pid, 0)
+            process.returncode = -signal.SIGKILL
+            raise
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
     if process.returncode != 0:
         tail = log_path.read_text()[-3000:]
@@ -287,13 +299,13 @@ def scratch_releases(size: Size, setup: Setup, folder: Path) -> dict[str, Path]:
     return made
 
 
-def without_attention_dropout(release: Path, folder: Path) -> Path:
+def without_attention_dropout(mixer: str, release: Path, folder: Path) -> Path:
     """`release` itself when its attention dropout is 0, else a copy in `folder` with it set to 0 (weights
     and tokenizer unchanged): dropout on the attention probabilities puts torch's SDPA on its unfused path."""
     config = json.loads((release / "config.json").read_text())
     if config["encoder"].get("attention_dropout", 0.0) == 0.0:
         return release
-    target = folder / f"{release.name}-attention-dropout-0"
+    target = folder / f"{mixer}-attention-dropout-0"
     if not (target / "config.json").is_file():
         staging = folder / f".{target.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -355,6 +367,7 @@ def finetune_cell(setup: Setup, release: Path, mixer: str, length: int, seed: in
         "--long-inputs", "truncate",
         "--epochs", str(setup.epochs),
         "--batch-size", str(setup.batch_size),
+        "--eval-batch-size", str(setup.batch_size),
         "--lr", str(setup.learning_rate),
         "--seed", str(seed),
         "--device", setup.device,
@@ -366,7 +379,8 @@ def finetune_cell(setup: Setup, release: Path, mixer: str, length: int, seed: in
         command.append("--from-scratch")
     elif length > release_length:
         command += ["--extend-positions", setup.extend_positions]
-    peak = measured_run(command, folder / "finetune.log", size.timeout_s)
+    env = {**os.environ, "OMP_NUM_THREADS": str(setup.threads)}
+    peak = measured_run(command, folder / "finetune.log", size.timeout_s, env=env)
     result = json.loads((folder / "run" / "result.json").read_text())
     train_seconds = [epoch["train_seconds"] for epoch in result["history"]]
     record = {
@@ -497,6 +511,7 @@ def pretrain_cell(setup: Setup, size: Size, mixer: str, length: int, data: Path,
         "rank0_memory_gib_max": max(r["memory_gib"] for r in trains),
         "command": shlex.join(command),
     }
+    shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)  # only metrics.jsonl is read
     write_json_atomic(done, record)
     return record
 
@@ -533,11 +548,12 @@ def run(argv: list[str]) -> int:
     pretrain_lengths = list(size.pretrain_lengths) if args.pretrain_lengths is None else args.pretrain_lengths
     setup = setup_of(args, size)
     given = given_releases(args.releases)
-    out.mkdir(parents=True, exist_ok=True)
-    releases = given or scratch_releases(size, setup, out / "releases")
-    releases = {mixer: without_attention_dropout(path, out / "releases") for mixer, path in releases.items()}
+    work = (args.work or out / "work").resolve()
+    work.mkdir(parents=True, exist_ok=True)
     setup.releases = {mixer: str(path) for mixer, path in given.items()}
-    check_setup(out, setup)
+    check_setup(work, setup)  # before anything is made in it
+    releases = given or scratch_releases(size, setup, work / "releases")
+    releases = {mixer: without_attention_dropout(mixer, path, work / "releases") for mixer, path in releases.items()}
     attention = {mixer: attention_dropout_check(releases[mixer], max(lengths)) for mixer in MIXERS}
     if not attention["transformer"]["fused_sdpa_path"]:
         raise BenchError(f"{releases['transformer']}: attention dropout is not 0 in every block")
@@ -545,7 +561,7 @@ def run(argv: list[str]) -> int:
     records = []
     cells = [(seed, length, mixer) for seed in seeds for length in lengths for mixer in MIXERS]
     for number, (seed, length, mixer) in enumerate(cells, start=1):
-        folder = out / "finetune" / f"{length}-{mixer}-seed{seed}"
+        folder = work / "finetune" / f"{length}-{mixer}-seed{seed}"
         log(f"fine-tuning {number}/{len(cells)}: {mixer} at {length} tokens, seed {seed}")
         records.append(finetune_cell(setup, releases[mixer], mixer, length, seed, folder, size))
 
@@ -553,7 +569,7 @@ def run(argv: list[str]) -> int:
     if pretrain_lengths:
         from bench.pretrain import shards
 
-        data_folder = out / "pretrain-data"
+        data_folder = work / "pretrain-data"
         text = pretrain_text(setup, data_folder, setup.pretrain_steps * setup.pretrain_tokens_per_step)
         tokenizer = None
         for length in pretrain_lengths:
@@ -562,7 +578,7 @@ def run(argv: list[str]) -> int:
             for mixer in MIXERS:
                 log(f"pretraining throughput: {mixer} at {length} tokens")
                 pretrain_rows.append(
-                    pretrain_cell(setup, size, mixer, length, data, out / "pretrain" / f"{length}-{mixer}")
+                    pretrain_cell(setup, size, mixer, length, data, work / "pretrain" / f"{length}-{mixer}")
                 )
 
     finetune_rows = summarize_finetune(records)
@@ -573,7 +589,7 @@ def run(argv: list[str]) -> int:
         "seeds": seeds,
         "model": "the given releases" if given else {"shape": size.shape, "vocab_size": size.vocab_size},
         "attention_dropout": attention,
-        "threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()},
+        "cpu_count": os.cpu_count(),
         "finetune": {
             "cells": records,
             "rows": finetune_rows,
@@ -600,6 +616,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for index, mixer in enumerate(MIXERS):
@@ -614,6 +631,9 @@ def plot(rows: list[dict], path: Path) -> None:
         for r, xi, yi in zip(mine, x, y):
             axis.annotate(str(r["length"]), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.set_xscale("log")
+    axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5 x 10^k seconds, written plainly
+    axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(ticker.NullFormatter())
     axis.set(
         xlabel="training seconds per epoch (log scale)",
         ylabel="dev accuracy (%, mean ± std over seeds)",
@@ -640,9 +660,10 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         f"Fine-tuning on `{setup['train_file']}` ({setup['max_train_examples'] or 'all'} training examples, "
-        f"{setup['dev_size']} held out as dev), {setup['epochs']} epochs, batch {setup['batch_size']}, "
+        f"{setup['dev_size']} held out as dev), {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
         f"lr {setup['learning_rate']:g}, seeds {', '.join(map(str, report['seeds']))}, longer inputs truncated; "
-        f"from {source}. Attention dropout: {attention}. Threads: {report['threads']}.",
+        f"from {source}. Attention dropout: {attention}. {setup['threads']} thread(s) per fine-tuning run, "
+        f"{report['cpu_count']} CPUs.",
         "",
         "## Fine-tuning",
         "",

@@ -65,7 +65,7 @@ def test_quick_run_writes_table_plot_and_resumes(tmp_path):
     assert "## Fine-tuning" in table and "## Pretraining throughput" in table
 
     # a rerun skips every finished cell: their records stay as they were
-    cells = sorted(out.glob("*/*/cell.json"))
+    cells = sorted(out.glob("work/*/*/cell.json"))
     assert len(cells) == 8 + 2
     before = {p: p.stat().st_mtime_ns for p in cells}
     again = run(args)
@@ -77,3 +77,47 @@ def test_quick_run_writes_table_plot_and_resumes(tmp_path):
     other = run([*args, "--epochs", "2"])
     assert other.returncode == 2
     assert "epochs: 1 there, 2 now" in other.stderr and "use another --out" in other.stderr
+
+
+def save_release(folder: Path, mixer: str, attention_dropout: float) -> Path:
+    import torch
+
+    from hypermixer import EncoderConfig, ForMaskedLM
+
+    torch.manual_seed(0)
+    config = EncoderConfig(
+        vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_seq_len=16, mixer=mixer
+    )
+    ForMaskedLM(config.replace(attention_dropout=attention_dropout)).save_pretrained(folder)
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_a_release_with_attention_dropout_is_fine_tuned_from_a_copy_without(tmp_path):
+    from bench.long import attention_dropout_check, without_attention_dropout
+
+    release = save_release(tmp_path / "tf", "transformer", 0.1)
+    assert not attention_dropout_check(release, 64)["fused_sdpa_path"]
+    copy = without_attention_dropout("transformer", release, tmp_path / "work")
+    assert copy != release and (copy / "model.safetensors").read_bytes() == (release / "model.safetensors").read_bytes()
+    check = attention_dropout_check(copy, 64)
+    assert check == {"config": 0.0, "blocks": [0.0], "fused_sdpa_path": True}
+    assert json.loads((release / "config.json").read_text())["encoder"]["attention_dropout"] == 0.1  # untouched
+    without = save_release(tmp_path / "tf0", "transformer", 0.0)
+    assert without_attention_dropout("transformer", without, tmp_path / "work") == without
+
+
+def test_releases_are_one_per_mixer_and_both_or_none(tmp_path):
+    import pytest
+
+    from bench.long import BenchError, given_releases
+
+    hm = save_release(tmp_path / "hm", "hypermixer", 0.0)
+    tf = save_release(tmp_path / "tf", "transformer", 0.0)
+    assert given_releases([f"hypermixer={hm}", f"transformer={tf}"]) == {"hypermixer": hm, "transformer": tf}
+    with pytest.raises(BenchError, match="the release is a transformer, not a hypermixer"):
+        given_releases([f"hypermixer={tf}", f"transformer={tf}"])
+    with pytest.raises(BenchError, match="give a release for both mixers"):
+        given_releases([f"hypermixer={hm}"])
+    with pytest.raises(BenchError, match="expected hypermixer=FOLDER"):
+        given_releases([str(hm)])
