@@ -55,18 +55,21 @@ def corpus_files(corpus: str | None) -> tuple[Path, Path, str]:
     return path, path, "a generated corpus (WikiText-2 not found): throughput only, curves meaningless"
 
 
-def shards(text: Path, seq_len: int, name: str, tokenizer: Path | None = None) -> Path:
-    """A data_pipeline build of `text` (all sequences in the train split), reused when already there."""
+def shards(
+    text: Path, seq_len: int, name: str, tokenizer: Path | None = None, work: Path = WORK, vocab_size: int = 8192
+) -> Path:
+    """A data_pipeline build of `text` (all sequences in the train split) in work/<name>-<seq_len>, reused
+    when already there."""
     from data_pipeline.build import build
     from data_pipeline.config import BuildConfig
 
-    out = WORK / f"{name}-{seq_len}"
+    out = work / f"{name}-{seq_len}"
     if not (out / "manifest.json").is_file():
         build(
             BuildConfig(
                 inputs=[str(text)],
                 out_dir=str(out),
-                vocab_size=8192,
+                vocab_size=vocab_size,
                 seq_len=seq_len,
                 validation_fraction=0.0,
                 shard_mb=0.5,
@@ -81,25 +84,34 @@ def shards(text: Path, seq_len: int, name: str, tokenizer: Path | None = None) -
 # ---------------------------------------------------------------------------------------- one launch
 
 
+def pretrain_command(run_dir: Path, sets: list[str], procs: int, config: str = "tiny") -> list[str]:
+    """The command line of one pretrain/main.py launch (1 process: plain python; more: torchrun)."""
+    tail = ["--config", config, "--set", f"output_dir={run_dir}", *sets]
+    if procs == 1:
+        return [sys.executable, str(ROOT / "pretrain" / "main.py"), *tail]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={procs}",
+        str(ROOT / "pretrain" / "main.py"),
+        *tail,
+    ]
+
+
+def launch_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
+    environment.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    return environment
+
+
 def launch(run_dir: Path, sets: list[str], procs: int, timeout: int, env: dict[str, str] | None = None) -> list[dict]:
     """Run pretrain/main.py (1 process: plain python; more: torchrun) and return its metrics records."""
     from pretrain.metrics import read_metrics
 
-    tail = ["--config", "tiny", "--set", f"output_dir={run_dir}", *sets]
-    if procs == 1:
-        command = [sys.executable, str(ROOT / "pretrain" / "main.py"), *tail]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={procs}",
-            str(ROOT / "pretrain" / "main.py"),
-            *tail,
-        ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
-    environment.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    command = pretrain_command(run_dir, sets, procs)
+    environment = launch_environment(env)
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(

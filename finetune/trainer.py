@@ -110,6 +110,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             desc=f"{task.name} epoch {epoch}/{config.epochs}",
             progress=progress,
         )
+        train_seconds = time.perf_counter() - epoch_start  # the training pass alone, without the dev evaluation
         if not math.isfinite(loss):  # a diverged run: no epoch after this one can be trusted
             raise DivergedError(f"diverged: the training loss is {loss} in epoch {epoch} (lr {config.learning_rate:g})")
         dev = evaluate(runner, task, dev_data, config.eval_batch_size)
@@ -120,6 +121,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             "dev": dev,
             "score": score,
             "seconds": round(time.perf_counter() - epoch_start, 2),
+            "train_seconds": round(train_seconds, 3),
             "lr": scheduler.get_last_lr()[0],
         }
         history.append(record)
@@ -155,6 +157,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
         "history": history,
         "labels": None if task.labels is None else list(task.labels),  # label id i is labels[i]
         "train_examples": train_data.num_documents,
+        "train_tokens_per_epoch": len(train_data.tokens),  # real tokens (no padding), special tokens included
         "skipped_rows": train_examples.skipped,
         "model_dir": "model" if config.save_model else None,
         "predictions": [p.name for p in predictions],
