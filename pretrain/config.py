@@ -61,7 +61,7 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------- sections
 # Typed sections (pydantic, strict types, unknown keys refused: common/config.py). The comment next
-# to a field is its documentation: `python -m common.reference` copies it into docs/config.md.
+# to a field is its documentation: `python -m tools.config_reference` copies it into docs/config.md.
 
 
 class DataConfig(Section):
