@@ -210,7 +210,7 @@ def test_resume_on_any_layout_continues_the_same_global_stream(manifest, masking
 def test_format_1_shards_give_the_same_batches_as_format_2(manifest, masking, tmp_path):
     """The same build as format 1 (one tar member per sequence) trains on exactly the same batches; the
     streams' pieces start inside blocks (format 2 seeks to them) as well as at block starts."""
-    from data_pipeline.testing import write_format1_copy
+    from data_pipeline.legacy import write_format1_copy
 
     old = read_manifest(write_format1_copy(manifest["_root"], tmp_path / "format1"))
     assert (manifest["format_version"], old["format_version"]) == (2, 1)
