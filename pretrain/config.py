@@ -141,6 +141,9 @@ class TrainConfig(Section):
     # Seconds without progress (a step, an evaluation or a checkpoint) before every rank exits with code 75
     # (requeue-able), naming the stalled rank; also the timeout of every process group, DeepSpeed's included.
     stall_timeout_s: float = Field(600.0, ge=5)
+    # Stalls in a row with no new checkpoint between them that still exit 75 (requeue-able); the next one
+    # exits 5, which no launcher requeues: a run stuck at one place is not requeued forever.
+    max_requeues_without_progress: int = Field(3, ge=0)
 
 
 class EvalConfig(Section):
@@ -385,10 +388,36 @@ class Resolved:
 
 def resolve(config: PretrainConfig, world_size: int) -> Resolved:
     """Read the manifest(s) and derive the model, batch split, steps and DeepSpeed config."""
+    problems: list[str] = []
+    manifest, manifest_sha256, validation_manifest = read_data(config, problems)
+    seq_len = int(manifest["seq_len"])
+    model = model_for_data(config, manifest, problems)
+    grad_accum = batch_split(config, manifest, world_size, problems)
+    b, o = config.batch, config.optim
+    total_steps = o.total_steps or math.ceil((o.total_tokens or 0) / (b.global_batch_size * seq_len))
+    if o.warmup_steps > total_steps:
+        problems.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds the run's {total_steps} steps")
+    if problems or model is None:
+        raise ConfigError(problems)
+    return Resolved(
+        config=config,
+        model=model,
+        manifest=manifest,
+        manifest_sha256=manifest_sha256,
+        validation_manifest=validation_manifest,
+        world_size=world_size,
+        grad_accum=grad_accum,
+        total_steps=total_steps,
+        seq_len=seq_len,
+        deepspeed=deepspeed_config(config, grad_accum),
+    )
+
+
+def read_data(config: PretrainConfig, problems: list[str]) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(the training manifest, its sha256, the validation manifest); what is wrong with them goes to `problems`."""
     from data_pipeline.errors import DataPipelineError
     from data_pipeline.shards import MANIFEST_NAME, read_manifest
 
-    problems: list[str] = []
     if not config.data.path:
         raise ConfigError(["data.path: required (a data_pipeline build folder or its manifest.json)"])
     try:
@@ -403,7 +432,6 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
             validation_manifest = read_manifest(config.data.validation_path)
         except DataPipelineError as err:
             problems.append(f"data.validation_path: {err}")
-    seq_len = int(manifest["seq_len"])
 
     if "train" not in manifest["splits"] or not manifest["splits"]["train"]["shards"]:
         problems.append(f"data.path: {manifest_file} has no train shards")
@@ -422,30 +450,34 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
                 )
         if validation_manifest["tokenizer"].get("sha256") != manifest["tokenizer"].get("sha256"):
             problems.append("data.validation_path: built with another tokenizer than data.path (sha256 differs)")
+    return manifest, manifest_sha256, validation_manifest
 
-    model = None
+
+def model_for_data(config: PretrainConfig, manifest: dict[str, Any], problems: list[str]) -> EncoderConfig | None:
+    """The encoder config for this data (None when the model section is wrong; the mistakes go to `problems`)."""
+    seq_len, pad = int(manifest["seq_len"]), manifest["special_ids"]["pad"]
     try:
-        model = encoder_config(config.model, manifest["vocab_size"], seq_len, manifest["special_ids"]["pad"])
+        model = encoder_config(config.model, manifest["vocab_size"], seq_len, pad)
     except ValueError as err:
         problems.append(f"model: {err}")
-    if model is not None:
-        if model.vocab_size < manifest["vocab_size"]:
-            problems.append(
-                f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary "
-                f"({manifest['vocab_size']})"
-            )
-        if model.max_seq_len < seq_len:
-            problems.append(f"model.max_seq_len ({model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
-        if model.pad_token_id != manifest["special_ids"]["pad"]:
-            problems.append(
-                f"model.pad_token_id ({model.pad_token_id}) differs from the data's pad id "
-                f"({manifest['special_ids']['pad']})"
-            )
+        return None
+    if model.vocab_size < manifest["vocab_size"]:
+        problems.append(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary ({manifest['vocab_size']})"
+        )
+    if model.max_seq_len < seq_len:
+        problems.append(f"model.max_seq_len ({model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
+    if model.pad_token_id != pad:
+        problems.append(f"model.pad_token_id ({model.pad_token_id}) differs from the data's pad id ({pad})")
+    return model
+
+
+def batch_split(config: PretrainConfig, manifest: dict[str, Any], world_size: int, problems: list[str]) -> int:
+    """Gradient accumulation steps for this world size (1 when the batch does not split; then `problems` says why)."""
+    from pretrain.data import Layout
 
     b = config.batch
     if "train" in manifest["splits"]:
-        from pretrain.data import Layout
-
         train_samples = sum(int(s["samples"]) for s in manifest["splits"]["train"]["shards"])
         layout = Layout(0, world_size, config.data.num_workers, b.micro_batch_size, config.data.streams)
         if layout.problem():
@@ -464,24 +496,7 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
             f"({b.micro_batch_size}) x world size ({world_size}) = {per_step}"
         )
         grad_accum = 1
-    o = config.optim
-    total_steps = o.total_steps or math.ceil((o.total_tokens or 0) / (b.global_batch_size * seq_len))
-    if o.warmup_steps > total_steps:
-        problems.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds the run's {total_steps} steps")
-    if problems or model is None:
-        raise ConfigError(problems)
-    return Resolved(
-        config=config,
-        model=model,
-        manifest=manifest,
-        manifest_sha256=manifest_sha256,
-        validation_manifest=validation_manifest,
-        world_size=world_size,
-        grad_accum=grad_accum,
-        total_steps=total_steps,
-        seq_len=seq_len,
-        deepspeed=deepspeed_config(config, grad_accum),
-    )
+    return grad_accum
 
 
 def deepspeed_config(config: PretrainConfig, grad_accum: int) -> dict[str, Any]:

@@ -197,7 +197,7 @@ def test_resolve_checks_against_data_and_world_size(shards):
 
 
 def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
-    from pretrain.trainer import check_resume
+    from pretrain.startup import check_resume
 
     sets = [f"data.path={shards}", "batch.global_batch_size=16", "batch.micro_batch_size=4"]
     written = resolve(load_config("tiny", [*sets, "data.num_workers=2"]), world_size=2)

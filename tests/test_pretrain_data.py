@@ -290,7 +290,7 @@ def test_the_sample_audit_counts_repeats_and_misses(manifest, tmp_path):
 
     from pretrain.config import load_config
     from pretrain.sample_audit import count
-    from pretrain.trainer import SAMPLE_IDS_FILE
+    from pretrain.sample_ids import SAMPLE_IDS_FILE
 
     config = load_config(
         "tiny", [f"data.path={manifest['_root']}", "batch.global_batch_size=16", "batch.micro_batch_size=4", "seed=5"]
