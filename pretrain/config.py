@@ -28,6 +28,7 @@ from pydantic import Field
 from common.config import Section, apply_override, build, read_json_object
 from common.config import parse_value as parse_value  # re-exported for callers of pretrain.config
 from hypermixer import PRESETS, EncoderConfig
+from hypermixer.config import EncoderConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -185,9 +186,9 @@ def _model_section() -> type[Section]:
     pad_token_id: the data's), plus `preset`."""
     hints = typing.get_type_hints(EncoderConfig)
     fields: dict[str, Any] = {"preset": (Preset | None, "base")}
-    for f in dataclasses.fields(EncoderConfig):
+    for f in dataclasses.fields(EncoderConfig):  # its type (Literal choices included) and bounds
         kind = hints[f.name]
-        fields[f.name] = (kind if type(None) in typing.get_args(kind) else kind | None, None)
+        fields[f.name] = (kind if type(None) in typing.get_args(kind) else kind | None, Field(None, **f.metadata))
     return pydantic.create_model("ModelConfig", __base__=Section, **fields)
 
 
@@ -198,13 +199,13 @@ else:
 
 
 def _model_problems(model: Any) -> list[str]:
-    # The data fills vocab_size / max_seq_len / pad_token_id later; check the rest now with stand-ins.
+    # The checks across fields; the data fills vocab_size / max_seq_len / pad_token_id later: stand-ins now.
     try:
         encoder_config(
             model, vocab_size=model.vocab_size or 30522, seq_len=model.max_seq_len or 8, pad_id=model.pad_token_id or 0
         )
-    except ValueError as err:
-        return [f"model: {err}"]
+    except EncoderConfigError as err:
+        return [f"model.{problem}" for problem in err.problems]
     return []
 
 
@@ -458,8 +459,8 @@ def model_for_data(config: PretrainConfig, manifest: dict[str, Any], problems: l
     seq_len, pad = int(manifest["seq_len"]), manifest["special_ids"]["pad"]
     try:
         model = encoder_config(config.model, manifest["vocab_size"], seq_len, pad)
-    except ValueError as err:
-        problems.append(f"model: {err}")
+    except EncoderConfigError as err:
+        problems += [f"model.{problem}" for problem in err.problems]
         return None
     if model.vocab_size < manifest["vocab_size"]:
         problems.append(
