@@ -183,7 +183,7 @@ def step_speed(preset: str, micro_batch: int, manifest: dict, steps: int) -> dic
 
 def run_shards(a, tmp: Path) -> dict:
     from data_pipeline import BuildConfig, build, read_manifest
-    from data_pipeline.testing import write_format1_copy
+    from data_pipeline.legacy import write_format1_copy
     from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 
     corpus = tmp / "shards_corpus.txt"

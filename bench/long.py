@@ -37,12 +37,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "corpus" / "imdb" / "train.jsonl.gz"
 DEFAULT_OUT = ROOT / "bench" / "results" / "long"
 QUICK_OUT = ROOT / "runs" / "bench" / "long-quick"
-MIXERS = ("hypermixer", "transformer")
+MIXERS: tuple[Literal["hypermixer", "transformer"], ...] = ("hypermixer", "transformer")
 CELL_FILE = "cell.json"  # written last in a cell's folder: the cell is finished
 
 

@@ -38,11 +38,13 @@ from .orphans import die_with_parent
 from .packing import Packer
 from .readers import ReadStats, expand_inputs, iter_docs
 from .shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, ShardWriter, dtype_for_vocab, sha256_file
-from .testing import crash_hook
 from .tokenizer import BulkEncoder, copy_tokenizer, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from .units import Unit, plan, read_result, result_path
 
 PLAN_NAME = "plan.json"
+# Called in the process that writes them with each shard's record, right after its rename; empty in real
+# builds (the kill-and-resume tests install a hook that SIGKILLs the build mid-unit).
+SHARD_DONE_HOOKS: list[Callable[[dict], None]] = []
 RESULT_VERSION = 1
 
 
@@ -213,6 +215,11 @@ def run_unit(cfg, unit: Unit, progress: Callable[[int], None] | None = None) -> 
         return _run_unit_locked(cfg, unit, progress)
 
 
+def _shard_done(record: dict) -> None:
+    for hook in SHARD_DONE_HOOKS:
+        hook(record)
+
+
 def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     t0 = time.perf_counter()
     plan_info = _read_plan_file(_plan_file(cfg)) if _plan_file(cfg).is_file() else None
@@ -229,7 +236,6 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
     _remove_unit_files(cfg, unit)
 
     shard_bytes = int(cfg.shard_mb * (1 << 20))
-    hook = crash_hook()  # None unless a test asked for a crash (data_pipeline/testing.py)
     packers = {s: Packer(cfg.seq_len, sids["cls"], sids["sep"], sids["pad"], cfg.packing) for s in SPLITS}
     writers = {
         s: ShardWriter(
@@ -241,7 +247,7 @@ def _run_unit_locked(cfg: BuildConfig, unit: Unit, progress) -> dict:
             sids["pad"],
             shard_bytes,
             block_sequences=cfg.block_sequences,
-            on_shard_done=hook,
+            on_shard_done=_shard_done if SHARD_DONE_HOOKS else None,
         )
         for s in SPLITS
     }

@@ -227,7 +227,7 @@ def pretrain(out: Path, data: Path, data_id: str, mixer: str, size: Size, force:
 
 
 def _run_status(run_dir: Path) -> dict[str, Any]:
-    from pretrain.trainer import RUN_STATUS_FILE
+    from pretrain.run_status import RUN_STATUS_FILE
 
     try:
         return json.loads((run_dir / RUN_STATUS_FILE).read_text())

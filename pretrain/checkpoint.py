@@ -386,3 +386,29 @@ class StopSignals:
     @property
     def name(self) -> str | None:
         return signal.Signals(self.received).name if self.received is not None else None
+
+
+class Checkpointer:
+    """The run's checkpoint policy on one engine: when to save (`checkpoint.every_steps`, the last step, a
+    stop signal), where, how many to keep; and the restore of a resumed run (engine, optimizer, RNG)."""
+
+    def __init__(self, engine: Any, root: Path, every_steps: int, keep_last: int, total_steps: int) -> None:
+        self.engine, self.root = engine, root
+        self.every_steps, self.keep_last, self.total_steps = every_steps, keep_last, total_steps
+
+    def due(self, step: int, stop: bool) -> bool:
+        return bool(self.every_steps and step % self.every_steps == 0) or step == self.total_steps or stop
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Collective: the engine, every rank's RNG and `state` (the trainer's state_dict) as one checkpoint."""
+        return save(self.engine, self.root, step, state, self.keep_last)
+
+    def restore(self, path: Path, universal: bool) -> bool:
+        """Collective: load the engine and this rank's RNG from `path`; whether this rank's RNG was there."""
+        try:
+            _, own_rng = load(self.engine, path, universal=universal)
+        except UnsafeCheckpointError as err:
+            from pretrain.config import ConfigError
+
+            raise ConfigError([f"--resume: {err}"]) from None
+        return own_rng

@@ -28,6 +28,7 @@ from pydantic import Field
 from common.config import Section, apply_override, build, read_json_object
 from common.config import parse_value as parse_value  # re-exported for callers of pretrain.config
 from hypermixer import PRESETS, EncoderConfig
+from hypermixer.config import EncoderConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -61,7 +62,7 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------- sections
 # Typed sections (pydantic, strict types, unknown keys refused: common/config.py). The comment next
-# to a field is its documentation: `python -m common.reference` copies it into docs/config.md.
+# to a field is its documentation: `python -m tools.config_reference` copies it into docs/config.md.
 
 
 class DataConfig(Section):
@@ -141,6 +142,9 @@ class TrainConfig(Section):
     # Seconds without progress (a step, an evaluation or a checkpoint) before every rank exits with code 75
     # (requeue-able), naming the stalled rank; also the timeout of every process group, DeepSpeed's included.
     stall_timeout_s: float = Field(600.0, ge=5)
+    # Stalls in a row with no new checkpoint between them that still exit 75 (requeue-able); the next one
+    # exits 5, which no launcher requeues: a run stuck at one place is not requeued forever.
+    max_requeues_without_progress: int = Field(3, ge=0)
 
 
 class EvalConfig(Section):
@@ -182,9 +186,9 @@ def _model_section() -> type[Section]:
     pad_token_id: the data's), plus `preset`."""
     hints = typing.get_type_hints(EncoderConfig)
     fields: dict[str, Any] = {"preset": (Preset | None, "base")}
-    for f in dataclasses.fields(EncoderConfig):
+    for f in dataclasses.fields(EncoderConfig):  # its type (Literal choices included) and bounds
         kind = hints[f.name]
-        fields[f.name] = (kind if type(None) in typing.get_args(kind) else kind | None, None)
+        fields[f.name] = (kind if type(None) in typing.get_args(kind) else kind | None, Field(None, **f.metadata))
     return pydantic.create_model("ModelConfig", __base__=Section, **fields)
 
 
@@ -195,13 +199,13 @@ else:
 
 
 def _model_problems(model: Any) -> list[str]:
-    # The data fills vocab_size / max_seq_len / pad_token_id later; check the rest now with stand-ins.
+    # The checks across fields; the data fills vocab_size / max_seq_len / pad_token_id later: stand-ins now.
     try:
         encoder_config(
             model, vocab_size=model.vocab_size or 30522, seq_len=model.max_seq_len or 8, pad_id=model.pad_token_id or 0
         )
-    except ValueError as err:
-        return [f"model: {err}"]
+    except EncoderConfigError as err:
+        return [f"model.{problem}" for problem in err.problems]
     return []
 
 
@@ -385,10 +389,36 @@ class Resolved:
 
 def resolve(config: PretrainConfig, world_size: int) -> Resolved:
     """Read the manifest(s) and derive the model, batch split, steps and DeepSpeed config."""
+    problems: list[str] = []
+    manifest, manifest_sha256, validation_manifest = read_data(config, problems)
+    seq_len = int(manifest["seq_len"])
+    model = model_for_data(config, manifest, problems)
+    grad_accum = batch_split(config, manifest, world_size, problems)
+    b, o = config.batch, config.optim
+    total_steps = o.total_steps or math.ceil((o.total_tokens or 0) / (b.global_batch_size * seq_len))
+    if o.warmup_steps > total_steps:
+        problems.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds the run's {total_steps} steps")
+    if problems or model is None:
+        raise ConfigError(problems)
+    return Resolved(
+        config=config,
+        model=model,
+        manifest=manifest,
+        manifest_sha256=manifest_sha256,
+        validation_manifest=validation_manifest,
+        world_size=world_size,
+        grad_accum=grad_accum,
+        total_steps=total_steps,
+        seq_len=seq_len,
+        deepspeed=deepspeed_config(config, grad_accum),
+    )
+
+
+def read_data(config: PretrainConfig, problems: list[str]) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(the training manifest, its sha256, the validation manifest); what is wrong with them goes to `problems`."""
     from data_pipeline.errors import DataPipelineError
     from data_pipeline.shards import MANIFEST_NAME, read_manifest
 
-    problems: list[str] = []
     if not config.data.path:
         raise ConfigError(["data.path: required (a data_pipeline build folder or its manifest.json)"])
     try:
@@ -403,7 +433,6 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
             validation_manifest = read_manifest(config.data.validation_path)
         except DataPipelineError as err:
             problems.append(f"data.validation_path: {err}")
-    seq_len = int(manifest["seq_len"])
 
     if "train" not in manifest["splits"] or not manifest["splits"]["train"]["shards"]:
         problems.append(f"data.path: {manifest_file} has no train shards")
@@ -422,30 +451,34 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
                 )
         if validation_manifest["tokenizer"].get("sha256") != manifest["tokenizer"].get("sha256"):
             problems.append("data.validation_path: built with another tokenizer than data.path (sha256 differs)")
+    return manifest, manifest_sha256, validation_manifest
 
-    model = None
+
+def model_for_data(config: PretrainConfig, manifest: dict[str, Any], problems: list[str]) -> EncoderConfig | None:
+    """The encoder config for this data (None when the model section is wrong; the mistakes go to `problems`)."""
+    seq_len, pad = int(manifest["seq_len"]), manifest["special_ids"]["pad"]
     try:
-        model = encoder_config(config.model, manifest["vocab_size"], seq_len, manifest["special_ids"]["pad"])
-    except ValueError as err:
-        problems.append(f"model: {err}")
-    if model is not None:
-        if model.vocab_size < manifest["vocab_size"]:
-            problems.append(
-                f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary "
-                f"({manifest['vocab_size']})"
-            )
-        if model.max_seq_len < seq_len:
-            problems.append(f"model.max_seq_len ({model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
-        if model.pad_token_id != manifest["special_ids"]["pad"]:
-            problems.append(
-                f"model.pad_token_id ({model.pad_token_id}) differs from the data's pad id "
-                f"({manifest['special_ids']['pad']})"
-            )
+        model = encoder_config(config.model, manifest["vocab_size"], seq_len, pad)
+    except EncoderConfigError as err:
+        problems += [f"model.{problem}" for problem in err.problems]
+        return None
+    if model.vocab_size < manifest["vocab_size"]:
+        problems.append(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary ({manifest['vocab_size']})"
+        )
+    if model.max_seq_len < seq_len:
+        problems.append(f"model.max_seq_len ({model.max_seq_len}) is shorter than the data's seq_len ({seq_len})")
+    if model.pad_token_id != pad:
+        problems.append(f"model.pad_token_id ({model.pad_token_id}) differs from the data's pad id ({pad})")
+    return model
+
+
+def batch_split(config: PretrainConfig, manifest: dict[str, Any], world_size: int, problems: list[str]) -> int:
+    """Gradient accumulation steps for this world size (1 when the batch does not split; then `problems` says why)."""
+    from pretrain.data import Layout
 
     b = config.batch
     if "train" in manifest["splits"]:
-        from pretrain.data import Layout
-
         train_samples = sum(int(s["samples"]) for s in manifest["splits"]["train"]["shards"])
         layout = Layout(0, world_size, config.data.num_workers, b.micro_batch_size, config.data.streams)
         if layout.problem():
@@ -464,24 +497,7 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
             f"({b.micro_batch_size}) x world size ({world_size}) = {per_step}"
         )
         grad_accum = 1
-    o = config.optim
-    total_steps = o.total_steps or math.ceil((o.total_tokens or 0) / (b.global_batch_size * seq_len))
-    if o.warmup_steps > total_steps:
-        problems.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds the run's {total_steps} steps")
-    if problems or model is None:
-        raise ConfigError(problems)
-    return Resolved(
-        config=config,
-        model=model,
-        manifest=manifest,
-        manifest_sha256=manifest_sha256,
-        validation_manifest=validation_manifest,
-        world_size=world_size,
-        grad_accum=grad_accum,
-        total_steps=total_steps,
-        seq_len=seq_len,
-        deepspeed=deepspeed_config(config, grad_accum),
-    )
+    return grad_accum
 
 
 def deepspeed_config(config: PretrainConfig, grad_accum: int) -> dict[str, Any]:

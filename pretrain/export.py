@@ -164,7 +164,7 @@ def check_release(release: str | Path) -> dict[str, Any]:
     from data_pipeline.shards import read_manifest
     from pretrain.config import DataConfig
     from pretrain.data import Masking, validation_batches
-    from pretrain.trainer import masked_lm_sums
+    from pretrain.evaluation import masked_lm_sums
 
     release = Path(release)
     training = json.loads((release / "training.json").read_text())

@@ -13,7 +13,8 @@ stopped on a signal.
 Return codes: 0 completed, or stopped by SIGTERM/SIGUSR1 after a complete checkpoint (then
 run_status.json says "stopped" and `--resume auto` continues); 2 a config mistake (nothing ran);
 3 diverged (too many non-finite losses in a row), 2 also for a corrupt shard found while training; 75 stalled (a rank made no progress for
-train.stall_timeout_s; requeue-able, see pretrain/watchdog.py); 4 a checkpoint could not be saved (one
+train.stall_timeout_s; requeue-able, see pretrain/watchdog.py); 5 stalled again with no new checkpoint, more
+often in a row than train.max_requeues_without_progress (not requeue-able); 4 a checkpoint could not be saved (one
 line; the previous checkpoint is intact; free the space and rerun with --resume auto); anything else is a crash (traceback).
 """
 
@@ -129,9 +130,9 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def run_from_argv(argv: Sequence[str] | None = None, build_model=None):
+def run_from_argv(argv: Sequence[str] | None = None, build_model=None, after_step=()):
     """Parse, validate, train. Returns the trainer's RunOutcome; raises ConfigError / NonFiniteLossError.
-    build_model: see pretrain.trainer.run (None: the library's ForMaskedLM)."""
+    build_model, after_step: see pretrain.trainer.Trainer (build_model None: the library's ForMaskedLM)."""
     from pretrain.config import load_config, resolve
     from pretrain.trainer import run
 
@@ -157,7 +158,7 @@ def run_from_argv(argv: Sequence[str] | None = None, build_model=None):
         return None
     clear_stale_extension_locks()
     quiet_deepspeed()
-    return run(config, resume=args.resume, **({"build_model": build_model} if build_model else {}))
+    return run(config, args.resume, after_step=after_step, **({"build_model": build_model} if build_model else {}))
 
 
 def one_line(err: Exception) -> str:
@@ -179,14 +180,14 @@ def report_failure(err: Exception, everywhere: bool = True) -> None:
     print(f"pretrain: {err}", file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None, build_model=None) -> int:
+def main(argv: Sequence[str] | None = None, build_model=None, after_step=()) -> int:
     from data_pipeline.errors import DataPipelineError
     from pretrain.checkpoint import CheckpointSaveError
     from pretrain.config import ConfigError
     from pretrain.trainer import NonFiniteLossError
 
     try:
-        run_from_argv(argv, build_model)
+        run_from_argv(argv, build_model, after_step)
     except ConfigError as err:
         report_failure(err)
         return EXIT_CONFIG

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from common.files import write_text_atomic
@@ -148,3 +151,88 @@ def progress_line(record: dict[str, Any], total_steps: int) -> str:
 
 def log_error(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory since the last call (CUDA), else this process's resident memory."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+@dataclass
+class Window:
+    """Training-step work since the last log line (eval and checkpoint time excluded)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    sums: torch.Tensor | None = None  # [loss sum, correct, masked tokens] of this rank
+    grad_norm: float | None = None
+    lr: float = 0.0
+
+    def add(self, sums: torch.Tensor, grad_norm: Any, seconds: float, lr: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.grad_norm = grad_norm
+        self.lr = lr
+
+
+class TrainingMetrics:
+    """The training side of the metrics: a window of steps between log lines, turned into one train record
+    (loss and accuracy over every rank, throughput, MFU, memory, ETA) at each log line. Collective."""
+
+    def __init__(
+        self,
+        every_steps: int,
+        total_steps: int,
+        tokens_per_step: int,
+        global_batch: int,
+        world_size: int,
+        flops_per_token: float,
+        peak_tflops: float | None,
+        device: torch.device,
+    ) -> None:
+        self.every_steps, self.total_steps = every_steps, total_steps
+        self.tokens_per_step, self.global_batch, self.world_size = tokens_per_step, global_batch, world_size
+        self.flops_per_token, self.peak_tflops, self.device = flops_per_token, peak_tflops, device
+        self.window = Window()
+
+    def due(self, step: int) -> bool:
+        """Whether the step that ends at `step` is logged (its gradient norm is then measured)."""
+        return step % self.every_steps == 0 or step == self.total_steps
+
+    def record(self, step: int, counters: dict[str, Any]) -> dict[str, Any]:
+        """The train record for the window that ends at `step`; starts a new window."""
+        window, self.window = self.window, Window()
+        assert window.sums is not None, "a log line without a step"
+        sums = window.sums.clone()
+        dist.all_reduce(sums)
+        loss_sum, correct, masked = sums.tolist()
+        speed = throughput(
+            window.steps * self.tokens_per_step,
+            window.steps * self.global_batch,
+            window.seconds,
+            self.world_size,
+            self.flops_per_token,
+            self.peak_tflops,
+        )
+        return {
+            "kind": "train",
+            "step": step,
+            "loss": loss_sum / max(masked, 1),
+            "accuracy": correct / max(masked, 1),
+            "lr": window.lr,
+            "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
+            **speed,
+            "memory_gib": memory_gib(self.device),
+            "tokens": counters["tokens"],
+            "epoch": counters["epoch"],
+            "nonfinite_skipped": counters["nonfinite_skipped"],
+            "skipped_steps": counters["skipped_steps"],
+            "eta_s": (self.total_steps - step) * window.seconds / window.steps,
+        }

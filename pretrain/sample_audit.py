@@ -18,7 +18,7 @@ from data_pipeline.shards import read_manifest
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, PretrainConfig, from_dict
 from pretrain.data import Layout, global_order, shards_of
-from pretrain.trainer import SAMPLE_IDS_FILE, read_sample_ids
+from pretrain.sample_ids import SAMPLE_IDS_FILE, read_sample_ids
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,13 @@ One setting, `train.stall_timeout_s`, bounds both halves:
 EXIT_STALLED is requeue-able: the checkpoints written before the stall are complete, `--resume auto`
 continues from the newest one, and the SLURM launcher requeues the job on it (slurm/launchers/pretrain.py).
 A collective that times out (the process-group half firing first) is turned into the same exit by
-`Watchdog.check_error`.
+`Watchdog.check_error`: an error of the type a collective raises (RuntimeError, which torch.distributed's
+errors subclass, or TimeoutError) after the loop made no progress for `stall_timeout_s`, which is every
+group's timeout; the message text is not read.
+
+A run that stalls again without a new checkpoint in between is counted (run_status.json "stalls_in_a_row");
+past `train.max_requeues_without_progress` in a row it exits with EXIT_STALLED_AGAIN instead, which no
+launcher requeues, and the stall hooks (the requeue) are not run.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ from datetime import timedelta
 from typing import Any
 
 EXIT_STALLED = 75  # EX_TEMPFAIL: "try again later"; the SLURM launcher requeues on it
+EXIT_STALLED_AGAIN = 5  # stalled again with no progress since the last requeue: needs a person, not a requeue
+# The types a timed-out collective raises: gloo a RuntimeError, NCCL and the stores torch.distributed's DistError
+# (a RuntimeError); a store read a TimeoutError.
+COLLECTIVE_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError)
 KEY_PREFIX = "pretrain-watchdog/"
 # Called with the stall line by the reporting rank before it exits (the SLURM launcher adds its requeue).
 STALL_HOOKS: list[Callable[[str], None]] = []
@@ -76,7 +86,8 @@ def _exit_now(code: int) -> None:
 
 class Watchdog:
     """See the module docstring. `on_stall(line)` runs in the reporting rank before it exits (writes
-    run_status.json); `exit` is what ends the process (os._exit; tests may pass their own)."""
+    run_status.json); `may_requeue()` says whether this stall may be requeued (False: EXIT_STALLED_AGAIN);
+    `exit` is what ends the process (os._exit; tests may pass their own)."""
 
     def __init__(
         self,
@@ -87,10 +98,11 @@ class Watchdog:
         on_stall: Callable[[str], None] | None = None,
         exit: Callable[[int], None] = _exit_now,
         interval_s: float | None = None,
+        may_requeue: Callable[[], bool] = lambda: True,
     ) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
         self.interval_s = interval_s or max(0.2, min(5.0, self.timeout_s / 10))
-        self.on_stall, self._exit = on_stall, exit
+        self.on_stall, self._exit, self.may_requeue = on_stall, exit, may_requeue
         self._store = store
         self._step = 0
         self._progress_at = time.monotonic()
@@ -138,10 +150,12 @@ class Watchdog:
         self._stop.set()
 
     def check_error(self, err: BaseException) -> None:
-        """Called with an exception leaving the training loop: a collective that timed out is a stall."""
-        text = str(err)
-        if "Timed out" in text or "timed out" in text or "Timeout" in text:
-            self.fire(f"a collective timed out ({text.splitlines()[0][:200] if text else type(err).__name__})")
+        """Called with an exception leaving the training loop: one of a collective's error types, raised after
+        the loop waited the group timeout (`timeout_s`) without progress, is a collective that timed out: a stall."""
+        idle = time.monotonic() - self._progress_at
+        if isinstance(err, COLLECTIVE_ERRORS) and idle >= self.timeout_s:
+            text = str(err).splitlines()[0][:200] if str(err) else ""
+            self.fire(f"a collective timed out after {idle:.0f} s without progress ({type(err).__name__}: {text})")
 
     # ------------------------------------------------------------------ the thread
 
@@ -182,7 +196,7 @@ class Watchdog:
         return out
 
     def diagnose(self, reason: str) -> tuple[str, list[dict[str, Any]], bool]:
-        """(the line, the heartbeats of the ranks that went silent, whether this rank is the lowest live one)."""
+        """(what stalled, the heartbeats of the ranks that went silent, whether this rank is the lowest live one)."""
         now = time.time()
         beats: dict[int, dict[str, Any] | None] = {}
         reader = threading.Thread(target=lambda: beats.update(self.heartbeats()), daemon=True)
@@ -217,21 +231,32 @@ class Watchdog:
             what = f"no rank made progress for {self.timeout_s:.0f} s; furthest behind: " + ", ".join(
                 f"rank {r} (last finished step {b['step']})" for r, b in sorted(stalled.items())
             )
-        line = (
-            f"stalled: {what}; {reason} on rank {self.rank}; every rank exits with code {EXIT_STALLED} "
-            "(requeue-able: resume with --resume auto)"
+        return (
+            f"stalled: {what}; {reason} on rank {self.rank}",
+            [b for b in dead.values() if b],
+            bool(live) and self.rank == live[0],
         )
-        return line, [b for b in dead.values() if b], bool(live) and self.rank == live[0]
 
     def fire(self, reason: str) -> None:
         if not self._fired.acquire(blocking=False):
             return
         self._stop.set()
+        code = EXIT_STALLED
         try:
             line, silent, reporter = self.diagnose(reason)
+            if self.may_requeue():
+                line += f"; every rank exits with code {EXIT_STALLED} (requeue-able: resume with --resume auto)"
+            else:
+                code = EXIT_STALLED_AGAIN
+                line += (
+                    f"; stalled again with no new checkpoint since the last stall, more often in a row than "
+                    f"train.max_requeues_without_progress: every rank exits with code {EXIT_STALLED_AGAIN} (not "
+                    "requeued: find the stalled rank's cause, then resume with --resume auto)"
+                )
             if reporter:
                 print(f"pretrain: {line}", file=sys.stderr, flush=True)
-                for hook in ([self.on_stall] if self.on_stall else []) + STALL_HOOKS:
+                hooks = STALL_HOOKS if code == EXIT_STALLED else []
+                for hook in ([self.on_stall] if self.on_stall else []) + hooks:
                     try:
                         hook(line)
                     except Exception as err:
@@ -247,4 +272,4 @@ class Watchdog:
                     except (ProcessLookupError, PermissionError):
                         pass
         finally:
-            self._exit(EXIT_STALLED)
+            self._exit(code)

@@ -1,11 +1,15 @@
-"""docs/config.md is generated from the typed configs (python -m common.reference); it must match."""
+"""docs/config.md is generated from the typed configs (python -m tools.config_reference); it must match."""
 
 import dataclasses
+from pathlib import Path
 
-from common.reference import DOC, REGENERATE, generate
 from hypermixer import EncoderConfig
 from pretrain import config as cfg
-from pretrain.reference import field_comments
+from tools import config_reference
+from tools.config_reference import REGENERATE, generate
+from tools.pretrain_reference import field_comments
+
+DOC = Path(__file__).resolve().parents[1] / config_reference.DOC
 
 
 def test_docs_config_md_is_up_to_date():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpora import synthetic_docs, write_lines
 
 from common.files import write_json_atomic
 from data_pipeline import BuildConfig, DataPipelineError
@@ -24,7 +25,6 @@ from data_pipeline.shards import (
     read_manifest,
     read_shard,
 )
-from data_pipeline.testing import synthetic_docs, write_lines
 from data_pipeline.tokenizer import BulkEncoder, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from data_pipeline.units import plan
 
@@ -136,7 +136,7 @@ def test_read_shard_starts_at_any_sample_without_decoding_the_blocks_before(tmp_
 def test_format_1_shards_are_still_read(tmp_path):
     """Format 1 (one member per sequence) reads through the same functions, `start` included."""
     from data_pipeline.build import build
-    from data_pipeline.testing import write_format1_copy
+    from data_pipeline.legacy import write_format1_copy
 
     write_lines(tmp_path / "c.txt", synthetic_docs(200, seed=3))
     new = read_manifest(

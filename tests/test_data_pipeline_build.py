@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from corpora import reference_documents, synthetic_docs, write_lines
 
 from data_pipeline import (
     BuildConfig,
@@ -24,7 +25,6 @@ from data_pipeline import (
     run_unit,
     shard_urls,
 )
-from data_pipeline.testing import reference_documents, synthetic_docs, write_lines
 from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 from data_pipeline.verify import split_documents, verify_build
 
@@ -178,6 +178,7 @@ def test_killed_mid_unit_then_rerun_gives_byte_identical_shards(tmp_path, corpus
     first = json.loads((ref / "_work" / "units" / "u000000.json").read_text())
     kill_after = sum(len(s["shards"]) for s in first["splits"].values()) + 3
     cmd, env = _cli(out, inputs, tok_file, env={"DATA_PIPELINE_TEST_KILL_AFTER_SHARDS": str(kill_after)})
+    cmd[1:3] = [str(REPO / "tests" / "crashing_build.py")]  # `python -m data_pipeline` with the kill hook installed
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr  # really killed, by SIGKILL, mid-run
     done = list((out / "_work" / "units").glob("*.json"))

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"(?<![\w\-./=])[+-]?\d[\d,]*(?:\.\d+)?%?(?![\w.]\w)")
 # A figure as results print it: a decimal or a percentage with at least three digits (5.774, 18.1%, 77.1).
 FIGURE = re.compile(r"(?<![\w\-./])\d[\d,]*(?:\.\d+)?%?(?![\w.]\w)")
-GENERATED = {"results.md", "config.md"}  # written by bench.report and common.reference
+GENERATED = {"results.md", "config.md"}  # written by bench.report and tools.config_reference
 CITED = {"finetune.md": {"78.9"}}  # published scores quoted from elsewhere that happen to equal one of ours
 
 

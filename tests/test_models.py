@@ -426,3 +426,10 @@ def test_a_position_table_first_built_in_inference_mode_still_trains():
     labels = ids.clone()
     model(ids, labels=labels).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_every_config_mistake_is_reported_at_once():
+    with pytest.raises(ValueError) as caught:
+        EncoderConfig(num_layers=0, mixer="lstm", dropout=1.5, hidden_size=30, num_heads=4, intermediate_size=2.5)
+    problems = caught.value.problems
+    assert [p.split(":")[0] for p in problems] == ["num_layers", "intermediate_size", "mixer", "dropout", "num_heads"]

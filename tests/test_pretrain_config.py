@@ -197,7 +197,7 @@ def test_resolve_checks_against_data_and_world_size(shards):
 
 
 def test_a_resume_lists_what_changed_and_refuses_what_cannot(shards):
-    from pretrain.trainer import check_resume
+    from pretrain.startup import check_resume
 
     sets = [f"data.path={shards}", "batch.global_batch_size=16", "batch.micro_batch_size=4"]
     written = resolve(load_config("tiny", [*sets, "data.num_workers=2"]), world_size=2)
@@ -276,3 +276,27 @@ def test_print_config_shows_the_derived_deepspeed_config(capsys, shards, monkeyp
     assert main(["--config", "tiny", "--set", f"data.path={shards}", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["grad_accum"] == 1 and printed["deepspeed"]["train_batch_size"] == 32
+
+
+def test_every_mistake_in_the_model_section_is_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            write(tmp_path, {"data": {"path": "x"}, "optim": {"total_steps": 10, "warmup_steps": 1}}),
+            [
+                "model.num_layers=0",
+                "model.mixer=lstm",
+                "model.dropout=1.5",
+                "model.hidden_size=30",
+                "model.num_heads=4",
+                "model.pooling=max",
+            ],
+        )
+    problems = caught.value.problems
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "model.dropout",
+        "model.mixer",
+        "model.num_heads",
+        "model.num_layers",
+        "model.pooling",
+    ], problems
+    assert any("hidden_size (30) must be divisible by num_heads (4)" in p for p in problems), problems

@@ -210,7 +210,7 @@ def test_resume_on_any_layout_continues_the_same_global_stream(manifest, masking
 def test_format_1_shards_give_the_same_batches_as_format_2(manifest, masking, tmp_path):
     """The same build as format 1 (one tar member per sequence) trains on exactly the same batches; the
     streams' pieces start inside blocks (format 2 seeks to them) as well as at block starts."""
-    from data_pipeline.testing import write_format1_copy
+    from data_pipeline.legacy import write_format1_copy
 
     old = read_manifest(write_format1_copy(manifest["_root"], tmp_path / "format1"))
     assert (manifest["format_version"], old["format_version"]) == (2, 1)
@@ -290,7 +290,7 @@ def test_the_sample_audit_counts_repeats_and_misses(manifest, tmp_path):
 
     from pretrain.config import load_config
     from pretrain.sample_audit import count
-    from pretrain.trainer import SAMPLE_IDS_FILE
+    from pretrain.sample_ids import SAMPLE_IDS_FILE
 
     config = load_config(
         "tiny", [f"data.path={manifest['_root']}", "batch.global_batch_size=16", "batch.micro_batch_size=4", "seed=5"]

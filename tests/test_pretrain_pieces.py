@@ -16,7 +16,7 @@ from common.optim import lr_factor, param_groups
 from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token
 from pretrain import checkpoint as ckpt
 from pretrain.metrics import MetricsLog, default_peak_tflops, progress_line, read_metrics, throughput
-from pretrain.trainer import rank_seed
+from pretrain.startup import rank_seed
 
 
 def _touch(path: Path) -> None:

@@ -41,9 +41,53 @@ def test_progress_keeps_it_quiet_and_a_timed_out_collective_fires():
         dog.progress(step)
     assert exits == []
     dog.check_error(RuntimeError("an unrelated error"))
+    dog.check_error(RuntimeError("[gloo] Timed out waiting 30000ms"))  # the text alone: not a stall
     assert exits == []
-    dog.check_error(RuntimeError("[gloo] Timed out waiting 30000ms for recv operation to complete"))
+    dog.stop()  # the thread would fire by itself; here the error path must
+    time.sleep(0.7)  # a collective waits the group timeout (= timeout_s) before it raises
+    dog.check_error(ValueError("Timeout"))  # not a type a collective raises
+    assert exits == []
+    dog.check_error(RuntimeError("[gloo] Application timeout caused pair closure"))
     assert exits == [EXIT_STALLED]
+
+
+def test_stalls_in_a_row_without_a_checkpoint_exit_without_requeue(tmp_path):
+    from pretrain.run_status import RunStatus, read_run_status
+    from pretrain.watchdog import EXIT_STALLED_AGAIN, STALL_HOOKS
+
+    requeued: list[str] = []
+    STALL_HOOKS.append(requeued.append)
+    try:
+        codes = []
+        for attempt in range(4):  # each attempt resumes from step 4's checkpoint and stalls before the next
+            status = RunStatus(tmp_path, 16, 4, tmp_path / "step_00000004", read_run_status(tmp_path))
+            status.write("running")
+            exits: list[int] = []
+            dog = Watchdog(
+                dist.HashStore(),
+                0,
+                1,
+                timeout_s=0.3,
+                interval_s=0.1,
+                on_stall=lambda line, s=status: s.write("stalled", reason=line),
+                exit=exits.append,
+                may_requeue=lambda s=status: s.stalls_in_a_row() <= 2,
+            )
+            dog.start(5)
+            deadline = time.monotonic() + 10
+            while not exits and time.monotonic() < deadline:
+                time.sleep(0.05)
+            codes.append(exits[0])
+            record = read_run_status(tmp_path)
+            assert record["stalls_in_a_row"] == attempt + 1 and record["restarts"] == attempt + 1, record
+        assert codes == [EXIT_STALLED, EXIT_STALLED, EXIT_STALLED_AGAIN, EXIT_STALLED_AGAIN]
+        assert len(requeued) == 2 and "not requeued" in record["reason"], record
+        # a new checkpoint since the last stall: progress, the count starts again
+        status = RunStatus(tmp_path, 16, 4, tmp_path / "step_00000004", read_run_status(tmp_path))
+        status.checkpoint = str(tmp_path / "step_00000008")
+        assert status.stalls_in_a_row() == 1
+    finally:
+        STALL_HOOKS.remove(requeued.append)
 
 
 # In a fresh interpreter: DeepSpeed caches its groups per process, so a group an earlier test made in the

@@ -34,12 +34,13 @@ from pretrain.export import check_release, consolidated_weights, export
 from pretrain.main import EXIT_CONFIG, EXIT_DIVERGED
 from pretrain.metrics import read_metrics
 from pretrain.sample_audit import audit
-from pretrain.trainer import read_sample_ids
+from pretrain.sample_ids import read_sample_ids
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "pretrain" / "main.py"
+FAULT_MAIN = Path(__file__).resolve().parent / "fault_main.py"  # main.py with PRETRAIN_FAULT's fault injected
 LAUNCH_TIMEOUT_S = 420  # a fresh machine compiles DeepSpeed's shared-memory op (~50-70 s) in the first run
 LOSS_TOLERANCE = 1e-5  # fp32 on CPU: ZeRO stages differ only in reduction order
 STEPS = 16
@@ -117,6 +118,7 @@ def launch(
     timeout: float = LAUNCH_TIMEOUT_S,
 ) -> Launch:
     sets = [f"data.path={shards}", f"output_dir={run_dir}", *COMMON, *extra]
+    script = FAULT_MAIN if fault else MAIN
     tail = ["--config", "tiny", "--set", *sets] + (["--resume", resume] if resume else [])
     if launcher == "torchrun":
         command = [
@@ -125,7 +127,7 @@ def launch(
             "torch.distributed.run",
             "--standalone",
             f"--nproc_per_node={nproc}",
-            str(MAIN),
+            str(script),
             *tail,
         ]
     elif launcher == "deepspeed":
@@ -137,11 +139,11 @@ def launch(
             str(nproc),
             "--master_port",
             str(free_port()),
-            str(MAIN),
+            str(script),
             *tail,
         ]
     else:
-        command = [sys.executable, "-m", "pretrain.main", *tail]
+        command = [sys.executable, *(["-m", "pretrain.main"] if script == MAIN else [str(script)]), *tail]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -254,6 +256,20 @@ def test_stop_signal_kill_and_resume_reproduce_the_uninterrupted_run(shards, zer
     assert losses(run_dir, "eval") == losses(zero2, "eval")
     kept = sorted(p.name for p in ckpt.checkpoint_folders(run_dir / "checkpoints"))
     assert kept == [ckpt.tag_for(12), ckpt.tag_for(16)]  # keep_last=2
+
+
+def test_run_status_is_current_while_the_run_goes_and_counts_restarts(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    short = ("deepspeed.zero_optimization.stage=2", "optim.total_steps=8")
+    killed = launch(run_dir, shards, *short, fault="kill:0:6", launcher="module")  # no last word from rank 0
+    assert killed.rc != 0, killed.output[-3000:]
+    record = status(run_dir)  # as rank 0 wrote it last: at step 5's log line, after step 4's checkpoint
+    assert record["status"] == "running" and record["step"] == 5 and record["restarts"] == 0, record
+    assert Path(record["checkpoint"]).name == ckpt.tag_for(4) and ckpt.is_complete(Path(record["checkpoint"]))
+    resumed = launch(run_dir, shards, *short, resume="auto", launcher="module")
+    completed(run_dir, resumed)
+    record = status(run_dir)
+    assert record["step"] == 8 and record["restarts"] == 1 and Path(record["checkpoint"]).name == ckpt.tag_for(8)
 
 
 @pytest.mark.parametrize("stage_fixture", ["zero2", "zero3", "zero0"])

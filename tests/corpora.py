@@ -1,4 +1,4 @@
-"""Helpers for the data_pipeline tests: synthetic corpora and an independent reference.
+"""Synthetic corpora and an independent reference for the data_pipeline tests.
 
 The reference (:func:`reference_documents`) re-derives, one document at a time and without
 the pipeline's batching, readers or packing code, what each split must contain; the tests
@@ -8,33 +8,9 @@ compare it with what decoding the shards gives.
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import random
-import signal
 import unicodedata
 from pathlib import Path
-
-# The one fault hook in production code: a build process SIGKILLs itself right after renaming its N-th
-# shard (counted over all units, so mid-unit) when this variable is N > 0; the crash-resume tests use it.
-CRASH_AFTER_SHARDS_ENV = "DATA_PIPELINE_TEST_KILL_AFTER_SHARDS"
-_shards_done_in_process = 0
-
-
-def crash_hook():
-    """The shard-written callback that crashes on purpose, or None (the normal case)."""
-    n = int(os.environ.get(CRASH_AFTER_SHARDS_ENV, "0") or 0)
-    if n <= 0:
-        return None
-
-    def hook(_record):
-        global _shards_done_in_process
-        _shards_done_in_process += 1
-        if _shards_done_in_process >= n:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her it an were are which this "
@@ -120,35 +96,3 @@ def reference_documents(
         split = "validation" if int.from_bytes(d[:8], "little") % 1_000_000 < thr else "train"
         out[split].append(ids)
     return out
-
-
-def write_format1_copy(build_dir: str | Path, out_dir: str | Path) -> Path:
-    """Copy a finished build as format 1 (one tar member ``{key}.ids.u16`` per sequence, as written
-    before issue 17), with its own manifest: for the tests that old shards are still read, and for
-    ``bench.data_pipeline``'s before/after bytes per token. Returns the copy's manifest path."""
-    import shutil
-    import tarfile
-
-    from common.files import write_json_atomic
-
-    from .shards import DTYPES, iter_shard, read_manifest, sha256_file
-
-    m = read_manifest(build_dir)
-    src, out = Path(m.pop("_root")), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / m["tokenizer"]["file"], out / m["tokenizer"]["file"])
-    ext, dtype = DTYPES[m["dtype"]]
-    for info in m["splits"].values():
-        for rec in info["shards"]:
-            (out / rec["path"]).parent.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(out / rec["path"], "w", format=tarfile.USTAR_FORMAT) as tf:
-                for key, ids in iter_shard(src / rec["path"], m["seq_len"]):
-                    data = ids.astype(dtype).tobytes()
-                    ti = tarfile.TarInfo(f"{key}.ids.{ext}")
-                    ti.size, ti.mode = len(data), 0o444
-                    tf.addfile(ti, io.BytesIO(data))
-            rec["sha256"], rec["bytes"] = sha256_file(out / rec["path"]), (out / rec["path"]).stat().st_size
-    m["format_version"] = 1
-    m.pop("block_sequences", None)
-    write_json_atomic(out / "manifest.json", m)
-    return out / "manifest.json"

@@ -1,20 +1,18 @@
 """docs/config.md, generated from the typed configs so that it cannot drift: the pretraining config
-(pretrain/reference.py: every key with its value in each shipped config) and the config of every other
-stage (data_pipeline build, finetune train, the SLURM cluster options), each key with its type, default
-and meaning (the field's description or the comment beside it).
+(tools/pretrain_reference.py: every key with its value in each shipped config) and the config of every
+other stage (data_pipeline build, finetune train, the SLURM cluster options), each key with its type,
+default and meaning (the field's description or the comment beside it).
 
-    python -m common.reference            # print it
-    python -m common.reference --write    # regenerate docs/config.md
-    python -m common.reference --check    # exit 1 when docs/config.md is out of date
+    python -m tools.config_reference                          # print it
+    python -m tools.config_reference --write docs/config.md   # regenerate it
+    python -m tools.config_reference --check docs/config.md   # exit 1 when it is out of date
 
-A documentation tool: it reads each stage's config module by name (importlib) and no stage imports it,
-so the layering (common below every stage) holds for the code that runs.
+A repository tool, not part of any installed package: it may import every stage, and no stage imports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import typing
@@ -25,37 +23,32 @@ from pydantic import BaseModel
 
 from common.config import type_text
 from common.files import write_text_atomic
+from data_pipeline.config import BuildConfig
+from finetune.config import FinetuneConfig
+from slurm.options import ClusterOptions
+from tools import pretrain_reference
+from tools.pretrain_reference import cell
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
-REGENERATE = "python -m common.reference --write"
-STAGES = [  # (heading, the command it configures, "module:Model")
+DOC = Path("docs") / "config.md"  # relative to the repository root
+REGENERATE = f"python -m tools.config_reference --write {DOC}"
+STAGES: list[tuple[str, str, type[BaseModel]]] = [  # (heading, the command it configures, its model)
     (
         "Data pipeline build",
         "`python -m data_pipeline build|plan` (flags: `--seq-len` for `seq_len`, ...; stored in `<out>/config.json`)",
-        "data_pipeline.config:BuildConfig",
+        BuildConfig,
     ),
     (
         "Fine-tuning run",
         "`python -m finetune train|sweep` (flags: `--lr` for `learning_rate`, `--predict` for "
         "`predict_test`, the others `--name-with-dashes`)",
-        "finetune.config:FinetuneConfig",
+        FinetuneConfig,
     ),
     (
         "SLURM cluster options",
         "`python -m slurm STAGE` (flags `--name-with-dashes`, or a JSON file via `--config`)",
-        "slurm.options:ClusterOptions",
+        ClusterOptions,
     ),
 ]
-
-
-def cell(text: str) -> str:
-    """Text safe in a markdown table cell (pipes split cells, <x> reads as an HTML tag)."""
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _load(target: str) -> type[BaseModel]:
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def literal_choices(annotation: Any) -> tuple[Any, ...] | None:
@@ -80,28 +73,27 @@ def fields_table(cls: type[BaseModel]) -> str:
 
 
 def generate() -> str:
-    pretrain_reference: Any = importlib.import_module("pretrain.reference")
     parts = [pretrain_reference.generate().rstrip()]
-    for title, command, target in STAGES:
-        parts += ["", f"# {title}", "", f"Configures {command}.", "", fields_table(_load(target))]
+    for title, command, model in STAGES:
+        parts += ["", f"# {title}", "", f"Configures {command}.", "", fields_table(model)]
     return "\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.reference", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.config_reference", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help=f"regenerate {DOC}")
-    mode.add_argument("--check", action="store_true", help=f"exit 1 when {DOC} is out of date")
+    mode.add_argument("--write", type=Path, metavar="FILE", help=f"write it to FILE (the repository's: {DOC})")
+    mode.add_argument("--check", type=Path, metavar="FILE", help="exit 1 when FILE differs from it")
     args = parser.parse_args(argv)
     text = generate()
     if args.write:
-        write_text_atomic(DOC, text)
-        print(f"wrote {DOC}")
+        write_text_atomic(args.write, text)
+        print(f"wrote {args.write}")
     elif args.check:
-        if not DOC.is_file() or DOC.read_text() != text:
-            print(f"{DOC} is out of date; regenerate it with: {REGENERATE}", file=sys.stderr)
+        if not args.check.is_file() or args.check.read_text() != text:
+            print(f"{args.check} is out of date; regenerate it with: {REGENERATE}", file=sys.stderr)
             return 1
-        print(f"{DOC} is up to date")
+        print(f"{args.check} is up to date")
     else:
         sys.stdout.write(text)
     return 0
