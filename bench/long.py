@@ -284,7 +284,7 @@ def scratch_releases(size: Size, setup: Setup, folder: Path) -> dict[str, Path]:
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
-    made = {}
+    made: dict[str, Path] = {}
     for mixer in MIXERS:
         target = folder / f"scratch-{mixer}"
         if not (target / "model.safetensors").is_file():
