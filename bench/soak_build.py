@@ -311,30 +311,35 @@ def soak(
     soak_s = time.monotonic() - soak_began
     comparison = compare(reference_dir, build_dir)
     manifest = json.loads((reference_dir / "manifest.json").read_text())
+    plan = json.loads((reference_dir / "_work" / "plan.json").read_text())
     orphans = [o for k in done for o in k.orphans]
     return {
         "inputs": inputs,
-        "corpus_bytes": sum(
-            u["est_bytes"] for u in json.loads((reference_dir / "_work" / "plan.json").read_text())["units"]
-        ),
+        "corpus_bytes": sum(u["est_bytes"] for u in plan["units"]),
+        "units": len(plan["units"]),
+        "tokens": manifest["report"]["tokens_written"],
         "build_options": options,
         "workers": workers,
         "seed": seed,
         "kills_requested": kills,
         "kills_survived": len(done),
-        "reference": {
-            "wall_s": round(reference_s, 3),
-            "tokenizer_and_plan_s": round(timeline.plan_s or 0.0, 3),
-            "units": {name: round(s, 3) for name, s in timeline.units_s.items()},
-            "tokens": manifest["report"]["tokens_written"],
-        },
-        "kills": [k.__dict__ for k in done],
-        "final_attempt_s": round(final_s, 3),
+        "identical": comparison["identical"],
+        "orphans_left": len(orphans),
+        "reference_wall_s": round(reference_s, 3),
+        "reference_tokenizer_s": round(timeline.plan_s or 0.0, 3),
         "soak_wall_s": round(soak_s, 3),
         "overhead_s": round(soak_s - reference_s, 3),
         "lost_s_total": round(sum(k.lost_s for k in done), 3),
-        "orphans": orphans,
-        "comparison": comparison,
+        "lost_s_max": round(max((k.lost_s for k in done), default=0.0), 3),
+        "final_attempt_s": round(final_s, 3),
+        "files_compared": comparison["files"],
+        "shards_compared": comparison["shards"],
+        "bytes_compared": comparison["bytes"],
+        "differing": comparison["differing"] + comparison["missing"] + comparison["extra"],
+        "manifest_times_set_aside": comparison["manifest_times_set_aside"],
+        "reference_units": [{"unit": name, "done_at_s": round(s, 3)} for name, s in timeline.units_s.items()],
+        "kills": [{**k.__dict__, "redone": ", ".join(k.redone) or "-", "orphans": len(k.orphans)} for k in done],
+        "orphan_processes": orphans,
         "ok": comparison["identical"] and not orphans and len(done) == kills,
     }
 
@@ -380,12 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     result["inputs"] = [os.path.relpath(i, ROOT) for i in result["inputs"]]
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", result)
-    comparison = result["comparison"]
     print(
         f"{result['kills_survived']}/{args.kills} kills survived; build "
-        f"{'byte-identical' if comparison['identical'] else 'DIFFERENT: ' + ', '.join(comparison['differing'][:5])} "
-        f"({comparison['files']} files, {comparison['shards']} shards); {len(result['orphans'])} orphan process(es); "
-        f"{result['lost_s_total']:.1f}s lost in all, overhead {result['overhead_s']:.1f}s on a {result['reference']['wall_s']:.1f}s build"
+        f"{'byte-identical' if result['identical'] else 'DIFFERENT: ' + ', '.join(result['differing'][:5])} "
+        f"({result['files_compared']} files, {result['shards_compared']} shards); {result['orphans_left']} orphan "
+        f"process(es); {result['lost_s_total']:.1f}s lost in all, overhead {result['overhead_s']:.1f}s on a "
+        f"{result['reference_wall_s']:.1f}s build"
     )
     return 0 if result["ok"] else 1
 
