@@ -219,7 +219,7 @@ def attempt(kill: Kill, command: list[str], out: Path, log: Path, reference: Tim
     before = kill_tree(proc, kill.mode)
     kill.at_s = round(time.monotonic() - began, 3)
     kill.orphans, gone = wait_for_orphans(before, proc.pid)
-    kill.gone_after_s = round(gone, 3)
+    kill.gone_after_s = round(gone, 1)  # polled every 0.1 s
     after = Timeline.read(out, began_wall)
     kill.units_done = len(after.units_s)
     if after.plan_s is None:
