@@ -33,6 +33,7 @@ from hypermixer import EncoderConfig, ForMaskedLM, flops_per_token, max_predicti
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig, Resolved, resolve
 from pretrain.data import Cursor, Layout, Masking, TrainBatches
+from pretrain.distributed import init_distributed
 from pretrain.evaluation import Evaluator
 from pretrain.metrics import MetricsLog, TrainingMetrics, default_peak_tflops
 from pretrain.run_status import RunStatus, read_run_status
@@ -140,13 +141,11 @@ class Trainer:
         build_model: Callable[[EncoderConfig], nn.Module] = ForMaskedLM,
         after_step: Sequence[AfterStep] = (),
     ) -> None:
-        import deepspeed
-
         self.config, self.after_step = config, list(after_step)
         resolved = self.resolved = resolve(config, int(os.environ.get("WORLD_SIZE", "1")))  # before any collective
         start = Start.find(resolved, resume)
         check_accelerator(config)
-        deepspeed.init_distributed(timeout=set_default_group_timeout(config.train.stall_timeout_s))
+        init_distributed(set_default_group_timeout(config.train.stall_timeout_s))
         self.rank, self.world_size, self.device = dist.get_rank(), resolved.world_size, local_device()
         self.counters = Counters.from_state(start.state)
         previous = [read_run_status(config.run_dir) if self.rank == 0 else None]
