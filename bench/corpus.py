@@ -12,7 +12,9 @@ fixed token counts, and those releases read on out-of-domain text.
 2. pretraining through `pretrain/main.py` with the shipped `cpu` recipe, per model and pretraining seed, at
    an equal token budget: evaluations on the held-out documents every `--eval-tokens`, a checkpoint at each
    release point (2.5M, 10M and 40M tokens by default) kept and exported as a release. An interrupted run
-   continues from its newest checkpoint when the command is run again.
+   continues from its newest checkpoint when the command is run again. A finished run is never repeated:
+   its metrics, status and releases are what a rerun reads, and the repository keeps them (not the
+   checkpoints), so a rerun from a fresh clone continues with the next run.
 3. held-out text: every release read on the held-out documents and on the out-of-domain text, with the
    same sequences and masks for every model (loss and accuracy over the masked tokens).
 
@@ -416,6 +418,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_releases_share_tokenizer(releases: Path, tokenizer: Path) -> None:
+    """Releases kept from an earlier run (e.g. committed, then a fresh clone) must have the tokenizer the data
+    was just rebuilt with, or the models compared downstream would not read the same pieces."""
+    digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    for kept in sorted(releases.glob("*/tokenizer.json")):
+        if hashlib.sha256(kept.read_bytes()).hexdigest() != digest:
+            raise BenchError(
+                f"{kept}: differs from the rebuilt {tokenizer}; the corpus or the build changed since this "
+                "release was made: use a new --out"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
@@ -442,6 +456,7 @@ def run(argv: list[str] | None = None) -> int:
     tokenizer = train / "tokenizer.json"
     heldout = build_shards([docs / "heldout.jsonl"], out / "data" / "heldout", budget, tokenizer)
     ood = build_shards([args.ood], out / "data" / "ood", budget, tokenizer)
+    check_releases_share_tokenizer(out / "releases", tokenizer)
     train_tokens = json.loads((train / "manifest.json").read_text())["splits"]["train"]["tokens"]
     log(
         f"data: {split['train_documents']:,} training documents ({train_tokens:,} tokens), "
@@ -468,26 +483,14 @@ def run(argv: list[str] | None = None) -> int:
     )
     # A checkpoint at every release point, all kept until exported.
     checkpoint_sets = (f"checkpoint.every_steps={first}", f"checkpoint.keep_last={steps // first + 1}")
-    curves = {}
-    for seed in args.seeds:
-        for model in args.models:
-            name = f"{model}-s{seed}"
-            if args.report_only:  # what the runs have written so far, e.g. while they run
-                if any(r["kind"] == "eval" for r in read_metrics(out / "pretrain" / name)):
-                    curves[name] = read_curve(name, model, out / "pretrain" / name, steps)
-                continue
-            curves[name] = pretrain(
-                name, model, size, train, heldout, out, steps, extra_sets=(*checkpoint_sets, f"seed={seed}")
-            )
-
     heldout_sets = {
         "in-domain": heldout_batches(heldout, budget.eval_samples),
         "ood": heldout_batches(ood, budget.eval_samples),
     }
-    readings: dict[str, dict] = {}
-    for name, curve in curves.items():
-        if curve["mixer"] == "bert-hf":
-            continue
+
+    def read_releases(name: str, curve: dict) -> dict[str, dict]:
+        """Export the run's release points reached so far and read them on the held-out sets (cached)."""
+        found = {}
         for step, tokens in zip(release_steps, budget.release_tokens):
             release_name = f"{name}-{tokens_label(tokens)}"  # named by its nominal budget; tokens are exact
             cached = out / "releases" / release_name / "heldout.json"
@@ -498,7 +501,25 @@ def run(argv: list[str] | None = None) -> int:
                 release = export(release_name, out, export_from)
                 reading = {key: read_heldout(release, batches) for key, batches in heldout_sets.items()}
                 cached.write_text(json.dumps({**reading, "tokens": step * budget.global_batch * SEQ_LEN}) + "\n")
-            readings[release_name] = json.loads(cached.read_text())
+            found[release_name] = json.loads(cached.read_text())
+        return found
+
+    curves: dict[str, dict] = {}
+    readings: dict[str, dict] = {}
+    for seed in args.seeds:
+        for model in args.models:
+            name = f"{model}-s{seed}"
+            if args.report_only:  # what the runs have written so far, e.g. while they run
+                if not any(r["kind"] == "eval" for r in read_metrics(out / "pretrain" / name)):
+                    continue
+                curves[name] = read_curve(name, model, out / "pretrain" / name, steps)
+            else:
+                curves[name] = pretrain(
+                    name, model, size, train, heldout, out, steps, extra_sets=(*checkpoint_sets, f"seed={seed}")
+                )
+            # Exported as soon as the run ends: its checkpoints are not kept in the repository, its releases are.
+            if model != "bert-hf":
+                readings.update(read_releases(name, curves[name]))
 
     releases: dict[str, dict[int, Path]] = {}  # pretraining run -> tokens -> release
     for release_name, reading in readings.items():

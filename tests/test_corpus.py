@@ -71,6 +71,21 @@ def test_bad_corpus_and_overlapping_heldout_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_kept_release_with_another_tokenizer_is_refused(tmp_path, capsys):
+    rebuilt = tmp_path / "data" / "tokenizer.json"
+    rebuilt.parent.mkdir()
+    rebuilt.write_text('{"model": "rebuilt"}')
+    kept = tmp_path / "releases" / "hypermixer-s0-10M"
+    kept.mkdir(parents=True)
+    (kept / "tokenizer.json").write_text('{"model": "rebuilt"}')
+    corpus.check_releases_share_tokenizer(tmp_path / "releases", rebuilt)  # same bytes: accepted
+    (kept / "tokenizer.json").write_text('{"model": "other"}')
+    with pytest.raises(corpus.BenchError):
+        corpus.check_releases_share_tokenizer(tmp_path / "releases", rebuilt)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "hypermixer-s0-10M/tokenizer.json: differs from the rebuilt" in line
+
+
 def test_quick_run_writes_curves_and_release_readings(tmp_path):
     texts = paragraphs()
     data = write_corpus(tmp_path / "corpus.jsonl.gz", texts[:-40])
