@@ -202,19 +202,32 @@ def remove_incomplete(root: Path) -> list[Path]:
     return doomed
 
 
-def check_pickles(path: Path) -> str | None:
-    """Read every DeepSpeed file of a checkpoint with torch's weights-only unpickler, memory-mapped (the
-    tensors are not read). The problem, in one line, or None. Rank 0 runs it before any rank loads, so a
-    refused checkpoint is refused on every rank alike (exit 2), never half-way through a collective load."""
-    for file in sorted(path.glob("*.pt")):
+def check_files(path: Path) -> str | None:
+    """Whether a resume can read every file of checkpoint `path`: its trainer state, each rank's RNG state, and
+    DeepSpeed's pickles, read with torch's weights-only unpickler and memory-mapped (the tensors are not read).
+    The problem in one line (a truncated or half-written file), or None; UnsafeCheckpointError for a pickled
+    object that is not plain data. Rank 0 runs it before any rank loads, so a refused checkpoint is refused on
+    every rank alike, never half-way through a collective load."""
+    for file in [path / STATE_FILE, *sorted(path.glob("*.pt")), *sorted(path.glob("rng_rank*.safetensors"))]:
         try:
-            with weights_only_loads(file):
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except UnsafeCheckpointError as err:
-            return str(err)
+            if file.name == STATE_FILE:
+                read_state(path)
+            elif file.suffix == ".pt":
+                with weights_only_loads(file):
+                    torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                load_file(str(file))
+        except UnsafeCheckpointError:
+            raise
         except Exception as err:
-            return f"{file}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            return f"{file.name}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     return None
+
+
+def older_complete(path: Path) -> list[Path]:
+    """The complete checkpoints older than `path` in its folder, newest first."""
+    step = step_of(path)
+    return [p for p in reversed(checkpoint_folders(path.parent)) if is_complete(p) and (step_of(p) or 0) < (step or 0)]
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
@@ -223,6 +236,9 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     complete = [p for p in folders if is_complete(p)]
     doomed = [p for p in folders if not is_complete(p)] + complete[:-keep_last]
     for path in doomed:
+        # The marker first: a kill half-way through leaves an interrupted save, never a "complete" checkpoint
+        # with files missing.
+        (path / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 

@@ -142,8 +142,9 @@ class TrainConfig(Section):
     # Seconds without progress (a step, an evaluation or a checkpoint) before every rank exits with code 75
     # (requeue-able), naming the stalled rank; also the timeout of every process group, DeepSpeed's included.
     stall_timeout_s: float = Field(600.0, ge=5)
-    # Stalls in a row with no new checkpoint between them that still exit 75 (requeue-able); the next one
-    # exits 5, which no launcher requeues: a run stuck at one place is not requeued forever.
+    # Faults in a row (a stall, a crash, a killed rank...) with no new checkpoint between them that an automatic
+    # restart (torchrun's, a SLURM requeue) still continues after; past it the run exits 5, which no launcher
+    # requeues: a run stuck at one place is not restarted forever. A person's relaunch starts the count again.
     max_requeues_without_progress: int = Field(3, ge=0)
 
 

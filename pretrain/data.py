@@ -37,6 +37,7 @@ micro-batches is made, so no step trains on a sample of a corrupt shard.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -396,6 +397,7 @@ class TrainBatches:
             pin_memory=self.pin_memory,
             prefetch_factor=4 if workers else None,
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=leave_stop_signals_to_the_rank if workers else None,
         )
 
     def __iter__(self) -> TrainBatches:
@@ -419,6 +421,15 @@ class TrainBatches:
 
     def close(self) -> None:
         self._iterator = None  # shuts the DataLoader's workers down
+
+
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """In a loader worker: ignore the stop signals (SIGTERM, SIGUSR1). A preemption signals every process of
+    the job (torchrun signals each rank's process group; SLURM every process of the step); a worker it ended
+    would fail its rank in the middle of the stop checkpoint. The rank shuts its workers down as it exits, and
+    a worker whose rank died ends by itself (torch's DataLoader watches the parent)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def validation_samples(manifest: dict[str, Any], split: str, world_size: int, max_samples: int | None) -> int:

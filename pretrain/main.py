@@ -13,8 +13,8 @@ stopped on a signal.
 Return codes: 0 completed, or stopped by SIGTERM/SIGUSR1 after a complete checkpoint (then
 run_status.json says "stopped" and `--resume auto` continues); 2 a config mistake (nothing ran);
 3 diverged (too many non-finite losses in a row), 2 also for a corrupt shard found while training; 75 stalled (a rank made no progress for
-train.stall_timeout_s; requeue-able, see pretrain/watchdog.py); 5 stalled again with no new checkpoint, more
-often in a row than train.max_requeues_without_progress (not requeue-able); 4 a checkpoint could not be saved (one
+train.stall_timeout_s; requeue-able, see pretrain/watchdog.py); 5 more faults in a row (of any kind) without a new
+checkpoint than train.max_requeues_without_progress, found by a stall or at an automatic restart (not requeue-able); 4 a checkpoint could not be saved (one
 line; the previous checkpoint is intact; free the space and rerun with --resume auto); anything else is a crash (traceback).
 """
 
@@ -184,7 +184,9 @@ def main(argv: Sequence[str] | None = None, build_model=None, after_step=()) -> 
     from data_pipeline.errors import DataPipelineError
     from pretrain.checkpoint import CheckpointSaveError
     from pretrain.config import ConfigError
+    from pretrain.run_status import NoProgressError
     from pretrain.trainer import NonFiniteLossError
+    from pretrain.watchdog import EXIT_STALLED_AGAIN
 
     try:
         run_from_argv(argv, build_model, after_step)
@@ -197,6 +199,9 @@ def main(argv: Sequence[str] | None = None, build_model=None, after_step=()) -> 
     except DataPipelineError as err:  # a corrupt shard found while training: one line, not a traceback
         report_failure(one_line(err), everywhere=False)
         return EXIT_CONFIG
+    except NoProgressError as err:  # an automatic restart after too many faults in a row: not requeue-able
+        report_failure(err)
+        return EXIT_STALLED_AGAIN
     except CheckpointSaveError:  # rank 0 printed the summary line; run_status.json says failed (if writable)
         return EXIT_SAVE_FAILED
     import torch.distributed as dist

@@ -104,6 +104,37 @@ def _dig(values: dict[str, Any], dotted: str) -> Any:
     return values
 
 
+class ResumeWorldSizeError(ConfigError):
+    """A resume on a world size the run's data.streams cannot serve: one line, nothing touched."""
+
+    def __str__(self) -> str:
+        return self.problems[0]
+
+
+def check_resume_world_size(config: PretrainConfig, world_size: int, resume: str | None) -> None:
+    """Before anything is read or written: a resumed run (data.streams is fixed for the run) on a world size
+    whose ranks x loader workers do not divide data.streams is refused in one line, its checkpoints untouched,
+    so that a relaunch on a world size that fits continues it."""
+    from pretrain.data import Layout
+
+    if resume in (None, "", "none"):
+        return
+    found = ckpt.latest_checkpoint(config.checkpoint_dir) if resume == "auto" else Path(resume)
+    d = config.data
+    problem = Layout(0, world_size, d.num_workers, config.batch.micro_batch_size, d.streams).problem()
+    if found is None or problem is None:
+        return
+    workers = max(1, d.num_workers)
+    fits = [str(w) for w in range(1, d.streams // workers + 1) if d.streams % (w * workers) == 0]
+    raise ResumeWorldSizeError(
+        [
+            f"cannot resume {found} on {world_size} ranks: {problem}, and data.streams is fixed for the run; "
+            f"relaunch with --resume auto on {', '.join(fits)} ranks (with data.num_workers={d.num_workers}), or "
+            "change data.num_workers; the checkpoints are untouched"
+        ]
+    )
+
+
 def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
     root = config.checkpoint_dir
     if resume == "auto":
@@ -130,22 +161,32 @@ def find_start(config: PretrainConfig, resume: str | None) -> Path | None:
 @dataclass
 class Start:
     """Where the run starts: `path` None for a fresh run; else the checkpoint, its trainer state, what
-    changed since it was written, and whether its optimizer state must be re-partitioned for this world size."""
+    changed since it was written, and whether its optimizer state must be re-partitioned for this world size.
+    fallback (--resume auto): an unreadable checkpoint gives way to the previous complete one, in one line."""
 
     path: Path | None = None
     state: dict[str, Any] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
     reshard: bool = False
+    fallback: bool = False
 
     @classmethod
     def find(cls, resolved: Resolved, resume: str | None) -> Start:
         path = find_start(resolved.config, resume)
-        if path is None:
-            return cls()
-        state = ckpt.read_state(path)
+        return cls() if path is None else cls.at(resolved, path, fallback=resume == "auto")
+
+    @classmethod
+    def at(cls, resolved: Resolved, path: Path, fallback: bool) -> Start:
+        try:
+            state = ckpt.read_state(path)
+        except (OSError, ValueError):
+            if not fallback:
+                raise
+            # An unreadable trainer state: every rank reads it alike; verify() says so and falls back.
+            return cls(path, {}, [], False, fallback)
         changed = check_resume(resolved, state, path)
         reshard = int(state["world_size"]) != resolved.world_size and ckpt.partitioned_optimizer(path)
-        return cls(path, state, changed, reshard)
+        return cls(path, state, changed, reshard, fallback)
 
     def announce(self) -> None:
         if self.path is not None:
@@ -153,16 +194,40 @@ class Start:
             for line in self.changed:
                 print(f"resume: changed {line}", flush=True)
 
-    def verify(self, rank: int, world_size: int) -> None:
-        """Collective: rank 0 reads the checkpoint's pickles with the weights-only unpickler (and converts it
-        for another world size); every rank refuses alike (exit 2), before any of them starts loading."""
+    def verify(self, resolved: Resolved, rank: int) -> Start:
+        """Collective: rank 0 reads every file of the checkpoint (DeepSpeed's pickles with the weights-only
+        unpickler) and converts it for another world size; every rank refuses alike (exit 2), before any of
+        them starts loading. Under --resume auto an unreadable checkpoint (a truncated file) gives way to the
+        newest older one that reads, which rank 0 names in one line. Returns where the run starts."""
         if self.path is None:
-            return
-        problem = ckpt.check_pickles(self.path) if rank == 0 else None
+            return self
+        problem, unreadable, instead = None, None, None
+        if rank == 0:
+            try:
+                unreadable = ckpt.check_files(self.path)
+                if unreadable and self.fallback:
+                    instead = next((p for p in ckpt.older_complete(self.path) if not ckpt.check_files(p)), None)
+                    print(
+                        f"resume: {self.path.name} is unreadable ({unreadable}); "
+                        + (
+                            f"falling back to {instead.name}, the previous complete checkpoint"
+                            if instead
+                            else "no earlier complete checkpoint reads either"
+                        ),
+                        flush=True,
+                    )
+            except ckpt.UnsafeCheckpointError as err:
+                problem = str(err)
+            if unreadable and instead is None:
+                problem = f"{self.path}: {unreadable}"
+        choice = [str(instead) if instead else None]
+        dist.broadcast_object_list(choice)
+        if choice[0] is not None:
+            return Start.at(resolved, Path(choice[0]), fallback=False).verify(resolved, rank)
         if problem is None and self.reshard and rank == 0:
             print(
                 f"resume: re-partitioning the optimizer state of {self.path.name} from {self.state['world_size']} "
-                f"to {world_size} ranks (DeepSpeed universal checkpoint)",
+                f"to {resolved.world_size} ranks (DeepSpeed universal checkpoint)",
                 flush=True,
             )
             try:
@@ -170,8 +235,11 @@ class Start:
             except ckpt.UnsafeCheckpointError as err:
                 problem = str(err)
             except Exception as err:
-                problem = f"{self.path}: could not convert it for {world_size} ranks ({type(err).__name__}: {err})"
+                problem = (
+                    f"{self.path}: could not convert it for {resolved.world_size} ranks ({type(err).__name__}: {err})"
+                )
         flag = torch.tensor([0.0 if problem is None else 1.0])
         dist.all_reduce(flag)
         if flag.item():
             raise ConfigError([f"--resume: {problem or 'rank 0 refused the checkpoint ' + str(self.path)}"])
+        return self

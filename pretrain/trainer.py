@@ -36,9 +36,9 @@ from pretrain.data import Cursor, Layout, Masking, TrainBatches
 from pretrain.distributed import init_distributed
 from pretrain.evaluation import Evaluator
 from pretrain.metrics import MetricsLog, TrainingMetrics, default_peak_tflops
-from pretrain.run_status import RunStatus, read_run_status
+from pretrain.run_status import NoProgressError, RunStatus, read_run_status
 from pretrain.sample_ids import write_sample_ids
-from pretrain.startup import Start, check_accelerator, rank_seed
+from pretrain.startup import Start, check_accelerator, check_resume_world_size, rank_seed
 from pretrain.step import NonFiniteGuard, NonFiniteLossError, StepResult, train_step
 from pretrain.watchdog import Watchdog, set_default_group_timeout
 
@@ -142,19 +142,34 @@ class Trainer:
         after_step: Sequence[AfterStep] = (),
     ) -> None:
         self.config, self.after_step = config, list(after_step)
-        resolved = self.resolved = resolve(config, int(os.environ.get("WORLD_SIZE", "1")))  # before any collective
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume_world_size(config, world_size, resume)
+        resolved = self.resolved = resolve(config, world_size)  # before any collective
         start = Start.find(resolved, resume)
         check_accelerator(config)
         init_distributed(set_default_group_timeout(config.train.stall_timeout_s))
         self.rank, self.world_size, self.device = dist.get_rank(), resolved.world_size, local_device()
+        start = start.verify(resolved, self.rank)  # may fall back to an older checkpoint (an unreadable newest)
         self.counters = Counters.from_state(start.state)
         previous = [read_run_status(config.run_dir) if self.rank == 0 else None]
         dist.broadcast_object_list(previous)  # every rank counts restarts from the file as it was
-        self.status = RunStatus(config.run_dir, resolved.total_steps, self.counters.step, start.path, previous[0] or {})
+        self.status = RunStatus(
+            config.run_dir,
+            resolved.total_steps,
+            self.counters.step,
+            start.path,
+            previous[0] or {},
+            resumed=resume not in (None, "", "none"),
+        )
+        try:
+            self.status.check_progress(config.train.max_requeues_without_progress)  # alike on every rank
+        except NoProgressError as err:
+            if self.rank == 0:
+                self.status.write("failed", reason=str(err))
+            raise
         if self.rank == 0:
             self.status.write("running")
             start.announce()
-        start.verify(self.rank, self.world_size)
         self.engine, slots, num_parameters = build_engine(resolved, build_model, self.rank, start)
         self.checkpointer = ckpt.Checkpointer(
             self.engine,
@@ -254,7 +269,7 @@ class Trainer:
             self.world_size,
             self.config.train.stall_timeout_s,
             on_stall=lambda line: self.status.write("stalled", reason=line),
-            may_requeue=lambda: self.status.stalls_in_a_row() <= self.config.train.max_requeues_without_progress,
+            may_requeue=lambda: self.status.faults_in_a_row() <= self.config.train.max_requeues_without_progress,
         ).start(c.step)
         with ckpt.StopSignals() as signals:
             try:

@@ -22,9 +22,9 @@ A collective that times out (the process-group half firing first) is turned into
 errors subclass, or TimeoutError) after the loop made no progress for `stall_timeout_s`, which is every
 group's timeout; the message text is not read.
 
-A run that stalls again without a new checkpoint in between is counted (run_status.json "stalls_in_a_row");
-past `train.max_requeues_without_progress` in a row it exits with EXIT_STALLED_AGAIN instead, which no
-launcher requeues, and the stall hooks (the requeue) are not run.
+A stall after faults in a row (of any kind) without a new checkpoint in between is counted with them
+(run_status.json "faults_in_a_row"); past `train.max_requeues_without_progress` in a row it exits with
+EXIT_STALLED_AGAIN instead, which no launcher requeues, and the stall hooks (the requeue) are not run.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from datetime import timedelta
 from typing import Any
 
 EXIT_STALLED = 75  # EX_TEMPFAIL: "try again later"; the SLURM launcher requeues on it
-EXIT_STALLED_AGAIN = 5  # stalled again with no progress since the last requeue: needs a person, not a requeue
+EXIT_STALLED_AGAIN = 5  # faulted again with no progress since the last restart: needs a person, not a requeue
 # The types a timed-out collective raises: gloo a RuntimeError, NCCL and the stores torch.distributed's DistError
 # (a RuntimeError); a store read a TimeoutError.
 COLLECTIVE_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError)
@@ -249,7 +249,7 @@ class Watchdog:
             else:
                 code = EXIT_STALLED_AGAIN
                 line += (
-                    f"; stalled again with no new checkpoint since the last stall, more often in a row than "
+                    f"; one more fault without a new checkpoint since the last ones, more in a row than "
                     f"train.max_requeues_without_progress: every rank exits with code {EXIT_STALLED_AGAIN} (not "
                     "requeued: find the stalled rank's cause, then resume with --resume auto)"
                 )

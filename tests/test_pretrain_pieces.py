@@ -214,3 +214,78 @@ def test_progress_line_shows_mfu_only_when_known():
     assert "MFU 30.0%" in line and "gnorm" not in line and "eta 01:01" in line
     assert "MFU" not in progress_line({**record, "mfu": None}, 100)
     assert math.isfinite(float(line.split("loss ")[1].split()[0]))
+
+
+def test_check_files_names_a_truncated_file_of_any_kind_and_older_complete_lists_the_fallbacks(tmp_path):
+    from safetensors.torch import save_file
+
+    def readable(step: int) -> Path:
+        path = tmp_path / ckpt.tag_for(step)
+        path.mkdir()
+        (path / ckpt.STATE_FILE).write_text(json.dumps({"format_version": ckpt.STATE_FORMAT_VERSION, "step": step}))
+        torch.save({"module": {"w": torch.ones(64)}}, path / "mp_rank_00_model_states.pt")
+        save_file({"cpu": torch.get_rng_state()}, str(path / "rng_rank00000.safetensors"))
+        return path
+
+    for name in (ckpt.STATE_FILE, "mp_rank_00_model_states.pt", "rng_rank00000.safetensors"):
+        path = readable(4)
+        assert ckpt.check_files(path) is None
+        file = path / name
+        os.truncate(file, file.stat().st_size // 2)  # a write cut short
+        problem = ckpt.check_files(path)
+        assert problem is not None and problem.startswith(f"{name}: unreadable (") and "\n" not in problem, problem
+        for leftover in path.iterdir():
+            leftover.unlink()
+        path.rmdir()
+    for step in (4, 8, 12):
+        readable(step)
+    make_checkpoint(tmp_path, 10, complete=False)
+    assert ckpt.older_complete(tmp_path / ckpt.tag_for(12)) == [tmp_path / ckpt.tag_for(8), tmp_path / ckpt.tag_for(4)]
+    assert ckpt.older_complete(tmp_path / ckpt.tag_for(4)) == []
+
+
+def test_run_status_carries_restarts_and_the_last_fault_over_restarts_before_the_first_checkpoint(tmp_path):
+    from pretrain.run_status import RunStatus, read_run_status
+
+    first = RunStatus(tmp_path, 16, 0, None, read_run_status(tmp_path), resumed=True)
+    first.step = 3
+    first.write("running")  # then SIGKILLed: nobody writes again
+    second = RunStatus(tmp_path, 16, 0, None, read_run_status(tmp_path), resumed=True)
+    second.write("running")
+    record = read_run_status(tmp_path)
+    assert record["restarts"] == 1 and record["step"] == 0 and record["checkpoint"] is None, record
+    assert "ended without a word after step 3" in record["last_fault"], record
+    second.write("failed", reason="RuntimeError: Connection closed by peer")
+    third = RunStatus(tmp_path, 16, 4, tmp_path / ckpt.tag_for(4), read_run_status(tmp_path), resumed=True)
+    third.write("running")
+    record = read_run_status(tmp_path)
+    assert record["restarts"] == 2 and record["last_fault"] == "RuntimeError: Connection closed by peer", record
+    third.write("stopped", signal="SIGTERM")  # a preemption is no fault: the last fault stays
+    fourth = RunStatus(tmp_path, 16, 4, tmp_path / ckpt.tag_for(4), read_run_status(tmp_path), resumed=True)
+    fourth.write("running")
+    assert read_run_status(tmp_path)["last_fault"] == "RuntimeError: Connection closed by peer"
+    fresh = RunStatus(tmp_path, 16, 0, None, read_run_status(tmp_path), resumed=False)  # --resume none
+    fresh.write("running")
+    record = read_run_status(tmp_path)
+    assert record["restarts"] == 0 and record["last_fault"] is None, record
+
+
+def test_a_resume_on_a_world_size_that_cannot_serve_the_streams_is_one_line_and_touches_nothing(tmp_path):
+    from pretrain.config import ConfigError, load_config
+    from pretrain.startup import check_resume_world_size
+
+    config = load_config(
+        "tiny", [f"data.path={tmp_path}", f"output_dir={tmp_path}", "data.num_workers=2", "data.streams=16"]
+    )
+    check_resume_world_size(config, 3, "auto")  # nothing to resume: a fresh run's check is resolve's
+    step = make_checkpoint(config.checkpoint_dir, 8)
+    before = sorted(p.name for p in config.checkpoint_dir.rglob("*"))
+    for world_size in (1, 2, 4, 8):
+        check_resume_world_size(config, world_size, "auto")
+    check_resume_world_size(config, 3, "none")
+    with pytest.raises(ConfigError) as caught:
+        check_resume_world_size(config, 3, "auto")
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith(f"cannot resume {step} on 3 ranks: data.streams (16) must be"), line
+    assert "on 1, 2, 4, 8 ranks (with data.num_workers=2)" in line and "untouched" in line, line
+    assert sorted(p.name for p in config.checkpoint_dir.rglob("*")) == before

@@ -51,12 +51,13 @@ def test_progress_keeps_it_quiet_and_a_timed_out_collective_fires():
     assert exits == [EXIT_STALLED]
 
 
-def test_stalls_in_a_row_without_a_checkpoint_exit_without_requeue(tmp_path):
+def test_stalls_in_a_row_without_a_checkpoint_exit_without_requeue(tmp_path, monkeypatch):
     from pretrain.run_status import RunStatus, read_run_status
     from pretrain.watchdog import EXIT_STALLED_AGAIN, STALL_HOOKS
 
     requeued: list[str] = []
     STALL_HOOKS.append(requeued.append)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # each attempt is a requeued job
     try:
         codes = []
         for attempt in range(4):  # each attempt resumes from step 4's checkpoint and stalls before the next
@@ -71,7 +72,7 @@ def test_stalls_in_a_row_without_a_checkpoint_exit_without_requeue(tmp_path):
                 interval_s=0.1,
                 on_stall=lambda line, s=status: s.write("stalled", reason=line),
                 exit=exits.append,
-                may_requeue=lambda s=status: s.stalls_in_a_row() <= 2,
+                may_requeue=lambda s=status: s.faults_in_a_row() <= 2,
             )
             dog.start(5)
             deadline = time.monotonic() + 10
@@ -79,15 +80,49 @@ def test_stalls_in_a_row_without_a_checkpoint_exit_without_requeue(tmp_path):
                 time.sleep(0.05)
             codes.append(exits[0])
             record = read_run_status(tmp_path)
-            assert record["stalls_in_a_row"] == attempt + 1 and record["restarts"] == attempt + 1, record
+            assert record["faults_in_a_row"] == attempt + 1 and record["restarts"] == attempt + 1, record
         assert codes == [EXIT_STALLED, EXIT_STALLED, EXIT_STALLED_AGAIN, EXIT_STALLED_AGAIN]
         assert len(requeued) == 2 and "not requeued" in record["reason"], record
         # a new checkpoint since the last stall: progress, the count starts again
         status = RunStatus(tmp_path, 16, 4, tmp_path / "step_00000004", read_run_status(tmp_path))
         status.checkpoint = str(tmp_path / "step_00000008")
-        assert status.stalls_in_a_row() == 1
+        assert status.faults_in_a_row() == 1
     finally:
         STALL_HOOKS.remove(requeued.append)
+
+
+def test_every_fault_kind_counts_toward_the_cap_on_automatic_restarts_and_a_person_resets_it(tmp_path, monkeypatch):
+    from pretrain.run_status import NoProgressError, RunStatus, read_run_status
+
+    ckpt4 = tmp_path / "step_00000004"
+
+    def attempt(restart_count: int) -> RunStatus:
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restart_count))
+        return RunStatus(tmp_path, 16, 4, ckpt4, read_run_status(tmp_path), resumed=True)
+
+    first = attempt(0)
+    first.check_progress(cap=2)
+    first.write("running")
+    first.write("failed", reason="RuntimeError: Connection closed by peer")  # a killed peer
+    second = attempt(1)
+    second.check_progress(cap=2)
+    second.write("running")  # then SIGKILLed itself: no last word, no new checkpoint
+    third = attempt(2)
+    assert third.faults_before == 2
+    third.check_progress(cap=2)
+    third.write("diverged", reason="NonFiniteLossError: 5 non-finite losses in a row")
+    fourth = attempt(3)
+    with pytest.raises(NoProgressError, match=r"^not training: 3 attempts in a row .*\(the last: NonFinite"):
+        fourth.check_progress(cap=2)
+    # a checkpoint since the start is progress: the next fault is the first in a row
+    fourth.checkpoint = str(tmp_path / "step_00000008")
+    fourth.write("running")
+    assert read_run_status(tmp_path)["faults_in_a_row"] == 0
+    fourth.write("failed", reason="OSError: disk full")
+    assert read_run_status(tmp_path)["faults_in_a_row"] == 1
+    # a person's relaunch (a new torchrun: restart count 0) starts the count again
+    third.write("failed", reason="again")
+    assert attempt(0).faults_before == 0
 
 
 # In a fresh interpreter: DeepSpeed caches its groups per process, so a group an earlier test made in the
