@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from demo import report, stages
-from demo.sizes import MIXERS, SIZES
+from demo.sizes import CORPUS_NAME, MIXERS, SIZES
 from demo.stages import DemoError, display_path, header
 
 EXIT_ERROR = 2
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
 
     data_dir = out / "data"
     data = stage(
-        "data: WordPiece tokenizer + packed webdataset shards from WikiText-2", "data", stages.build_data, data_dir
+        f"data: WordPiece tokenizer + packed webdataset shards from {CORPUS_NAME}", "data", stages.build_data, data_dir
     )
     for mixer in mixers:
         run_dir, release, sweep = out / f"pretrain-{mixer}", out / f"release-{mixer}", out / f"finetune-{mixer}"

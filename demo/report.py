@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_path
-from demo.sizes import GLUE_DIR, TASK
+from demo.sizes import CORPUS_NAME, GLUE_DIR, TASK
 
 
 def collect(out: Path, mixers: list[str], stamps: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     for mixer, c in results["curves"].items():
         (line,) = ax.plot(c["train_steps"], c["train_loss"], alpha=0.45, label=f"{mixer} (train)")
         ax.plot(c["eval_steps"], c["eval_loss"], marker="o", color=line.get_color(), label=f"{mixer} (validation)")
-    ax.set(xlabel="optimizer step", ylabel="masked-LM loss", title="Pretraining on WikiText-2 (validation split)")
+    ax.set(xlabel="optimizer step", ylabel="masked-LM loss", title=f"Pretraining on {CORPUS_NAME}")
     ax.grid(alpha=0.3)
     ax.legend()
     written.append(_save(fig, out / "pretraining.png"))
