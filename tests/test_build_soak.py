@@ -1,7 +1,8 @@
-"""bench.soak_build at small size: a WikiText-2 build SIGKILLed 3 times at seeded moments (the process group,
+"""bench.soak_build at small size: a build of four copies of WikiText-2 SIGKILLed 3 times at seeded moments (the process group,
 then the driver alone, and so on), resumed each time, ends byte-identical to an uninterrupted build, and no
 process of a killed attempt outlives it."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,15 @@ OPTIONS = ["--vocab-size", "2000", "--seq-len", "64", "--shard-mb", "0.05", "--u
 
 
 def test_three_kills_leave_no_process_and_the_build_byte_identical(tmp_path):
-    result = soak([str(CORPUS)], tmp_path / "soak", OPTIONS, kills=3, seed=1, workers=2, timeout_s=300)
+    # Four copies of the text, and kills at least 0.3 s into an attempt: on an idle machine one copy builds in
+    # about a second, and a build that ends before its kill leaves the rest of the schedule unsent.
+    inputs = []
+    for copy in range(4):
+        inputs.append(tmp_path / f"wikitext-{copy}.txt")
+        shutil.copyfile(CORPUS, inputs[-1])
+    result = soak(
+        [str(p) for p in inputs], tmp_path / "soak", OPTIONS, kills=3, seed=1, workers=2, timeout_s=300, min_gap_s=0.3
+    )
     kills = result["kills"]
     assert result["kills_survived"] == 3, result  # every kill came before the build finished
     assert {k["mode"] for k in kills} == {"group", "driver"}
