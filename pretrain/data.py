@@ -37,7 +37,9 @@ micro-batches is made, so no step trains on a sample of a corrupt shard.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -423,13 +425,18 @@ class TrainBatches:
         self._iterator = None  # shuts the DataLoader's workers down
 
 
+STOP_GRACE_S = 20.0  # longer than a rank's last step and stop checkpoint
+
+
 def leave_stop_signals_to_the_rank(worker_id: int) -> None:
     """In a loader worker: ignore the stop signals (SIGTERM, SIGUSR1). A preemption signals every process of
     the job (torchrun signals each rank's process group; SLURM every process of the step); a worker it ended
     would fail its rank in the middle of the stop checkpoint. The rank shuts its workers down as it exits, and
     a worker whose rank died ends by itself (torch's DataLoader watches the parent)."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # SIGTERM is also how multiprocessing ends daemonic workers at interpreter exit (then joins them), so a
+    # worker that ignored it for good would hang its process's exit: it leaves after a grace period instead.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Timer(STOP_GRACE_S, os._exit, (0,)).start())
 
 
 def validation_samples(manifest: dict[str, Any], split: str, world_size: int, max_samples: int | None) -> int:
