@@ -425,18 +425,27 @@ class TrainBatches:
         self._iterator = None  # shuts the DataLoader's workers down
 
 
-STOP_GRACE_S = 20.0  # longer than a rank's last step and stop checkpoint
-
-
 def leave_stop_signals_to_the_rank(worker_id: int) -> None:
-    """In a loader worker: ignore the stop signals (SIGTERM, SIGUSR1). A preemption signals every process of
-    the job (torchrun signals each rank's process group; SLURM every process of the step); a worker it ended
-    would fail its rank in the middle of the stop checkpoint. The rank shuts its workers down as it exits, and
-    a worker whose rank died ends by itself (torch's DataLoader watches the parent)."""
+    """In a loader worker: leave the stop signals (SIGTERM, SIGUSR1) that the job's launcher sends to their
+    rank. A preemption signals every process of the job (torchrun each rank's process group; SLURM every
+    process of the step); a worker it ended would fail its rank in the middle of the stop checkpoint. A SIGTERM
+    from the worker's own rank still ends it: that is how torch shuts down a worker that does not answer, and
+    how multiprocessing ends daemonic children at exit before it joins them (a worker deaf to it would hang
+    its rank's exit). A worker whose rank died ends by itself (torch's DataLoader watches the parent)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    # SIGTERM is also how multiprocessing ends daemonic workers at interpreter exit (then joins them), so a
-    # worker that ignored it for good would hang its process's exit: it leaves after a grace period instead.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Timer(STOP_GRACE_S, os._exit, (0,)).start())
+    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell apart (macOS): SIGTERM ends the worker
+        return
+    # Blocked here, before the worker starts any thread, so that every thread inherits the mask and the
+    # signal waits for the thread below, which knows who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from_parent, name="sigterm", daemon=True).start()
+
+
+def _end_on_sigterm_from_parent() -> None:
+    parent = os.getppid()
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(128 + signal.SIGTERM)
 
 
 def validation_samples(manifest: dict[str, Any], split: str, world_size: int, max_samples: int | None) -> int:
