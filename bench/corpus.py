@@ -12,9 +12,8 @@ fixed token counts, and those releases read on out-of-domain text.
 2. pretraining through `pretrain/main.py` with the shipped `cpu` recipe, per model and pretraining seed, at
    an equal token budget: evaluations on the held-out documents every `--eval-tokens`, a checkpoint at each
    release point (2.5M, 10M and 40M tokens by default) kept and exported as a release. An interrupted run
-   continues from its newest checkpoint when the command is run again. A finished run is never repeated:
-   its metrics, status and releases are what a rerun reads, and the repository keeps them (not the
-   checkpoints), so a rerun from a fresh clone continues with the next run.
+   continues from its newest checkpoint when the command is run again; a finished run is not repeated, and
+   its releases are exported as soon as it ends (its checkpoints may then go).
 3. held-out text: every release read on the held-out documents and on the out-of-domain text, with the
    same sequences and masks for every model (loss and accuracy over the masked tokens).
 
@@ -419,8 +418,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_releases_share_tokenizer(releases: Path, tokenizer: Path) -> None:
-    """Releases kept from an earlier run (e.g. committed, then a fresh clone) must have the tokenizer the data
-    was just rebuilt with, or the models compared downstream would not read the same pieces."""
+    """Releases kept in --out from an earlier run must have the tokenizer the data was just rebuilt with, or
+    the models compared downstream would not read the same pieces."""
     digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
     for kept in sorted(releases.glob("*/tokenizer.json")):
         if hashlib.sha256(kept.read_bytes()).hexdigest() != digest:
@@ -517,7 +516,7 @@ def run(argv: list[str] | None = None) -> int:
                 curves[name] = pretrain(
                     name, model, size, train, heldout, out, steps, extra_sets=(*checkpoint_sets, f"seed={seed}")
                 )
-            # Exported as soon as the run ends: its checkpoints are not kept in the repository, its releases are.
+            # Exported as soon as the run ends, not after every run: its checkpoints need not outlive it.
             if model != "bert-hf":
                 readings.update(read_releases(name, curves[name]))
 
