@@ -19,6 +19,7 @@ import pytest
 import torch
 from test_pretrain_runs import COMMON, MAIN, ROOT, shards, status  # noqa: F401 (fixture)
 
+from bench.soak import kill_job
 from pretrain import checkpoint as ckpt
 from pretrain.export import consolidated_weights
 
@@ -59,15 +60,6 @@ def start(run_dir: Path, data_path: str) -> subprocess.Popen:
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-
-
-def kill_job(proc: subprocess.Popen) -> None:
-    """torchrun and every process under it (each rank runs in a session of its own, out of killpg's reach)."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        launcher = psutil.Process(proc.pid)
-        for process in [*launcher.children(recursive=True), launcher]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
 
 
 def finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int, str]:
