@@ -44,6 +44,7 @@ from bench.quality import (
     TaskRecipe,
     export,
     finetune,
+    finetune_dir,
     log,
     plot_curves,
     pretrain,
@@ -328,7 +329,7 @@ def downstream_jobs(
 
 def _cell(summary: dict, model: str, init: str, task: str) -> str:
     entry = summary.get(model, {}).get(init, {}).get(task)
-    return "" if entry is None else f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+    return "" if entry is None else f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} ({len(entry['seeds'])})"
 
 
 def scaling_table(summary: dict, releases: dict[str, dict[int, Path]]) -> list[str]:
@@ -393,7 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="train nothing: write the results of what the runs hold so far (also while they run); no fine-tuning",
+        help="train nothing: write the results of what the runs hold so far (also while they run)",
     )
     parser.add_argument(
         "--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE", help="recipe settings for every run"
@@ -524,15 +525,19 @@ def run(argv: list[str] | None = None) -> int:
     for release_name, reading in readings.items():
         run_name = release_name.rsplit("-", 1)[0]
         releases.setdefault(run_name, {})[reading["tokens"]] = out / "releases" / release_name
-    runs, summary = [], {}
-    if not args.no_finetune and not args.report_only and releases:
+    runs, summary, planned = [], {}, 0
+    if not args.no_finetune and releases:
         jobs = downstream_jobs(releases, args.finetune_seeds, args.imdb, QUICK_IMDB_DEV if args.quick else IMDB_DEV)
         if args.quick:  # the code path, not the curves: a small SST-2 and IMDB run, from scratch and pretrained
             picked = [next(j for j in jobs if j[1].task == task and j[2] == init) for task, init in QUICK_JOBS]
             jobs = [
                 (release, replace(recipe, max_train_examples=64, epochs=1), *rest) for release, recipe, *rest in picked
             ]
-        log(f"fine-tuning: {len(jobs)} runs, two at a time")
+        planned = len(jobs)
+        if args.report_only:  # the runs finished so far, read and not run
+            jobs = [job for job in jobs if (finetune_dir(*job, out) / "result.json").is_file()]
+        else:
+            log(f"fine-tuning: {len(jobs)} runs, two at a time")
         with ThreadPoolExecutor(max_workers=2) as pool:  # one thread each: two processes fill the 2 cores
             runs = list(pool.map(lambda job: finetune(*job, args.glue_dir, out), jobs))
         summary = summarize(runs)
@@ -555,6 +560,7 @@ def run(argv: list[str] | None = None) -> int:
         "pretraining": curves,
         "releases": readings,
         "finetune_runs": runs,
+        "finetune_planned": planned,
         "downstream": summary,
     }
     temp = out / "results.json.tmp"
@@ -590,10 +596,12 @@ def tables(report: dict) -> list[str]:
             *release_table(readings, sets),
         ]
     if summary:
+        finished, planned = len(report["finetune_runs"]), report.get("finetune_planned", 0)
         lines += [
             "",
+            *([f"{finished} of {planned} fine-tuning runs finished so far.", ""] if finished < planned else []),
             f"Downstream against pretraining tokens ({SCALING_EXAMPLES:,} labelled examples; dev x100, mean ± std "
-            "over fine-tuning seeds):",
+            "over fine-tuning seeds, their number in brackets):",
             "",
             *scaling_table(summary, releases),
             "",

@@ -289,8 +289,13 @@ def export(name: str, out: Path, checkpoint: Path | None = None) -> Path:
     return release
 
 
+def finetune_dir(release: Path, recipe: TaskRecipe, init: str, seed: int, out: Path) -> Path:
+    """One fine-tuning run's folder; its result.json is written last, when the run has finished."""
+    return out / "finetune" / f"{release.name}-{init}-{recipe.name}-s{seed}"
+
+
 def finetune(release: Path, recipe: TaskRecipe, init: str, seed: int, glue: Path, out: Path) -> dict:
-    run_dir = out / "finetune" / f"{release.name}-{init}-{recipe.name}-s{seed}"
+    run_dir = finetune_dir(release, recipe, init, seed, out)
     result = run_dir / "result.json"
     if not result.is_file():
         command = [

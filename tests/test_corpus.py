@@ -118,3 +118,11 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path):
     assert "Downstream against pretraining tokens" in (out / "results.md").read_text()
     # a rerun reuses every stage
     assert corpus.main(args) == 0
+    # --report-only reads the fine-tuning runs that have finished and runs none of the others
+    scratch = next((out / "finetune").glob("*-scratch-SST-2-*"))
+    (scratch / "result.json").unlink()
+    assert corpus.main([*args, "--report-only"]) == 0
+    partial = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["init"]) for r in partial["finetune_runs"]] == [("imdb-n2000", "pretrained")]
+    assert "1 of 2 fine-tuning runs finished so far." in (out / "results.md").read_text()
+    assert not (scratch / "result.json").exists()
