@@ -151,8 +151,10 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any], keep_last: i
     failed = _agree(error is not None)  # every rank's files are on disk before the marker says "complete"
     if not failed and rank == 0:
         try:
+            files = file_sizes(path)  # every rank's files: what check_files expects to find before a resume
             write_text_atomic(
-                path / STATE_FILE, json.dumps({"format_version": STATE_FORMAT_VERSION, **state}, indent=1)
+                path / STATE_FILE,
+                json.dumps({"format_version": STATE_FORMAT_VERSION, **state, "files": files}, indent=1),
             )
             write_text_atomic(root / LATEST_FILE, path.name)
             replace_unsafe_converter(root)
@@ -202,12 +204,28 @@ def remove_incomplete(root: Path) -> list[Path]:
     return doomed
 
 
+def file_sizes(path: Path) -> dict[str, int]:
+    """The checkpoint's files (not its folders) and their sizes in bytes, recorded in its trainer state."""
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != STATE_FILE}
+
+
 def check_files(path: Path) -> str | None:
-    """Whether a resume can read every file of checkpoint `path`: its trainer state, each rank's RNG state, and
-    DeepSpeed's pickles, read with torch's weights-only unpickler and memory-mapped (the tensors are not read).
-    The problem in one line (a truncated or half-written file), or None; UnsafeCheckpointError for a pickled
-    object that is not plain data. Rank 0 runs it before any rank loads, so a refused checkpoint is refused on
-    every rank alike, never half-way through a collective load."""
+    """Whether a resume can read every file of checkpoint `path`: each file its trainer state records is there
+    at its recorded size; the trainer state, each rank's RNG state and DeepSpeed's pickles read, the pickles
+    with torch's weights-only unpickler and memory-mapped (the tensors are not read).
+    The problem in one line (a missing, truncated or half-written file), or None; UnsafeCheckpointError for a
+    pickled object that is not plain data. Rank 0 runs it before any rank loads, so a refused checkpoint is
+    refused on every rank alike, never half-way through a collective load."""
+    try:
+        recorded = read_state(path).get("files", {})  # checkpoints saved before sizes were recorded have none
+    except Exception:
+        recorded = {}  # the state file itself is unreadable: the loop below names it
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name}: missing"
+        if file.stat().st_size != size:
+            return f"{name}: {file.stat().st_size:,} bytes, where the checkpoint recorded {size:,}"
     for file in [path / STATE_FILE, *sorted(path.glob("*.pt")), *sorted(path.glob("rng_rank*.safetensors"))]:
         try:
             if file.name == STATE_FILE:

@@ -237,6 +237,20 @@ def test_check_files_names_a_truncated_file_of_any_kind_and_older_complete_lists
         for leftover in path.iterdir():
             leftover.unlink()
         path.rmdir()
+    # with the files' sizes recorded (what save() does): a file that is gone, or cut short, is named too
+    for name in ("mp_rank_00_model_states.pt", "rng_rank00000.safetensors"):
+        path = readable(4)
+        state = json.loads((path / ckpt.STATE_FILE).read_text())
+        (path / ckpt.STATE_FILE).write_text(json.dumps({**state, "files": ckpt.file_sizes(path)}))
+        assert ckpt.check_files(path) is None
+        size = (path / name).stat().st_size
+        (path / name).unlink()
+        assert ckpt.check_files(path) == f"{name}: missing"
+        (path / name).write_bytes(b"\0" * (size - 1))
+        assert ckpt.check_files(path) == f"{name}: {size - 1:,} bytes, where the checkpoint recorded {size:,}"
+        for leftover in path.iterdir():
+            leftover.unlink()
+        path.rmdir()
     for step in (4, 8, 12):
         readable(step)
     make_checkpoint(tmp_path, 10, complete=False)
