@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # ruff (lint + format check, rules in pyproject.toml) over the tree, mypy over the files pyproject lists.
 lint: $(STAMP)
