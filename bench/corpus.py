@@ -270,7 +270,7 @@ def release_table(readings: dict[str, dict[str, dict]], sets: list[str]) -> list
     lines = [head, "|---|---:|" + "---:|---:|" * len(sets)]
     for name, reading in readings.items():
         cells = " | ".join(f"{reading[s]['loss']:.3f} | {100 * reading[s]['accuracy']:.1f}%" for s in sets)
-        lines.append(f"| {name} | {tokens_label(reading['tokens'])} | {cells} |")
+        lines.append(f"| {name} | {reading['tokens'] / 1e6:.2f}M | {cells} |")
     return lines
 
 
@@ -337,7 +337,7 @@ def scaling_table(summary: dict, releases: dict[str, dict[int, Path]]) -> list[s
     tasks = [r.name for r in downstream_recipes(SCALING_EXAMPLES, Path())]
     points = sorted({t for by_tokens in releases.values() for t in by_tokens})
     lines = [
-        "| pretraining run | task | scratch | " + " | ".join(tokens_label(t) for t in points) + " |",
+        "| pretraining run | task | scratch | " + " | ".join(f"{t / 1e6:.2f}M" for t in points) + " |",
         "|---|---|" + "---:|" * (len(points) + 1),
     ]
     for run, by_tokens in releases.items():
