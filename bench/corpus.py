@@ -282,6 +282,7 @@ SST2_ALL = 20_000
 IMDB_DEV = 2500  # reviews of imdb/train.jsonl.gz held out as its dev set, fixed by a hash of their id
 QUICK_IMDB_DEV = 40
 QUICK_JOBS = (("SST-2", "scratch"), ("imdb", "pretrained"))
+GLUE_TASKS = ("CoLA", "MRPC", "RTE")  # at full size, from the last release
 
 
 def epochs_for(examples: int | None) -> int:
@@ -321,7 +322,7 @@ def downstream_jobs(
             last = by_tokens[max(by_tokens)]
             recipes = downstream_recipes(examples, imdb, dev_size)
             jobs += [(last, r, i, s) for r in recipes for i in inits for s in seeds]
-    glue = [r for r in QUALITY_FULL.tasks if r.task in ("CoLA", "MRPC", "RTE")]
+    glue = [r for r in QUALITY_FULL.tasks if r.task in GLUE_TASKS]
     for by_tokens in releases.values():
         jobs += [(by_tokens[max(by_tokens)], r, i, s) for r in glue for i in inits for s in seeds]
     return jobs
@@ -361,6 +362,21 @@ def efficiency_table(summary: dict, releases: dict[str, dict[int, Path]]) -> lis
                     f"| {run} | {recipe.task} | {examples or 'all'} | {_cell(summary, last, 'scratch', recipe.name)} "
                     f"| {_cell(summary, last, 'pretrained', recipe.name)} | {gain} |"
                 )
+    return lines
+
+
+def glue_table(summary: dict, releases: dict[str, dict[int, Path]]) -> list[str]:
+    """CoLA, MRPC and RTE at full size (CoLA: bench.quality's 4,000 sentences), the last release against scratch."""
+    lines = ["| pretraining run | task | scratch | pretrained | gain |", "|---|---|---:|---:|---:|"]
+    for run, by_tokens in releases.items():
+        last = by_tokens[max(by_tokens)].name
+        for task in GLUE_TASKS:
+            entries = [summary.get(last, {}).get(init, {}).get(task) for init in ("scratch", "pretrained")]
+            gain = f"{100 * (entries[1]['mean'] - entries[0]['mean']):+.1f}" if all(entries) else ""
+            lines.append(
+                f"| {run} | {task} | {_cell(summary, last, 'scratch', task)} "
+                f"| {_cell(summary, last, 'pretrained', task)} | {gain} |"
+            )
     return lines
 
 
@@ -608,6 +624,11 @@ def tables(report: dict) -> list[str]:
             "Data efficiency (the last release against the same model from random weights):",
             "",
             *efficiency_table(summary, releases),
+            "",
+            "CoLA, MRPC and RTE (the last release against scratch; dev x100: CoLA Matthews correlation, MRPC the "
+            "mean of accuracy and F1, RTE accuracy):",
+            "",
+            *glue_table(summary, releases),
         ]
     return lines
 
