@@ -220,12 +220,9 @@ def check_files(path: Path) -> str | None:
         recorded = read_state(path).get("files", {})  # checkpoints saved before sizes were recorded have none
     except Exception:
         recorded = {}  # the state file itself is unreadable: the loop below names it
-    for name, size in recorded.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name}: missing"
-        if file.stat().st_size != size:
-            return f"{name}: {file.stat().st_size:,} bytes, where the checkpoint recorded {size:,}"
+    missing = [name for name in recorded if not (path / name).is_file()]
+    if missing:
+        return f"{missing[0]}: missing"
     for file in [path / STATE_FILE, *sorted(path.glob("*.pt")), *sorted(path.glob("rng_rank*.safetensors"))]:
         try:
             if file.name == STATE_FILE:
@@ -239,6 +236,10 @@ def check_files(path: Path) -> str | None:
             raise
         except Exception as err:
             return f"{file.name}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    # Sizes last: a file that reads but was replaced is refused as unsafe above, not passed over as resized.
+    for name, size in recorded.items():
+        if (path / name).stat().st_size != size:
+            return f"{name}: {(path / name).stat().st_size:,} bytes, where the checkpoint recorded {size:,}"
     return None
 
 
