@@ -216,18 +216,20 @@ def check_files(path: Path) -> str | None:
     The problem in one line (a missing, truncated or half-written file), or None; UnsafeCheckpointError for a
     pickled object that is not plain data. Rank 0 runs it before any rank loads, so a refused checkpoint is
     refused on every rank alike, never half-way through a collective load."""
+
+    def unreadable(name: str, err: Exception) -> str:
+        return f"{name}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
     try:
         recorded = read_state(path).get("files", {})  # checkpoints saved before sizes were recorded have none
-    except Exception:
-        recorded = {}  # the state file itself is unreadable: the loop below names it
+    except Exception as err:
+        return unreadable(STATE_FILE, err)
     missing = [name for name in recorded if not (path / name).is_file()]
     if missing:
         return f"{missing[0]}: missing"
-    for file in [path / STATE_FILE, *sorted(path.glob("*.pt")), *sorted(path.glob("rng_rank*.safetensors"))]:
+    for file in [*sorted(path.glob("*.pt")), *sorted(path.glob("rng_rank*.safetensors"))]:
         try:
-            if file.name == STATE_FILE:
-                read_state(path)
-            elif file.suffix == ".pt":
+            if file.suffix == ".pt":
                 with weights_only_loads(file):
                     torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             else:
@@ -235,11 +237,11 @@ def check_files(path: Path) -> str | None:
         except UnsafeCheckpointError:
             raise
         except Exception as err:
-            return f"{file.name}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            return unreadable(file.name, err)
     # Sizes last: a file that reads but was replaced is refused as unsafe above, not passed over as resized.
     for name, size in recorded.items():
-        if (path / name).stat().st_size != size:
-            return f"{name}: {(path / name).stat().st_size:,} bytes, where the checkpoint recorded {size:,}"
+        if (now := (path / name).stat().st_size) != size:
+            return f"{name}: {now:,} bytes, where the checkpoint recorded {size:,}"
     return None
 
 
