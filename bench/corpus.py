@@ -383,10 +383,8 @@ def glue_table(summary: dict, releases: dict[str, dict[int, Path]]) -> list[str]
 # ------------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="every stage at toy size (a couple of minutes)")
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT})")
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """The corpus and held-out flags, shared with bench.recipe_sweep (which reads the same data folder)."""
     parser.add_argument(
         "--corpus", type=Path, action="append", default=None, help="jsonl(.gz) corpus file, repeatable (default: IMDB)"
     )
@@ -396,6 +394,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ood", type=Path, default=DEFAULT_OOD, help="out-of-domain held-out text (default: WikiText-2 test)"
     )
+
+
+def check_corpus_arguments(args: argparse.Namespace) -> None:
+    args.corpus = args.corpus or list(DEFAULT_CORPUS)
+    if not args.ood.is_file():
+        raise BenchError(f"--ood {args.ood}: file not found")
+    if not 0 < args.heldout_fraction < 0.5:
+        raise BenchError(f"--heldout-fraction {args.heldout_fraction}: expected a fraction in (0, 0.5)")
+
+
+@dataclass(frozen=True)
+class CorpusData:
+    split: dict  # split_corpus's summary
+    train: Path  # shards (and the tokenizer every other build uses)
+    heldout: Path
+    ood: Path
+    train_tokens: int
+
+
+def prepare_data(args: argparse.Namespace, budget: Budget, out: Path) -> CorpusData:
+    """Step 1: the split and the three shard builds in out/data, each reused when complete."""
+    split = split_corpus(
+        args.corpus, args.heldout_fraction, args.text_field, args.id_field, out / "data" / "docs", budget.max_documents
+    )
+    docs = out / "data" / "docs"
+    check_no_overlap(args.ood, docs / "train.jsonl")
+    train = build_shards([docs / "train.jsonl"], out / "data" / "train", budget)
+    tokenizer = train / "tokenizer.json"
+    heldout = build_shards([docs / "heldout.jsonl"], out / "data" / "heldout", budget, tokenizer)
+    ood = build_shards([args.ood], out / "data" / "ood", budget, tokenizer)
+    check_releases_share_tokenizer(out / "releases", tokenizer)
+    train_tokens = json.loads((train / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    log(
+        f"data: {split['train_documents']:,} training documents ({train_tokens:,} tokens), "
+        f"{split['heldout_documents']:,} held out ({split['heldout_dropped_as_duplicates']} duplicates dropped)"
+    )
+    return CorpusData(split, train, heldout, ood, train_tokens)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every stage at toy size (a couple of minutes)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT})")
+    add_corpus_arguments(parser)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
     parser.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated")
     parser.add_argument("--finetune-seeds", default="0,1,2", help="fine-tuning seeds, comma-separated")
@@ -416,11 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE", help="recipe settings for every run"
     )
     args = parser.parse_args(argv)
-    args.corpus = args.corpus or list(DEFAULT_CORPUS)
-    if not args.ood.is_file():
-        raise BenchError(f"--ood {args.ood}: file not found")
-    if not 0 < args.heldout_fraction < 0.5:
-        raise BenchError(f"--heldout-fraction {args.heldout_fraction}: expected a fraction in (0, 0.5)")
+    check_corpus_arguments(args)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -463,21 +501,8 @@ def run(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
 
-    split = split_corpus(
-        args.corpus, args.heldout_fraction, args.text_field, args.id_field, out / "data" / "docs", budget.max_documents
-    )
-    docs = out / "data" / "docs"
-    check_no_overlap(args.ood, docs / "train.jsonl")
-    train = build_shards([docs / "train.jsonl"], out / "data" / "train", budget)
-    tokenizer = train / "tokenizer.json"
-    heldout = build_shards([docs / "heldout.jsonl"], out / "data" / "heldout", budget, tokenizer)
-    ood = build_shards([args.ood], out / "data" / "ood", budget, tokenizer)
-    check_releases_share_tokenizer(out / "releases", tokenizer)
-    train_tokens = json.loads((train / "manifest.json").read_text())["splits"]["train"]["tokens"]
-    log(
-        f"data: {split['train_documents']:,} training documents ({train_tokens:,} tokens), "
-        f"{split['heldout_documents']:,} held out ({split['heldout_dropped_as_duplicates']} duplicates dropped)"
-    )
+    data = prepare_data(args, budget, out)
+    split, train, heldout, ood, train_tokens = data.split, data.train, data.heldout, data.ood, data.train_tokens
 
     # Every release point a whole multiple of the first, so that one checkpoint interval lands on all of them.
     first = budget.steps(budget.release_tokens[0])

@@ -382,9 +382,17 @@ def render_corpus(data: dict) -> list[str]:
     return tables(data)
 
 
+def render_recipe_sweep(data: dict) -> list[str]:
+    from bench.recipe_sweep import table
+
+    return table(data)
+
+
 def kind(data: Any) -> str:
     if isinstance(data, dict) and "pretraining" in data and "releases" in data and "split" in data:
         return "corpus"
+    if isinstance(data, dict) and "sweep_tokens" in data and "runs" in data:
+        return "recipe_sweep"
     if isinstance(data, dict) and "cells" in data and "device" in data:
         return "gpu"
     if isinstance(data, dict) and "pretraining" in data and "size" in data:
@@ -412,6 +420,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "mlm_copy": render_mlm_copy,
     "gpu": render_gpu,
     "corpus": render_corpus,
+    "recipe_sweep": render_recipe_sweep,
     "generic": render_generic,
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import corpus
+from bench import corpus, recipe_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT / "demo" / "data" / "corpus" / "wikitext-2-valid.txt"
@@ -86,7 +86,7 @@ def test_kept_release_with_another_tokenizer_is_refused(tmp_path, capsys):
     assert "hypermixer-s0-10M/tokenizer.json: differs from the rebuilt" in line
 
 
-def test_quick_run_writes_curves_and_release_readings(tmp_path):
+def test_quick_run_writes_curves_and_release_readings(tmp_path, capsys):
     texts = paragraphs()
     data = write_corpus(tmp_path / "corpus.jsonl.gz", texts[:-40])
     ood = tmp_path / "ood.txt"
@@ -126,3 +126,31 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path):
     assert [(r["task"], r["init"]) for r in partial["finetune_runs"]] == [("imdb-n2000", "pretrained")]
     assert "1 of 2 fine-tuning runs finished so far." in (out / "results.md").read_text()
     assert not (scratch / "result.json").exists()
+
+    # bench.recipe_sweep on the same data folder: equal tokens, one change per run, the same held-out masks
+    sweep = ["--quick", "--out", str(out), "--corpus", str(data), "--ood", str(ood), "--models", "hypermixer"]
+    sweep += ["--variants", "recipe,batch128,tied"]
+    assert recipe_sweep.main(sweep) == 0
+    runs = {r["variant"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert list(runs) == ["recipe", "batch128", "tied"] and all(r["done"] for r in runs.values())
+    assert {r["tokens"][-1] for r in runs.values()} == {json.loads((out / "sweep.json").read_text())["sweep_tokens"]}
+    assert runs["batch128"]["steps"] * 2 == runs["recipe"]["steps"]
+    assert runs["batch128"]["global_batch"] == 2 * runs["recipe"]["global_batch"]
+    assert len({r["masked_tokens"] for r in runs.values()}) == 1
+    states = {
+        name: json.loads(
+            next(
+                (out / "pretrain" / f"sweep-hypermixer-{name}" / "checkpoints").glob("step_*/trainer_state.json")
+            ).read_text()
+        )
+        for name in runs
+    }
+    assert [s["fingerprint"]["model"]["hypermixer_tied"] for s in states.values()] == [False, False, True]
+    assert (out / "sweep.png").stat().st_size > 0
+    # a rerun trains nothing; an unknown variant is one line
+    metrics = out / "pretrain" / "sweep-hypermixer-tied" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    assert recipe_sweep.main(sweep) == 0 and metrics.stat().st_mtime_ns == before
+    with pytest.raises(SystemExit):
+        recipe_sweep.main([*sweep[:-1], "recipe,lr9"])
+    assert "--variants: unknown 'lr9'" in capsys.readouterr().err
