@@ -78,6 +78,24 @@ class Budget:
     def steps(self, tokens: int) -> int:
         return max(1, round(tokens / (self.global_batch * SEQ_LEN)))
 
+    def pretraining_size(
+        self, steps: int, eval_every: int, global_batch: int | None = None, model_sets: tuple[str, ...] = ()
+    ) -> Size:
+        """The Size that bench.quality's `pretrain` takes for a pretraining-only run (no fine-tuning fields)."""
+        return Size(
+            steps=steps,
+            global_batch=global_batch or self.global_batch,
+            eval_every=eval_every,
+            eval_samples=self.eval_samples,
+            vocab_size=self.vocab_size,
+            procs=self.procs,
+            tasks=(),
+            seeds=(),
+            sweep_lrs=(),
+            sweep_steps=0,
+            model_sets=self.model_sets + model_sets,
+        )
+
 
 FULL = Budget(
     release_tokens=(2_500_000, 10_000_000, 40_000_000),
@@ -509,19 +527,7 @@ def run(argv: list[str] | None = None) -> int:
     release_steps = [first * round(t / budget.release_tokens[0]) for t in budget.release_tokens]
     steps = release_steps[-1]
     eval_every = budget.steps(budget.eval_tokens)
-    size = Size(
-        steps=steps,
-        global_batch=budget.global_batch,
-        eval_every=eval_every,
-        eval_samples=budget.eval_samples,
-        vocab_size=budget.vocab_size,
-        procs=budget.procs,
-        tasks=(),
-        seeds=(),
-        sweep_lrs=(),
-        sweep_steps=0,
-        model_sets=budget.model_sets + tuple(args.sets),
-    )
+    size = budget.pretraining_size(steps, eval_every, model_sets=tuple(args.sets))
     # A checkpoint at every release point, all kept until exported.
     checkpoint_sets = (f"checkpoint.every_steps={first}", f"checkpoint.keep_last={steps // first + 1}")
     heldout_sets = {

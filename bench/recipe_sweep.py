@@ -95,19 +95,7 @@ def run_size(budget: Budget, variant: Variant, tokens: int) -> Size:
     """The variant's batch and step count for `tokens`, with evaluations at the same token counts."""
     batch = budget.global_batch * variant.batch_factor
     steps = max(EVALUATIONS, round(tokens / (batch * SEQ_LEN)) // EVALUATIONS * EVALUATIONS)
-    return Size(
-        steps=steps,
-        global_batch=batch,
-        eval_every=steps // EVALUATIONS,
-        eval_samples=budget.eval_samples,
-        vocab_size=budget.vocab_size,
-        procs=budget.procs,
-        tasks=(),
-        seeds=(),
-        sweep_lrs=(),
-        sweep_steps=0,
-        model_sets=budget.model_sets,
-    )
+    return budget.pretraining_size(steps, steps // EVALUATIONS, global_batch=batch)
 
 
 def sweep_run(
