@@ -19,6 +19,7 @@ fixed token counts, and those releases read on out-of-domain text.
 
 Writes results.json, results.md and PNGs into --out. The HF BERT reference (`bert-hf`) is pretrained and
 evaluated in step 2 like ours; its checkpoints are not releases of this project, so step 3 reads ours only.
+`--models transformer-post` (or `hypermixer-post`) runs our model with BERT's post-LN block layout.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from bench.quality import (
     DEFAULT_GLUE,
     ROOT,
     SHARED,
+    VARIANTS,
     BenchError,
     Size,
     TaskRecipe,
@@ -58,7 +60,8 @@ IMDB = SHARED / "corpus" / "imdb"
 DEFAULT_CORPUS = (IMDB / "unsup.jsonl.gz", IMDB / "train.jsonl.gz")
 DEFAULT_OOD = SHARED / "corpus" / "wikitext-2" / "test.txt"
 DEFAULT_OUT = ROOT / "bench" / "results" / "corpus"
-MODELS = ("hypermixer", "transformer", "bert-hf")
+# `transformer-post`, `hypermixer-post`: BERT's post-LN block layout (bench.quality's variants)
+MODELS = ("hypermixer", "transformer", "bert-hf", *VARIANTS)
 SEQ_LEN = 128
 
 
@@ -556,14 +559,14 @@ def run(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for model in args.models:
             name = f"{model}-s{seed}"
+            mixer, variant_sets = VARIANTS.get(model, (model, ()))
             if args.report_only:  # what the runs have written so far, e.g. while they run
                 if not any(r["kind"] == "eval" for r in read_metrics(out / "pretrain" / name)):
                     continue
-                curves[name] = read_curve(name, model, out / "pretrain" / name, steps)
+                curves[name] = read_curve(name, mixer, out / "pretrain" / name, steps)
             else:
-                curves[name] = pretrain(
-                    name, model, size, train, heldout, out, steps, extra_sets=(*checkpoint_sets, f"seed={seed}")
-                )
+                sets = (*checkpoint_sets, f"seed={seed}", *variant_sets)
+                curves[name] = pretrain(name, mixer, size, train, heldout, out, steps, extra_sets=sets)
             # Exported as soon as the run ends, not after every run: its checkpoints need not outlive it.
             if model != "bert-hf":
                 readings.update(read_releases(name, curves[name]))

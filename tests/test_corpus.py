@@ -154,3 +154,12 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe_sweep.main([*sweep[:-1], "recipe,lr9"])
     assert "--variants: unknown 'lr9'" in capsys.readouterr().err
+
+    # a block-layout variant of bench.quality (`-post`: BERT's post-LN) pretrains with its setting, releases kept
+    assert corpus.main([*args[:-8], "--models", "hypermixer-post", "--no-finetune"]) == 0
+    post = json.loads((out / "results.json").read_text())
+    assert sorted(post["releases"]) == [
+        f"hypermixer-post-s0-{corpus.tokens_label(t)}" for t in sorted(corpus.QUICK.release_tokens)
+    ]
+    state = next((out / "pretrain" / "hypermixer-post-s0" / "checkpoints").glob("step_*/trainer_state.json"))
+    assert json.loads(state.read_text())["fingerprint"]["model"]["norm_position"] == "post"
