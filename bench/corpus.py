@@ -17,7 +17,11 @@ fixed token counts, and those releases read on out-of-domain text.
 3. held-out text: every release read on the held-out documents and on the out-of-domain text, with the
    same sequences and masks for every model (loss and accuracy over the masked tokens).
 
-Writes results.json, results.md and PNGs into --out. The HF BERT reference (`bert-hf`) is pretrained and
+Writes results.json, results.md and PNGs into --out. results.json is also the record a rerun continues from:
+the work files (data, checkpoints, releases, fine-tuning folders) are not kept by git, so on a fresh clone a
+rerun skips every fine-tuning run, curve and reading that results.json holds, keeps them in the report even for
+models not asked for this time, and pretrains a recorded run again (same data, seed and recipe) only when a
+fine-tuning run still to do needs its releases; the rerun's distance from the recorded curve is reported. The HF BERT reference (`bert-hf`) is pretrained and
 evaluated in step 2 like ours; its checkpoints are not releases of this project, so step 3 reads ours only.
 `--models transformer-post` (or `hypermixer-post`) runs our model with BERT's post-LN block layout.
 """
@@ -505,6 +509,40 @@ def check_releases_share_tokenizer(releases: Path, tokenizer: Path) -> None:
             )
 
 
+def run_key(run: dict) -> tuple:
+    return run["model"], run["init"], run["task"], run["seed"]
+
+
+def job_key(job: tuple) -> tuple:
+    release, recipe, init, seed = job
+    return release.name, init, recipe.name, seed
+
+
+def read_recorded(path: Path, budget: dict, tokenizer_digest: str) -> dict:
+    """What an earlier run of this --out measured, from its results.json. Its work files (checkpoints, releases,
+    fine-tuning folders) are not kept by git, so on a fresh clone the committed results.json is what a rerun
+    continues from: recorded fine-tuning runs are not run again, recorded curves and readings stay."""
+    empty: dict = {"pretraining": {}, "releases": {}, "finetune_runs": []}
+    if not path.is_file():
+        return empty
+    report = json.loads(path.read_text())
+    if report["budget"] != json.loads(json.dumps(budget)):
+        raise BenchError(f"{path}: written with another budget ({report['budget']}); use a new --out")
+    if report.get("tokenizer_sha256", tokenizer_digest) != tokenizer_digest:
+        raise BenchError(f"{path}: its runs read another tokenizer than the one just built; use a new --out")
+    return {key: report.get(key, value) for key, value in empty.items()}
+
+
+def compare_rerun(name: str, earlier: dict, rerun: dict) -> dict:
+    """A recorded run pretrained again (its releases were gone): how far its held-out curve is from the record,
+    since fine-tuning runs from both are reported side by side."""
+    recorded = dict(zip(earlier["tokens"], earlier["loss"]))
+    gaps = [abs(loss - recorded[tokens]) for tokens, loss in zip(rerun["tokens"], rerun["loss"]) if tokens in recorded]
+    found = {"evaluations": len(gaps), "max_loss_difference": max(gaps, default=None)}
+    log(f"{name}: pretrained again; held-out loss against the recorded run: {found}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
@@ -538,6 +576,11 @@ def run(argv: list[str] | None = None) -> int:
         "ood": heldout_batches(ood, budget.eval_samples),
     }
 
+    budget_record = {**budget.__dict__, "steps": steps, "release_steps": release_steps, "eval_every_steps": eval_every}
+    tokenizer_digest = hashlib.sha256((train / "tokenizer.json").read_bytes()).hexdigest()
+    recorded = read_recorded(out / "results.json", budget_record, tokenizer_digest)
+    recorded_runs = {run_key(r): r for r in recorded["finetune_runs"]}
+
     def read_releases(name: str, curve: dict) -> dict[str, dict]:
         """Export the run's release points reached so far and read them on the held-out sets (cached)."""
         found = {}
@@ -545,6 +588,9 @@ def run(argv: list[str] | None = None) -> int:
             release_name = f"{name}-{tokens_label(tokens)}"  # named by its nominal budget; tokens are exact
             cached = out / "releases" / release_name / "heldout.json"
             export_from = Path(curve["run_dir"]) / "checkpoints" / f"step_{step:08d}"
+            if not cached.is_file() and not export_from.is_dir() and release_name in recorded["releases"]:
+                found[release_name] = recorded["releases"][release_name]  # read before; its files are gone
+                continue
             if not cached.is_file() and not curve["done"] and not export_from.is_dir():
                 continue  # not reached yet
             if not cached.is_file():
@@ -554,43 +600,77 @@ def run(argv: list[str] | None = None) -> int:
             found[release_name] = json.loads(cached.read_text())
         return found
 
+    # Every run's releases, planned: the fine-tuning jobs are known before any pretraining starts.
+    names = [(seed, model, f"{model}-s{seed}") for seed in args.seeds for model in args.models]
+    planned_releases = {
+        name: {
+            step * budget.global_batch * SEQ_LEN: out / "releases" / f"{name}-{tokens_label(tokens)}"
+            for step, tokens in zip(release_steps, budget.release_tokens)
+        }
+        for _, model, name in names
+        if model != "bert-hf"
+    }
+    jobs = (
+        []
+        if args.no_finetune
+        else downstream_jobs(
+            planned_releases, args.finetune_seeds, args.imdb, QUICK_IMDB_DEV if args.quick else IMDB_DEV
+        )
+    )
+    if args.quick and jobs:  # the code path, not the curves: a small SST-2 and IMDB run, from scratch and pretrained
+        picked = [next(j for j in jobs if j[1].task == task and j[2] == init) for task, init in QUICK_JOBS]
+        jobs = [(release, replace(recipe, max_train_examples=64, epochs=1), *rest) for release, recipe, *rest in picked]
+    todo = [job for job in jobs if job_key(job) not in recorded_runs]
+    if args.report_only:  # the runs finished so far, read and not run
+        todo = [job for job in todo if (finetune_dir(*job, out) / "result.json").is_file()]
+    # A finished run is pretrained again only when a fine-tuning run still to do needs a release it no longer has.
+    needs_releases = {
+        job[0].name.rsplit("-", 1)[0]
+        for job in todo
+        if not (finetune_dir(*job, out) / "result.json").is_file() and not (job[0] / "model.safetensors").is_file()
+    }
+
     curves: dict[str, dict] = {}
     readings: dict[str, dict] = {}
-    for seed in args.seeds:
-        for model in args.models:
-            name = f"{model}-s{seed}"
-            mixer, variant_sets = VARIANTS.get(model, (model, ()))
-            if args.report_only:  # what the runs have written so far, e.g. while they run
-                if not any(r["kind"] == "eval" for r in read_metrics(out / "pretrain" / name)):
-                    continue
-                curves[name] = read_curve(name, mixer, out / "pretrain" / name, steps)
-            else:
-                sets = (*checkpoint_sets, f"seed={seed}", *variant_sets)
-                curves[name] = pretrain(name, mixer, size, train, heldout, out, steps, extra_sets=sets)
-            # Exported as soon as the run ends, not after every run: its checkpoints need not outlive it.
-            if model != "bert-hf":
-                readings.update(read_releases(name, curves[name]))
-
-    releases: dict[str, dict[int, Path]] = {}  # pretraining run -> tokens -> release
-    for release_name, reading in readings.items():
-        run_name = release_name.rsplit("-", 1)[0]
-        releases.setdefault(run_name, {})[reading["tokens"]] = out / "releases" / release_name
-    runs, summary, planned = [], {}, 0
-    if not args.no_finetune and releases:
-        jobs = downstream_jobs(releases, args.finetune_seeds, args.imdb, QUICK_IMDB_DEV if args.quick else IMDB_DEV)
-        if args.quick:  # the code path, not the curves: a small SST-2 and IMDB run, from scratch and pretrained
-            picked = [next(j for j in jobs if j[1].task == task and j[2] == init) for task, init in QUICK_JOBS]
-            jobs = [
-                (release, replace(recipe, max_train_examples=64, epochs=1), *rest) for release, recipe, *rest in picked
-            ]
-        planned = len(jobs)
-        if args.report_only:  # the runs finished so far, read and not run
-            jobs = [job for job in jobs if (finetune_dir(*job, out) / "result.json").is_file()]
+    for seed, model, name in names:
+        mixer, variant_sets = VARIANTS.get(model, (model, ()))
+        earlier = recorded["pretraining"].get(name)
+        if args.report_only:  # what the runs have written so far, e.g. while they run
+            on_disk = None
+            if any(r["kind"] == "eval" for r in read_metrics(out / "pretrain" / name)):
+                on_disk = read_curve(name, mixer, out / "pretrain" / name, steps)
+            found = [c for c in (on_disk, earlier) if c]
+            if not found:
+                continue
+            curves[name] = max(found, key=lambda c: (c["done"], len(c["tokens"])))  # the one further along
+        elif earlier and earlier["done"] and name not in needs_releases:
+            curves[name] = earlier
         else:
-            log(f"fine-tuning: {len(jobs)} runs, two at a time")
-        with ThreadPoolExecutor(max_workers=2) as pool:  # one thread each: two processes fill the 2 cores
-            runs = list(pool.map(lambda job: finetune(*job, args.glue_dir, out), jobs))
-        summary = summarize(runs)
+            sets = (*checkpoint_sets, f"seed={seed}", *variant_sets)
+            curves[name] = pretrain(name, mixer, size, train, heldout, out, steps, extra_sets=sets)
+            if earlier:
+                curves[name]["rerun"] = compare_rerun(name, earlier, curves[name])
+        # Exported as soon as the run ends, not after every run: its checkpoints need not outlive it.
+        if model != "bert-hf":
+            readings.update(read_releases(name, curves[name]))
+    # What this --out recorded for runs not asked for this time stays in the report.
+    for name, curve in recorded["pretraining"].items():
+        curves.setdefault(name, curve)
+    for release_name, reading in recorded["releases"].items():
+        readings.setdefault(release_name, reading)
+
+    if todo and not args.report_only:
+        log(f"fine-tuning: {len(todo)} runs, two at a time ({len(jobs) - len(todo)} recorded)")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one thread each: two processes fill the 2 cores
+        fresh = {
+            job_key(job): r for job, r in zip(todo, pool.map(lambda job: finetune(*job, args.glue_dir, out), todo))
+        }
+    finished = {**recorded_runs, **fresh}
+    runs: list[dict] = [finished[job_key(job)] for job in jobs if job_key(job) in finished]
+    carried = [r for key, r in recorded_runs.items() if key not in {job_key(job) for job in jobs}]
+    runs += carried
+    planned = len(jobs) + len(carried)
+    summary = summarize(runs) if runs else {}
 
     plot_curves(
         list(curves.values()),
@@ -601,12 +681,13 @@ def run(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m bench.corpus " + shlex.join(sys.argv[1:] if argv is None else argv),
         "recipe": "pretrain/configs/cpu.json",
-        "budget": {**budget.__dict__, "steps": steps, "release_steps": release_steps, "eval_every_steps": eval_every},
+        "budget": budget_record,
         "split": split,
         "train_tokens": train_tokens,
+        "tokenizer_sha256": tokenizer_digest,
         "cpu_count": os.cpu_count(),
         "minutes_total": (time.monotonic() - began) / 60,
-        "partial": not all(c["done"] for c in curves.values()) or len(curves) < len(args.seeds) * len(args.models),
+        "partial": not all(c["done"] for c in curves.values()) or any(name not in curves for *_, name in names),
         "pretraining": curves,
         "releases": readings,
         "finetune_runs": runs,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,15 +119,45 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path, capsys):
     assert "Downstream against pretraining tokens" in (out / "results.md").read_text()
     # a rerun reuses every stage
     assert corpus.main(args) == 0
-    # --report-only reads the fine-tuning runs that have finished and runs none of the others
-    scratch = next((out / "finetune").glob("*-scratch-SST-2-*"))
-    (scratch / "result.json").unlink()
+    # a fresh clone has results.json but none of the ignored work files: a rerun runs nothing again
+    first = json.loads((out / "results.json").read_text())
+    for work in ("pretrain", "releases", "finetune", "logs"):
+        shutil.rmtree(out / work)
+    assert corpus.main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["finetune_runs"] == first["finetune_runs"] and again["releases"] == first["releases"]
+    assert again["pretraining"] == first["pretraining"]
+    assert not any((out / work).exists() for work in ("pretrain", "releases", "finetune"))
+    # --report-only reads the fine-tuning runs recorded or finished so far and runs none of the others
+    again["finetune_runs"] = [r for r in again["finetune_runs"] if r["init"] == "pretrained"]
+    (out / "results.json").write_text(json.dumps(again))
     assert corpus.main([*args, "--report-only"]) == 0
     partial = json.loads((out / "results.json").read_text())
     assert [(r["task"], r["init"]) for r in partial["finetune_runs"]] == [("imdb-n2000", "pretrained")]
     assert "1 of 2 fine-tuning runs finished so far." in (out / "results.md").read_text()
-    assert not (scratch / "result.json").exists()
+    assert not (out / "finetune").exists()
+    # the one run left needs a release whose files are gone: the recorded pretraining run is repeated (on the
+    # same data, seed and recipe it gives the recorded curve) and the run is fine-tuned from its release
+    assert corpus.main(args) == 0
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["pretraining"]["hypermixer-s0"]["rerun"] == {
+        "evaluations": len(curve["tokens"]),
+        "max_loss_difference": 0.0,
+    }
 
+    def scores(report: dict) -> list[dict]:  # a run's record but its seconds
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in report["finetune_runs"]]
+
+    assert scores(rerun) == scores(first)
+    assert len(list((out / "finetune").iterdir())) == 1
+    # a results.json written with another budget is refused, not mixed in
+    wrong = {**rerun, "budget": {**rerun["budget"], "global_batch": 17}}
+    (out / "results.json").write_text(json.dumps(wrong))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        corpus.main(args)
+    assert "results.json: written with another budget" in capsys.readouterr().err
+    (out / "results.json").write_text(json.dumps(rerun))
     # bench.recipe_sweep on the same data folder: equal tokens, one change per run, the same held-out masks
     sweep = ["--quick", "--out", str(out), "--corpus", str(data), "--ood", str(ood), "--models", "hypermixer"]
     sweep += ["--variants", "recipe,batch128,tied"]
@@ -158,8 +189,10 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path, capsys):
     # a block-layout variant of bench.quality (`-post`: BERT's post-LN) pretrains with its setting, releases kept
     assert corpus.main([*args[:-8], "--models", "hypermixer-post", "--no-finetune"]) == 0
     post = json.loads((out / "results.json").read_text())
+    # the report keeps what this --out recorded for the runs not asked for this time
     assert sorted(post["releases"]) == [
-        f"hypermixer-post-s0-{corpus.tokens_label(t)}" for t in sorted(corpus.QUICK.release_tokens)
+        f"hypermixer-{kind}s0-{corpus.tokens_label(t)}" for kind in ("post-", "") for t in corpus.QUICK.release_tokens
     ]
+    assert list(post["pretraining"]) == ["hypermixer-post-s0", "hypermixer-s0"] and post["finetune_runs"]
     state = next((out / "pretrain" / "hypermixer-post-s0" / "checkpoints").glob("step_*/trainer_state.json"))
     assert json.loads(state.read_text())["fingerprint"]["model"]["norm_position"] == "post"
