@@ -620,14 +620,13 @@ def run(argv: list[str] | None = None) -> int:
     if args.quick and jobs:  # the code path, not the curves: a small SST-2 and IMDB run, from scratch and pretrained
         picked = [next(j for j in jobs if j[1].task == task and j[2] == init) for task, init in QUICK_JOBS]
         jobs = [(release, replace(recipe, max_train_examples=64, epochs=1), *rest) for release, recipe, *rest in picked]
-    todo = [job for job in jobs if job_key(job) not in recorded_runs]
-    if args.report_only:  # the runs finished so far, read and not run
-        todo = [job for job in todo if (finetune_dir(*job, out) / "result.json").is_file()]
     # A finished run is pretrained again only when a fine-tuning run still to do needs a release it no longer has.
     needs_releases = {
         job[0].name.rsplit("-", 1)[0]
-        for job in todo
-        if not (finetune_dir(*job, out) / "result.json").is_file() and not (job[0] / "model.safetensors").is_file()
+        for job in jobs
+        if job_key(job) not in recorded_runs
+        and not (finetune_dir(*job, out) / "result.json").is_file()
+        and not (job[0] / "model.safetensors").is_file()
     }
 
     curves: dict[str, dict] = {}
@@ -653,6 +652,26 @@ def run(argv: list[str] | None = None) -> int:
         # Exported as soon as the run ends, not after every run: its checkpoints need not outlive it.
         if model != "bert-hf":
             readings.update(read_releases(name, curves[name]))
+    # A release made again that reads differently on the held-out text is another model (a rerun of the same
+    # seed drifts from the record once it leaves the plateau): what was fine-tuned from the recorded one is
+    # fine-tuned again from it, so that every number of a release comes from one model.
+    remade = {
+        name
+        for name, reading in readings.items()
+        if name in recorded["releases"]
+        and abs(reading["in-domain"]["loss"] - recorded["releases"][name]["in-domain"]["loss"]) > 1e-3
+    }
+    if remade:
+        log(f"made again, and not the recorded model: {', '.join(sorted(remade))}; its pretrained runs are repeated")
+        recorded_runs = {
+            key: r for key, r in recorded_runs.items() if not (key[0] in remade and key[1] == "pretrained")
+        }
+    todo = [job for job in jobs if job_key(job) not in recorded_runs]
+    if args.report_only:  # the runs finished so far, read and not run
+        todo = [job for job in todo if (finetune_dir(*job, out) / "result.json").is_file()]
+    # Runs from pretrained weights first: a release made again in this session may not be made bit for bit
+    # alike in the next, while a scratch run needs only its config and tokenizer.
+    todo.sort(key=lambda job: job[2] != "pretrained")
     # What this --out recorded for runs not asked for this time stays in the report.
     for name, curve in recorded["pretraining"].items():
         curves.setdefault(name, curve)

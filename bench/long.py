@@ -20,7 +20,9 @@ largest process's resident set).
 Attention dropout is 0 for both mixers (a release with another value is fine-tuned from a copy with 0), so
 the transformer keeps torch's fused SDPA path; results.json records it. Cells run interleaved (every length
 and mixer of seed 0, then seed 1, ...); a rerun skips finished cells. Writes results.json (with the exact
-command), results.md and long.png into --out; the cells, runs, shards and releases go to --work.
+command), results.md and long.png into --out after every cell; the cells, runs, shards and releases go to
+--work. results.json is also the record a rerun continues from: --work is not kept by git, so on a fresh clone
+the cells it records are not run again.
 """
 
 from __future__ import annotations
@@ -196,19 +198,38 @@ def setup_of(args: argparse.Namespace, size: Size) -> Setup:
     )
 
 
+def setup_changes(stored: dict, setup: Setup) -> list[str]:
+    return [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in asdict(setup).items() if stored.get(k) != v]
+
+
 def check_setup(out: Path, setup: Setup) -> None:
     from common.files import write_json_atomic
 
     path = out / "setup.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
-        changed = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in asdict(setup).items() if stored.get(k) != v]
+        changed = setup_changes(json.loads(path.read_text()), setup)
         if changed:
             raise BenchError(
                 f"{out} holds cells made with other settings ({'; '.join(changed)}); use another --out (or --work)"
             )
     else:
         write_json_atomic(path, asdict(setup))
+
+
+def recorded_cells(path: Path, setup: Setup) -> dict[tuple, dict]:
+    """The cells an earlier run of this --out recorded in its results.json. --work is not kept by git, so on a
+    fresh clone the committed results.json is what a rerun continues from."""
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    changed = setup_changes(report["setup"], setup)
+    if changed:
+        raise BenchError(f"{path} holds cells made with other settings ({'; '.join(changed)}); use another --out")
+    cells: dict[tuple, dict] = {
+        ("finetune", r["length"], r["mixer"], r["seed"]): r for r in report["finetune"]["cells"]
+    }
+    cells.update({("pretrain", r["length"], r["mixer"]): r for r in report["pretrain"]["rows"]})
+    return cells
 
 
 # ---- a measured launch -------------------------------------------------------------------------------------
@@ -559,52 +580,71 @@ def run(argv: list[str]) -> int:
     if not attention["transformer"]["fused_sdpa_path"]:
         raise BenchError(f"{releases['transformer']}: attention dropout is not 0 in every block")
 
-    records = []
+    recorded = recorded_cells(out / "results.json", setup)
     cells = [(seed, length, mixer) for seed in seeds for length in lengths for mixer in MIXERS]
+    planned = len(cells) + len(pretrain_lengths) * len(MIXERS)
+    records: list[dict] = []
+    pretrain_rows: list[dict] = []
+
+    def write_report() -> None:
+        """After every cell, so that what a stopped run measured is on record (and committed) for its rerun."""
+        finetune_rows = summarize_finetune(records)
+        report = {
+            "command": shlex.join(["python", "-m", "bench.long", *argv]),
+            "setup": asdict(setup),
+            "lengths": lengths,
+            "seeds": seeds,
+            "model": "the given releases" if given else {"shape": size.shape, "vocab_size": size.vocab_size},
+            "attention_dropout": attention,
+            "cpu_count": os.cpu_count(),
+            "cells_finished": len(records) + len(pretrain_rows),
+            "cells_planned": planned,
+            "finetune": {
+                "cells": records,
+                "rows": finetune_rows,
+                "hypermixer_vs_transformer": compare_finetune(finetune_rows),
+            },
+            "pretrain": {
+                "recipe": "cpu, 2 processes (torchrun), ZeRO-2, fp32",
+                "rows": pretrain_rows,
+                "hypermixer_vs_transformer": compare_pretrain(pretrain_rows),
+            },
+        }
+        plot(finetune_rows, out / "long.png")
+        write_json_atomic(out / "results.json", report)
+        write_text_atomic(out / "results.md", markdown(report))
+
     for number, (seed, length, mixer) in enumerate(cells, start=1):
         folder = work / "finetune" / f"{length}-{mixer}-seed{seed}"
+        if ("finetune", length, mixer, seed) in recorded:
+            records.append(recorded["finetune", length, mixer, seed])
+            continue
         log(f"fine-tuning {number}/{len(cells)}: {mixer} at {length} tokens, seed {seed}")
         records.append(finetune_cell(setup, releases[mixer], mixer, length, seed, folder, size))
+        write_report()
 
-    pretrain_rows = []
-    if pretrain_lengths:
+    missing = [length for length in pretrain_lengths for mixer in MIXERS if ("pretrain", length, mixer) not in recorded]
+    if missing:
         from bench.pretrain import shards
 
         data_folder = work / "pretrain-data"
         text = pretrain_text(setup, data_folder, setup.pretrain_steps * setup.pretrain_tokens_per_step)
-        tokenizer = None
-        for length in pretrain_lengths:
+    tokenizer = None
+    for length in pretrain_lengths:
+        if length in missing:
             data = shards(text, length, "shards", tokenizer, work=data_folder, vocab_size=size.vocab_size)
             tokenizer = tokenizer or data / "tokenizer.json"  # one tokenizer for every length
-            for mixer in MIXERS:
-                log(f"pretraining throughput: {mixer} at {length} tokens")
-                pretrain_rows.append(
-                    pretrain_cell(setup, size, mixer, length, data, work / "pretrain" / f"{length}-{mixer}")
-                )
+        for mixer in MIXERS:
+            if ("pretrain", length, mixer) in recorded:
+                pretrain_rows.append(recorded["pretrain", length, mixer])
+                continue
+            log(f"pretraining throughput: {mixer} at {length} tokens")
+            pretrain_rows.append(
+                pretrain_cell(setup, size, mixer, length, data, work / "pretrain" / f"{length}-{mixer}")
+            )
+            write_report()
 
-    finetune_rows = summarize_finetune(records)
-    report = {
-        "command": shlex.join(["python", "-m", "bench.long", *argv]),
-        "setup": asdict(setup),
-        "lengths": lengths,
-        "seeds": seeds,
-        "model": "the given releases" if given else {"shape": size.shape, "vocab_size": size.vocab_size},
-        "attention_dropout": attention,
-        "cpu_count": os.cpu_count(),
-        "finetune": {
-            "cells": records,
-            "rows": finetune_rows,
-            "hypermixer_vs_transformer": compare_finetune(finetune_rows),
-        },
-        "pretrain": {
-            "recipe": "cpu, 2 processes (torchrun), ZeRO-2, fp32",
-            "rows": pretrain_rows,
-            "hypermixer_vs_transformer": compare_pretrain(pretrain_rows),
-        },
-    }
-    plot(finetune_rows, out / "long.png")
-    write_json_atomic(out / "results.json", report)
-    write_text_atomic(out / "results.md", markdown(report))
+    write_report()
     print((out / "results.md").read_text())
     return 0
 
@@ -655,11 +695,17 @@ def markdown(report: dict) -> str:
         f"{m} {v['config']:g}" + (" (fused SDPA path)" if m == "transformer" and v["fused_sdpa_path"] else "")
         for m, v in report["attention_dropout"].items()
     )
+    finished, planned = report["cells_finished"], report["cells_planned"]
     lines = [
         "# Long documents: accuracy and cost against length",
         "",
         f"Command: `{report['command']}`",
         "",
+        *(
+            [f"Partial: {finished} of {planned} cells finished so far (a rerun continues).", ""]
+            if finished < planned
+            else []
+        ),
         f"Fine-tuning on `{setup['train_file']}` ({setup['max_train_examples'] or 'all'} training examples, "
         f"{setup['dev_size']} held out as dev), {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
         f"lr {setup['learning_rate']:g}, seeds {', '.join(map(str, report['seeds']))}, longer inputs truncated; "

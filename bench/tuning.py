@@ -15,7 +15,10 @@ Models:
   the tasks' training sentences.
 Trials run interleaved (trial 0 of every model and task, then trial 1, ...), so an interrupted run
 still compares the mixers at equal trials; a rerun continues where it stopped (finished trials are
-kept). Writes results.json (with the exact command), results.md and evp-<task>.png into --out.
+kept). Writes results.json (with the exact command), results.md and evp-<task>.png into --out after every
+trial, and trials.json: each finished trial's result (or failure) by name. The sweep folder is not kept by
+git, so on a fresh clone the committed trials.json is what a rerun continues from: its trials are put back
+into the planned sweep and not trained again.
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from finetune.sweep import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = ROOT.parent / "shared" / "data" / "glue"
 DEFAULT_OUT = ROOT / "bench" / "results" / "tuning"
 QUICK_OUT = ROOT / "runs" / "bench" / "tuning-quick"
+TRIALS_FILE = "trials.json"  # in --out: every finished trial's result.json (or failed.json), by trial name
 PAIR_TASKS = ("MRPC", "RTE")
 PAPER_CLAIM = (
     "HyperMixer needs less hyperparameter tuning than the Transformer: its expected validation performance "
@@ -163,10 +171,13 @@ def run(argv: list[str]) -> int:
     specs = [s for s in load_plan(sweep_dir) if s.trial is not None and s.trial < trials]
     specs.sort(key=lambda s: (s.trial, s.task, s.model))  # interleaved: equal trials for all at any time
     log(f"{len(specs)} trials planned in {sweep_dir} ({len({s.model for s in specs})} models, {len(tasks)} tasks)")
+    recorded = restore_trials(specs, out / TRIALS_FILE)
     started = time.perf_counter()
     for number, spec in enumerate(specs, start=1):
         log(f"trial {number}/{len(specs)}: {spec.name}")
         run_one(spec, progress=False)
+        if record_trial(spec, recorded, out / TRIALS_FILE):  # a new trial: the partial results go on record too
+            write_results(out, aggregate(sweep_dir), argv, trials, tasks, space, args, sweep_dir)
     log(f"trials done in {time.perf_counter() - started:.0f} s")
     summary = aggregate(sweep_dir)
     write_results(out, summary, argv, trials, tasks, space, args, sweep_dir)
@@ -258,6 +269,58 @@ def train_tokenizer(glue_dir: Path, tasks: list[str], vocab_size: int, path: Pat
 
 
 # ---- the report ------------------------------------------------------------------------------------------
+
+
+def trial_settings(spec: RunSpec) -> dict:
+    """What makes a trial the same trial in another clone: its drawn values and seed, not its folders."""
+    from finetune.search import PARAMETERS
+
+    return {key: spec.config[key] for key in (*PARAMETERS, "seed", "max_train_examples", "max_seq_len")}
+
+
+def restore_trials(specs: list[RunSpec], path: Path) -> dict:
+    """Put the trials recorded in `path` back into their planned run folders (result.json or failed.json), so
+    the sweep skips them; a recorded trial whose drawn values differ from the plan's is refused."""
+    from common.files import write_json_atomic
+    from finetune.search import FAILED_FILE
+    from finetune.trainer import RESULT_FILE
+
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    for spec in specs:
+        entry = recorded.get(spec.name)
+        if entry is None or (spec.output_dir / RESULT_FILE).is_file() or (spec.output_dir / FAILED_FILE).is_file():
+            continue
+        if entry["settings"] != trial_settings(spec):
+            raise BenchError(
+                f"{path}: trial {spec.name} was recorded with {entry['settings']}, planned now with "
+                f"{trial_settings(spec)}; use another --out"
+            )
+        spec.output_dir.mkdir(parents=True, exist_ok=True)
+        if "result" in entry:
+            write_json_atomic(spec.output_dir / RESULT_FILE, entry["result"])
+        else:
+            write_json_atomic(spec.output_dir / FAILED_FILE, entry["failed"])
+    return recorded
+
+
+def record_trial(spec: RunSpec, recorded: dict, path: Path) -> bool:
+    """Add a finished trial to `path` (rewritten atomically); False when it was already there."""
+    from common.files import write_json_atomic
+    from finetune.search import FAILED_FILE
+    from finetune.trainer import RESULT_FILE
+
+    result, failed = spec.output_dir / RESULT_FILE, spec.output_dir / FAILED_FILE
+    if not result.is_file() and not failed.is_file():
+        return False
+    entry = {"settings": trial_settings(spec)}
+    entry |= (
+        {"result": json.loads(result.read_text())} if result.is_file() else {"failed": json.loads(failed.read_text())}
+    )
+    if recorded.get(spec.name) == entry:
+        return False
+    recorded[spec.name] = entry
+    write_json_atomic(path, recorded)
+    return True
 
 
 def write_results(

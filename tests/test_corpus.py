@@ -130,6 +130,9 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path, capsys):
     assert not any((out / work).exists() for work in ("pretrain", "releases", "finetune"))
     # --report-only reads the fine-tuning runs recorded or finished so far and runs none of the others
     again["finetune_runs"] = [r for r in again["finetune_runs"] if r["init"] == "pretrained"]
+    # (and the record says the IMDB run's release read otherwise: a rerun that makes it again makes another model)
+    imdb_release = next(r["model"] for r in again["finetune_runs"])
+    again["releases"][imdb_release]["in-domain"]["loss"] += 0.5
     (out / "results.json").write_text(json.dumps(again))
     assert corpus.main([*args, "--report-only"]) == 0
     partial = json.loads((out / "results.json").read_text())
@@ -137,7 +140,8 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path, capsys):
     assert "1 of 2 fine-tuning runs finished so far." in (out / "results.md").read_text()
     assert not (out / "finetune").exists()
     # the one run left needs a release whose files are gone: the recorded pretraining run is repeated (on the
-    # same data, seed and recipe it gives the recorded curve) and the run is fine-tuned from its release
+    # same data, seed and recipe it gives the recorded curve) and the run is fine-tuned from its release; the
+    # release made again reads unlike the record, so the run fine-tuned from it is repeated too
     assert corpus.main(args) == 0
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["pretraining"]["hypermixer-s0"]["rerun"] == {
@@ -149,7 +153,8 @@ def test_quick_run_writes_curves_and_release_readings(tmp_path, capsys):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in report["finetune_runs"]]
 
     assert scores(rerun) == scores(first)
-    assert len(list((out / "finetune").iterdir())) == 1
+    assert rerun["releases"] == first["releases"]
+    assert len(list((out / "finetune").iterdir())) == 2
     # a results.json written with another budget is refused, not mixed in
     wrong = {**rerun, "budget": {**rerun["budget"], "global_batch": 17}}
     (out / "results.json").write_text(json.dumps(wrong))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,23 @@ def test_quick_run_writes_table_plot_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert {p: p.stat().st_mtime_ns for p in cells} == before
     assert json.loads((out / "results.json").read_text())["finetune"]["rows"] == rows
+
+    # a fresh clone holds results.json but not the work folder: a rerun runs only the cells it lacks
+    shutil.rmtree(out / "work")
+    recorded = json.loads((out / "results.json").read_text())
+    dropped = recorded["finetune"]["cells"].pop(0), recorded["pretrain"]["rows"].pop(0)
+    (out / "results.json").write_text(json.dumps(recorded))
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert [p.parent.name for p in sorted(out.glob("work/*/*/cell.json"))] == [
+        f"{dropped[0]['length']}-{dropped[0]['mixer']}-seed{dropped[0]['seed']}",
+        f"{dropped[1]['length']}-{dropped[1]['mixer']}",
+    ]
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["finetune"]["cells"][1:] == recorded["finetune"]["cells"]
+    assert rerun["cells_finished"] == rerun["cells_planned"] == 10
+    # the one fine-tuning cell run again, on the same data, seed and random release, scores as recorded
+    assert rerun["finetune"]["cells"][0]["accuracy"] == dropped[0]["accuracy"]
 
     # other settings into the same folder: refused, naming what differs
     other = run([*args, "--epochs", "2"])

@@ -4,6 +4,7 @@ EVP curves, report) on a small GLUE folder made here, then a rerun that continue
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,20 @@ def test_quick_run_writes_curves_table_and_resumes(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already done") == len(plan) == 4 * 2 * trials
+
+    # a fresh clone holds the committed trials.json but no sweep folder: a rerun trains no trial again
+    recorded = json.loads((out / "trials.json").read_text())
+    assert sorted(recorded) == sorted(run["name"] for run in plan)
+    shutil.rmtree(out / "sweep")
+    shutil.rmtree(out / "releases")
+    fresh = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stdout.count("already done") == len(plan) and "starting" not in fresh.stdout
+    assert json.loads((out / "results.json").read_text())["evp"] == report["evp"]
+    # a recorded trial whose drawn values are not the plan's is refused, not mixed in
+    shutil.rmtree(out / "sweep")
+    name = next(iter(recorded))
+    recorded[name]["settings"]["learning_rate"] *= 2
+    (out / "trials.json").write_text(json.dumps(recorded))
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and f"trial {name} was recorded with" in refused.stderr
