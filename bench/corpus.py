@@ -642,6 +642,11 @@ def run(argv: list[str] | None = None) -> int:
             if not found:
                 continue
             curves[name] = max(found, key=lambda c: (c["done"], len(c["tokens"])))  # the one further along
+            if on_disk is not None and curves[name] is on_disk and earlier:  # a recorded run pretrained again
+                if "rerun" in earlier:
+                    on_disk["rerun"] = earlier["rerun"]
+                elif on_disk["loss"][: len(earlier["loss"])] != earlier["loss"][: len(on_disk["loss"])]:
+                    on_disk["rerun"] = compare_rerun(name, earlier, on_disk)
         elif earlier and earlier["done"] and name not in needs_releases:
             curves[name] = earlier
         else:
