@@ -212,4 +212,12 @@ def main(argv: Sequence[str] | None = None, build_model=None, after_step=()) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code != EXIT_OK:
+        # After an error, native threads of the process group can still be running: interpreter teardown may
+        # then abort (std::terminate, exit -6) and hide the exit code the launcher must see. The trainer has
+        # already closed its files and wandb, so end here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
