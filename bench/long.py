@@ -18,11 +18,11 @@ largest process's resident set).
 (c) One plot: dev accuracy against seconds per epoch, a point per length and mixer.
 
 Attention dropout is 0 for both mixers (a release with another value is fine-tuned from a copy with 0), so
-the transformer keeps torch's fused SDPA path; results.json records it. Cells run interleaved (every length
-and mixer of seed 0, then seed 1, ...); a rerun skips finished cells. Writes results.json (with the exact
-command), results.md and long.png into --out after every cell; the cells, runs, shards and releases go to
---work. results.json is also the record a rerun continues from: --work is not kept by git, so on a fresh clone
-the cells it records are not run again.
+the transformer keeps torch's fused SDPA path; results.json records it. Part (b) runs first (minutes); then the
+fine-tuning cells, interleaved (every length and mixer of seed 0, then seed 1, ...); a rerun skips finished
+cells. Writes results.json (with the exact command), results.md and long.png into --out after every cell; the
+cells, runs, shards and releases go to --work. results.json is also the record a rerun continues from: --work
+is not kept by git, so on a fresh clone the cells it records are not run again.
 """
 
 from __future__ import annotations
@@ -614,15 +614,7 @@ def run(argv: list[str]) -> int:
         write_json_atomic(out / "results.json", report)
         write_text_atomic(out / "results.md", markdown(report))
 
-    for number, (seed, length, mixer) in enumerate(cells, start=1):
-        folder = work / "finetune" / f"{length}-{mixer}-seed{seed}"
-        if ("finetune", length, mixer, seed) in recorded:
-            records.append(recorded["finetune", length, mixer, seed])
-            continue
-        log(f"fine-tuning {number}/{len(cells)}: {mixer} at {length} tokens, seed {seed}")
-        records.append(finetune_cell(setup, releases[mixer], mixer, length, seed, folder, size))
-        write_report()
-
+    # Part (b) first: a few minutes, against hours of fine-tuning cells.
     missing = [length for length in pretrain_lengths for mixer in MIXERS if ("pretrain", length, mixer) not in recorded]
     if missing:
         from bench.pretrain import shards
@@ -643,6 +635,15 @@ def run(argv: list[str]) -> int:
                 pretrain_cell(setup, size, mixer, length, data, work / "pretrain" / f"{length}-{mixer}")
             )
             write_report()
+
+    for number, (seed, length, mixer) in enumerate(cells, start=1):
+        folder = work / "finetune" / f"{length}-{mixer}-seed{seed}"
+        if ("finetune", length, mixer, seed) in recorded:
+            records.append(recorded["finetune", length, mixer, seed])
+            continue
+        log(f"fine-tuning {number}/{len(cells)}: {mixer} at {length} tokens, seed {seed}")
+        records.append(finetune_cell(setup, releases[mixer], mixer, length, seed, folder, size))
+        write_report()
 
     write_report()
     print((out / "results.md").read_text())
