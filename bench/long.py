@@ -161,6 +161,7 @@ class Setup:
     """What every cell of a results folder shares; a rerun with other settings is refused."""
 
     train_file: str
+    train_sha256: str  # what is compared: the same file may lie elsewhere in another clone
     text_field: str
     label_field: str
     dev_size: int
@@ -179,8 +180,11 @@ class Setup:
 
 def setup_of(args: argparse.Namespace, size: Size) -> Setup:
     examples = size.max_train_examples if args.max_train_examples is None else (args.max_train_examples or None)
+    from data_pipeline.shards import sha256_file
+
     return Setup(
         train_file=str(args.train_file.resolve()),
+        train_sha256=sha256_file(args.train_file),
         text_field=args.text_field,
         label_field=args.label_field,
         dev_size=args.dev_size or size.dev_size,
@@ -199,7 +203,13 @@ def setup_of(args: argparse.Namespace, size: Size) -> Setup:
 
 
 def setup_changes(stored: dict, setup: Setup) -> list[str]:
-    return [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in asdict(setup).items() if stored.get(k) != v]
+    """Where the training file lies is not compared (train_sha256 is), so a fresh clone beside another copy of the
+    data continues the record."""
+    return [
+        f"{k}: {stored.get(k)!r} there, {v!r} now"
+        for k, v in asdict(setup).items()
+        if k != "train_file" and stored.get(k) != v
+    ]
 
 
 def check_setup(out: Path, setup: Setup) -> None:
@@ -690,6 +700,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def markdown(report: dict) -> str:
+    return "\n".join(
+        [
+            "# Long documents: accuracy and cost against length",
+            "",
+            f"Command: `{report['command']}`",
+            "",
+            *tables(report),
+        ]
+    )
+
+
+def tables(report: dict) -> list[str]:
+    """The report's text and tables under its command (docs/results.md shows them too, through bench.report)."""
     setup = report["setup"]
     source = ", ".join(f"{m}: `{p}`" for m, p in setup["releases"].items()) or "random weights (no releases given)"
     attention = "; ".join(
@@ -698,22 +721,18 @@ def markdown(report: dict) -> str:
     )
     finished, planned = report["cells_finished"], report["cells_planned"]
     lines = [
-        "# Long documents: accuracy and cost against length",
-        "",
-        f"Command: `{report['command']}`",
-        "",
         *(
             [f"Partial: {finished} of {planned} cells finished so far (a rerun continues).", ""]
             if finished < planned
             else []
         ),
-        f"Fine-tuning on `{setup['train_file']}` ({setup['max_train_examples'] or 'all'} training examples, "
+        f"Fine-tuning on `{Path(setup['train_file']).name}` ({setup['max_train_examples'] or 'all'} training examples, "
         f"{setup['dev_size']} held out as dev), {setup['epochs']} epoch(s), batch {setup['batch_size']}, "
         f"lr {setup['learning_rate']:g}, seeds {', '.join(map(str, report['seeds']))}, longer inputs truncated; "
         f"from {source}. Attention dropout: {attention}. {setup['threads']} thread(s) per fine-tuning run, "
         f"{report['cpu_count']} CPUs.",
         "",
-        "## Fine-tuning",
+        "Fine-tuning:",
         "",
         "| tokens | mixer | dev accuracy (mean ± std) | train s/epoch | tokens/s | peak RSS (GiB) |",
         "|---:|---|---:|---:|---:|---:|",
@@ -734,7 +753,7 @@ def markdown(report: dict) -> str:
             f"{c['tokens_per_s_ratio']:.2f} | {c['peak_rss_ratio']:.2f} |"
         )
     lines += ["", "Plot: `long.png` (accuracy against training seconds per epoch).", ""]
-    lines += ["## Pretraining throughput", ""]
+    lines += ["Pretraining throughput:", ""]
     if not report["pretrain"]["rows"]:
         lines.append("Not run.")
     else:
@@ -754,7 +773,7 @@ def markdown(report: dict) -> str:
         lines += ["", "| tokens | tokens/s ratio (HyperMixer / transformer) | peak RSS ratio |", "|---:|---:|---:|"]
         for c in report["pretrain"]["hypermixer_vs_transformer"]:
             lines.append(f"| {c['length']} | {c['tokens_per_s_ratio']:.2f} | {c['peak_rss_ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 Each result is a JSON file: `bench/results/<name>.json`, or a folder `bench/results/<name>/` with a
 `results.json` (plus any other `*.json` it holds). Every file gets a section with the command that wrote it
 and its tables; known kinds (bench.quality, bench.models, bench.mlm_copy, bench.pretrain wikitext, a
-finetune sweep) have their own tables, anything else is shown by a generic renderer, so a new folder
-appears by itself. The prose that explains a result lives beside it, in `<name>/notes.md` (a folder) or
+finetune sweep, bench.corpus, bench.long) have their own tables, anything else is shown by a generic renderer,
+so a new folder appears by itself. The prose that explains a result lives beside it, in `<name>/notes.md` (a folder) or
 `<name>.notes.md` (a file):
 
     ---
@@ -382,6 +382,12 @@ def render_corpus(data: dict) -> list[str]:
     return tables(data)
 
 
+def render_long(data: dict) -> list[str]:
+    from bench.long import tables
+
+    return tables(data)
+
+
 def render_recipe_sweep(data: dict) -> list[str]:
     from bench.recipe_sweep import table
 
@@ -393,6 +399,8 @@ def kind(data: Any) -> str:
         return "corpus"
     if isinstance(data, dict) and "sweep_tokens" in data and "runs" in data:
         return "recipe_sweep"
+    if isinstance(data, dict) and "cells_planned" in data and "finetune" in data and "pretrain" in data:
+        return "long"
     if isinstance(data, dict) and "cells" in data and "device" in data:
         return "gpu"
     if isinstance(data, dict) and "pretraining" in data and "size" in data:
@@ -421,6 +429,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "gpu": render_gpu,
     "corpus": render_corpus,
     "recipe_sweep": render_recipe_sweep,
+    "long": render_long,
     "generic": render_generic,
 }
 

@@ -63,7 +63,7 @@ def test_quick_run_writes_table_plot_and_resumes(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["length"] == 64 for r in pretrain)
     assert (out / "long.png").stat().st_size > 0
     table = (out / "results.md").read_text()
-    assert "## Fine-tuning" in table and "## Pretraining throughput" in table
+    assert "Fine-tuning:" in table and "Pretraining throughput:" in table
 
     # a rerun skips every finished cell: their records stay as they were
     cells = sorted(out.glob("work/*/*/cell.json"))
@@ -90,6 +90,16 @@ def test_quick_run_writes_table_plot_and_resumes(tmp_path):
     assert rerun["cells_finished"] == rerun["cells_planned"] == 10
     # the one fine-tuning cell run again, on the same data, seed and random release, scores as recorded
     assert rerun["finetune"]["cells"][0]["accuracy"] == dropped[0]["accuracy"]
+
+    # the same data in another place (another clone's ../shared): the record is continued, nothing runs again
+    moved = tmp_path / "elsewhere" / data.name
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    cells = sorted(out.glob("work/*/*/cell.json"))
+    before = {p: p.stat().st_mtime_ns for p in cells}
+    again = run(["--quick", "--train-file", str(moved), "--out", str(out)])
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in cells} == before
 
     # other settings into the same folder: refused, naming what differs
     other = run([*args, "--epochs", "2"])
