@@ -22,8 +22,8 @@ the work files (data, checkpoints, releases, fine-tuning folders) are not kept b
 rerun skips every fine-tuning run, curve and reading that results.json holds, keeps them in the report even for
 models not asked for this time, and pretrains a recorded run again (same data, seed and recipe) only when a
 fine-tuning run still to do needs its releases; the rerun's distance from the recorded curve is reported.
-The HF BERT reference (`bert-hf`) is pretrained and
-evaluated in step 2 like ours; its checkpoints are not releases of this project, so step 3 reads ours only.
+The HF BERT reference (`bert-hf`) is pretrained and evaluated in step 2 like ours; its checkpoints are not
+releases of this project, so step 3 reads ours only.
 `--models transformer-post` (or `hypermixer-post`) runs our model with BERT's post-LN block layout.
 """
 

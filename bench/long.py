@@ -179,9 +179,9 @@ class Setup:
 
 
 def setup_of(args: argparse.Namespace, size: Size) -> Setup:
-    examples = size.max_train_examples if args.max_train_examples is None else (args.max_train_examples or None)
     from data_pipeline.shards import sha256_file
 
+    examples = size.max_train_examples if args.max_train_examples is None else (args.max_train_examples or None)
     return Setup(
         train_file=str(args.train_file.resolve()),
         train_sha256=sha256_file(args.train_file),

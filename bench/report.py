@@ -4,8 +4,8 @@ Each result is a JSON file: `bench/results/<name>.json`, or a folder `bench/resu
 `results.json` (plus any other `*.json` it holds). Every file gets a section with the command that wrote it
 and its tables; known kinds (bench.quality, bench.models, bench.mlm_copy, bench.pretrain wikitext, a
 finetune sweep, bench.corpus, bench.long) have their own tables, anything else is shown by a generic renderer,
-so a new folder appears by itself. The prose that explains a result lives beside it, in `<name>/notes.md` (a folder) or
-`<name>.notes.md` (a file):
+so a new folder appears by itself. The prose that explains a result lives beside it, in `<name>/notes.md` (a
+folder) or `<name>.notes.md` (a file):
 
     ---
     title: a heading (placeholders allowed)
