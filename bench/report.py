@@ -3,9 +3,10 @@
 Each result is a JSON file: `bench/results/<name>.json`, or a folder `bench/results/<name>/` with a
 `results.json` (plus any other `*.json` it holds). Every file gets a section with the command that wrote it
 and its tables; known kinds (bench.quality, bench.models, bench.mlm_copy, bench.pretrain wikitext, a
-finetune sweep, bench.corpus, bench.long) have their own tables, anything else is shown by a generic renderer,
-so a new folder appears by itself. The prose that explains a result lives beside it, in `<name>/notes.md` (a
-folder) or `<name>.notes.md` (a file):
+finetune sweep, bench.corpus, bench.long, bench.tuning) have their own tables, anything else is shown by a
+generic renderer, so a new folder appears by itself (bench.tuning's trials.json, a record for reruns, is not
+shown). The prose that explains a result lives beside it, in `<name>/notes.md` (a folder) or
+`<name>.notes.md` (a file):
 
     ---
     title: a heading (placeholders allowed)
@@ -44,6 +45,7 @@ TABLES_MARK = "<!-- tables -->"
 PLACEHOLDER = re.compile(r"\{\{\s*([^}:]+?)\s*(?::([^}]*))?\}\}")
 NO_NOTES_ORDER = 1000
 TASK_SCORES = {"SST-2": "accuracy", "CoLA": "MCC", "MRPC": "mean of F1 and accuracy", "RTE": "accuracy"}
+RECORDS = {"trials.json"}  # bench.tuning's per-trial record, which a rerun continues from: not a table
 MODELS_KEYS = {"mixer", "length", "batch_size", "tokens_per_s", "step_s", "step_mem_mib", "tflops"}  # format_table's
 
 
@@ -109,7 +111,7 @@ def parse_notes(path: Path) -> Notes:
 def discover(results: Path = RESULTS) -> list[Result]:
     found = []
     for folder in sorted(p for p in results.iterdir() if (p / "results.json").is_file()):
-        others = sorted(p for p in folder.glob("*.json") if p.name != "results.json")
+        others = sorted(p for p in folder.glob("*.json") if p.name != "results.json" and p.name not in RECORDS)
         found.append(_result(folder.name, [folder / "results.json", *others], folder / "notes.md"))
     for path in sorted(results.glob("*.json")):
         found.append(_result(path.stem, [path], results / f"{path.stem}.notes.md"))
@@ -388,6 +390,12 @@ def render_long(data: dict) -> list[str]:
     return tables(data)
 
 
+def render_tuning(data: dict) -> list[str]:
+    from bench.tuning import tables
+
+    return tables(data)
+
+
 def render_recipe_sweep(data: dict) -> list[str]:
     from bench.recipe_sweep import table
 
@@ -401,6 +409,8 @@ def kind(data: Any) -> str:
         return "recipe_sweep"
     if isinstance(data, dict) and "cells_planned" in data and "finetune" in data and "pretrain" in data:
         return "long"
+    if isinstance(data, dict) and "paper_claim" in data and "evp" in data:
+        return "tuning"
     if isinstance(data, dict) and "cells" in data and "device" in data:
         return "gpu"
     if isinstance(data, dict) and "pretraining" in data and "size" in data:
@@ -430,6 +440,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "corpus": render_corpus,
     "recipe_sweep": render_recipe_sweep,
     "long": render_long,
+    "tuning": render_tuning,
     "generic": render_generic,
 }
 

@@ -366,7 +366,7 @@ def write_results(
     }
     write_json_atomic(out / "results.json", report)
     evp.plot_tasks(summary, out)
-    write_text_atomic(out / "results.md", markdown(report, summary))
+    write_text_atomic(out / "results.md", markdown(report))
 
 
 def compare(evp_summary: dict) -> list[dict]:
@@ -395,16 +395,23 @@ def compare(evp_summary: dict) -> list[dict]:
     return out
 
 
-def markdown(report: dict, summary: dict) -> str:
+def markdown(report: dict) -> str:
+    """results.md: the command, the tables and the plots."""
+    from finetune import evp
+
+    plots = ", ".join(f"`evp-{t}.png`" for t in evp.tasks_of(report["evp"]))
+    lines = ["# Tuning cost: expected validation performance per mixer", "", f"Command: `{report['command']}`", ""]
+    return "\n".join([*lines, *tables(report), "", f"Plots: {plots}."]) + "\n"
+
+
+def tables(report: dict) -> list[str]:
+    """The setup in a paragraph, the EVP table, and HyperMixer against the transformer beside the paper's
+    claim (also bench.report's section for this result)."""
     from finetune import evp
 
     setup = report["setup"]
     tasks = ", ".join(f"{t} ({v['max_train_examples'] or 'all'} training examples)" for t, v in setup["tasks"].items())
     lines = [
-        "# Tuning cost: expected validation performance per mixer",
-        "",
-        f"Command: `{report['command']}`",
-        "",
         f"Random search, {setup['trials_per_model_and_task']} trials per model and task, the same trials "
         f"(hyperparameters and training seeds, search seed {setup['search_seed']}) for every mixer; tasks: {tasks}. "
         f"{report['trials_done']} trials finished, {len(report['trials_failed'])} failed, "
@@ -412,10 +419,11 @@ def markdown(report: dict, summary: dict) -> str:
         "",
         "Space: " + "; ".join(f"{name} {_dist(d)}" for name, d in setup["space"].items()) + ".",
         "",
-        "Plots: " + ", ".join(f"`evp-{t}.png`" for t in evp.tasks_of(summary["evp"])) + ".",
+        *evp.table_lines(report["evp"]),
+        "",
+        f"Against the paper. The paper: {report['paper_claim']}",
+        "",
     ]
-    lines += evp.markdown(summary).splitlines()
-    lines += ["", "## Against the paper", "", f"The paper: {report['paper_claim']}", ""]
     if not report["hypermixer_vs_transformer"]:
         lines.append("Here: no HyperMixer and transformer pair with finished trials to compare.")
     for row in report["hypermixer_vs_transformer"]:
@@ -426,13 +434,20 @@ def markdown(report: dict, summary: dict) -> str:
         "A gap counts as a lead only when it is wider than the two bands (± one std each) together; "
         "otherwise the curves do not separate at this number of trials.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _scientific(value: float) -> str:
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _dist(d: dict) -> str:
     if d["kind"] == "choice":
         return "from {" + ", ".join(f"{v:g}" for v in d["values"]) + "}"
-    return f"{d['kind'].replace('_', '-')} in [{d['low']:g}, {d['high']:g}]"
+    if d["kind"] == "log_uniform":  # written as the space files write them (1e-4), not as 0.0001
+        return f"log-uniform in [{_scientific(d['low'])}, {_scientific(d['high'])}]"
+    return f"{d['kind']} in [{d['low']:g}, {d['high']:g}]"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,17 +122,20 @@ def tasks_of(evp: dict) -> list[str]:
 
 
 def markdown(summary: dict) -> str:
-    """The EVP table: per model and task, the expected best dev score after 1, 5 and N trials."""
-    evp = summary["evp"]
+    """A random-search sweep's EVP section: per model and task, the expected best dev score after 1, 5 and N
+    trials."""
+    above = "In the tables above each trial is its own setting, so their 'median over seeds' is a single trial's score."
+    lines = ["", "## Expected validation performance (random search)", "", *table_lines(summary["evp"], above)]
+    return "\n".join(lines) + "\n"
+
+
+def table_lines(evp: dict, remark: str = "") -> list[str]:
+    """What the EVP table reads (and `remark`), then the table: per model and task, k = 1, 5 and N."""
     lines = [
-        "",
-        "## Expected validation performance (random search)",
-        "",
         "The expected best dev task score (x100; a task's score is the mean of its metrics) after k trials "
         "drawn from the N finished ones, ± one standard deviation (Dodge et al. 2019: exact, from order "
         "statistics). A higher value at small k means a good model with less tuning. Failed trials: "
-        f"{FAILED_CONVENTION}. In the tables above each trial is its own setting, so their 'median over "
-        "seeds' is a single trial's score.",
+        f"{FAILED_CONVENTION}." + (f" {remark}" if remark else ""),
         "",
         "| Model | Mixer | Init | Task | N | Failed | k=1 | k=5 | k=N |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -151,7 +154,7 @@ def markdown(summary: dict) -> str:
                 + " | ".join(cells)
                 + " |"
             )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _band(point: dict | None) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from test_finetune import sentence
 
+from bench.report import generate
+from bench.tuning import tables
 from hypermixer import MIXERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,14 @@ def test_quick_run_writes_curves_table_and_resumes(tmp_path):
         values = {k: run["config"][k] for k in ("learning_rate", "batch_size", "seed", "dropout", "warmup_ratio")}
         assert drawn.setdefault((run["task"], run["trial"]), values) == values
     table = (out / "results.md").read_text()
-    assert "| Model | Mixer | Init | Task | N | Failed | k=1 | k=5 | k=N |" in table and "## Against the paper" in table
+    assert "| Model | Mixer | Init | Task | N | Failed | k=1 | k=5 | k=N |" in table and "Against the paper" in table
+    # bench.report's section for it: the same tables, and not the per-trial record beside them
+    results = tmp_path / "results" / "tuning"
+    results.mkdir(parents=True)
+    for name in ("results.json", "trials.json"):
+        shutil.copyfile(out / name, results / name)
+    page = generate(results.parent)
+    assert "\n".join(tables(report)) in page and "trials.json" not in page
     for task in ("SST-2", "MRPC"):
         assert (out / f"evp-{task}.png").read_bytes()[:4] == b"\x89PNG"
 
