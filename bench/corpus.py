@@ -60,6 +60,7 @@ from bench.quality import (
     summarize,
 )
 from bench.quality import FULL as QUALITY_FULL
+from data_pipeline.shards import sha256_file
 
 IMDB = SHARED / "corpus" / "imdb"
 DEFAULT_CORPUS = (IMDB / "unsup.jsonl.gz", IMDB / "train.jsonl.gz")
@@ -501,9 +502,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_releases_share_tokenizer(releases: Path, tokenizer: Path) -> None:
     """Releases kept in --out from an earlier run must have the tokenizer the data was just rebuilt with, or
     the models compared downstream would not read the same pieces."""
-    digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    digest = sha256_file(tokenizer)
     for kept in sorted(releases.glob("*/tokenizer.json")):
-        if hashlib.sha256(kept.read_bytes()).hexdigest() != digest:
+        if sha256_file(kept) != digest:
             raise BenchError(
                 f"{kept}: differs from the rebuilt {tokenizer}; the corpus or the build changed since this "
                 "release was made: use a new --out"
@@ -578,7 +579,7 @@ def run(argv: list[str] | None = None) -> int:
     }
 
     budget_record = {**budget.__dict__, "steps": steps, "release_steps": release_steps, "eval_every_steps": eval_every}
-    tokenizer_digest = hashlib.sha256((train / "tokenizer.json").read_bytes()).hexdigest()
+    tokenizer_digest = sha256_file(train / "tokenizer.json")
     recorded = read_recorded(out / "results.json", budget_record, tokenizer_digest)
     recorded_runs = {run_key(r): r for r in recorded["finetune_runs"]}
 

@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -169,13 +169,17 @@ class Setup:
     epochs: int
     batch_size: int
     learning_rate: float
-    releases: dict[str, str]  # mixer -> the release fine-tuned ({} : from scratch)
+    releases: dict[str, str]  # mixer -> the release fine-tuned ({} : from scratch); where it lies, not compared
     extend_positions: str
     device: str
     threads: int  # OMP_NUM_THREADS of each fine-tuning process (pretraining: 1 per rank, 2 ranks)
     pretrain_steps: int
     pretrain_tokens_per_step: int
     pretrain_sets: list[str] = field(default_factory=list)
+    release_sha256: dict[str, str] = field(default_factory=dict)  # mixer -> its model.safetensors': compared
+
+
+NOT_COMPARED = {"train_file", "releases"}  # where the files lie: another clone may keep them elsewhere
 
 
 def setup_of(args: argparse.Namespace, size: Size) -> Setup:
@@ -203,12 +207,14 @@ def setup_of(args: argparse.Namespace, size: Size) -> Setup:
 
 
 def setup_changes(stored: dict, setup: Setup) -> list[str]:
-    """Where the training file lies is not compared (train_sha256 is), so a fresh clone beside another copy of the
-    data continues the record."""
+    """Where the training file and the releases lie is not compared (their sha256 are), so a fresh clone beside
+    other copies of them continues the record. A key a stored record lacks (written before it existed) counts
+    as its default."""
+    defaults = {f.name: f.default_factory() for f in fields(Setup) if f.default_factory is not MISSING}
     return [
-        f"{k}: {stored.get(k)!r} there, {v!r} now"
+        f"{k}: {stored.get(k, defaults.get(k))!r} there, {v!r} now"
         for k, v in asdict(setup).items()
-        if k != "train_file" and stored.get(k) != v
+        if k not in NOT_COMPARED and stored.get(k, defaults.get(k)) != v
     ]
 
 
@@ -569,6 +575,7 @@ def compare_pretrain(rows: list[dict]) -> list[dict]:
 
 def run(argv: list[str]) -> int:
     from common.files import write_json_atomic, write_text_atomic
+    from data_pipeline.shards import sha256_file
 
     args = parse_args(argv)
     size = QUICK if args.quick else FULL
@@ -583,6 +590,7 @@ def run(argv: list[str]) -> int:
     work = (args.work or out / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
     setup.releases = {mixer: str(path) for mixer, path in given.items()}
+    setup.release_sha256 = {mixer: sha256_file(path / "model.safetensors") for mixer, path in given.items()}
     check_setup(work, setup)  # before anything is made in it
     releases = given or scratch_releases(size, setup, work / "releases")
     releases = {mixer: without_attention_dropout(mixer, path, work / "releases") for mixer, path in releases.items()}

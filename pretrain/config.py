@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -418,7 +417,7 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
 def read_data(config: PretrainConfig, problems: list[str]) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(the training manifest, its sha256, the validation manifest); what is wrong with them goes to `problems`."""
     from data_pipeline.errors import DataPipelineError
-    from data_pipeline.shards import MANIFEST_NAME, read_manifest
+    from data_pipeline.shards import MANIFEST_NAME, read_manifest, sha256_file
 
     if not config.data.path:
         raise ConfigError(["data.path: required (a data_pipeline build folder or its manifest.json)"])
@@ -427,7 +426,7 @@ def read_data(config: PretrainConfig, problems: list[str]) -> tuple[dict[str, An
     except DataPipelineError as err:
         raise ConfigError([f"data.path: {err}"]) from None
     manifest_file = Path(manifest["_root"]) / MANIFEST_NAME
-    manifest_sha256 = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
+    manifest_sha256 = sha256_file(manifest_file)
     validation_manifest = manifest
     if config.data.validation_path:
         try:

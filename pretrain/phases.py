@@ -24,7 +24,6 @@ if __package__ in (None, ""):  # run as a script (torchrun pretrain/phases.py): 
     sys.path.insert(0, str(Path(_here).parent))
 
 import argparse
-import hashlib
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -53,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 def check_release(release: Path, data_path: str | None) -> list[str]:
     """What keeps `release` from starting a run on `data_path` (its files, and the data's tokenizer)."""
     from data_pipeline.errors import DataPipelineError
-    from data_pipeline.shards import read_manifest
+    from data_pipeline.shards import read_manifest, sha256_file
 
     problems = []
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -67,7 +66,7 @@ def check_release(release: Path, data_path: str | None) -> list[str]:
         manifest = read_manifest(data_path)
     except DataPipelineError:
         return []  # the run's own config check reports it
-    if hashlib.sha256((release / "tokenizer.json").read_bytes()).hexdigest() != manifest["tokenizer"].get("sha256"):
+    if sha256_file(release / "tokenizer.json") != manifest["tokenizer"].get("sha256"):
         problems.append(
             f"--init-from: {release}'s tokenizer differs from the one {data_path} was built with; build this "
             f"phase's data with the release's tokenizer (data_pipeline build --tokenizer {release / 'tokenizer.json'})"

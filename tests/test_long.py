@@ -149,3 +149,24 @@ def test_releases_are_one_per_mixer_and_both_or_none(tmp_path):
         given_releases([f"hypermixer={hm}"])
     with pytest.raises(BenchError, match="expected hypermixer=FOLDER"):
         given_releases([str(hm)])
+
+
+def test_a_record_compares_releases_by_their_weights_not_by_where_they_lie(tmp_path):
+    from dataclasses import asdict, replace
+
+    from bench.long import FULL, parse_args, setup_changes, setup_of
+
+    train = write_reviews(tmp_path / "train.jsonl.gz", rows=8)
+    here = setup_of(parse_args(["--train-file", str(train)]), FULL)
+    here.releases, here.release_sha256 = {"hypermixer": "/a/hm"}, {"hypermixer": "ab12"}
+    elsewhere = replace(here, train_file="/other/train.jsonl.gz", releases={"hypermixer": "/b/hm"})
+    assert setup_changes(asdict(elsewhere), here) == []  # the same files, moved: the record continues
+    other_weights = replace(here, release_sha256={"hypermixer": "cd34"})
+    assert setup_changes(asdict(other_weights), here) == [
+        "release_sha256: {'hypermixer': 'cd34'} there, {'hypermixer': 'ab12'} now"
+    ]
+    # a record written before release_sha256 existed: from scratch, so its default ({}) is what it held
+    scratch = setup_of(parse_args(["--train-file", str(train)]), FULL)
+    older = {k: v for k, v in asdict(scratch).items() if k != "release_sha256"}
+    assert setup_changes(older, scratch) == []
+    assert setup_changes(older, here) != []
