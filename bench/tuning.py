@@ -360,6 +360,7 @@ def write_results(
         "trials_failed": summary["failed_runs"],
         "trials_missing": summary["missing_runs"],
         "trial_seconds": {"total": round(sum(seconds), 1), "mean": round(sum(seconds) / max(1, len(seconds)), 2)},
+        "majority_baseline": majority_scores(args.glue_dir, list(tasks)),
         "paper_claim": PAPER_CLAIM,
         "hypermixer_vs_transformer": comparisons,
         "evp": evp_summary,
@@ -367,6 +368,26 @@ def write_results(
     write_json_atomic(out / "results.json", report)
     evp.plot_tasks(summary, out)
     write_text_atomic(out / "results.md", markdown(report))
+
+
+def majority_scores(glue_dir: Path, tasks: list[str]) -> dict[str, float]:
+    """Each task's dev score when every dev example gets the training set's most frequent label: the floor
+    that a model which learned something clears."""
+    from collections import Counter
+
+    from finetune.data import read_split
+    from finetune.metrics import compute, task_score
+    from finetune.tasks import get_task
+
+    scores = {}
+    for name in tasks:
+        task = get_task(name)
+        assert task.train is not None and task.evals[0].dev is not None  # SST-2 and the pair tasks have both
+        train = read_split(task, task.train, glue_dir=str(glue_dir)).labels or []
+        dev = read_split(task, task.evals[0].dev, glue_dir=str(glue_dir)).labels or []
+        most = Counter(train).most_common(1)[0][0]
+        scores[name] = task_score({name: compute(task.metrics, dev, [most] * len(dev))})
+    return scores
 
 
 def compare(evp_summary: dict) -> list[dict]:
@@ -420,6 +441,10 @@ def tables(report: dict) -> list[str]:
         "Space: " + "; ".join(f"{name} {_dist(d)}" for name, d in setup["space"].items()) + ".",
         "",
         *evp.table_lines(report["evp"]),
+        "",
+        "Majority-class baseline (every dev example gets the training set's most frequent label; x100): "
+        + ", ".join(f"{task} {100 * score:.1f}" for task, score in report["majority_baseline"].items())
+        + ". A curve near it has learned little from the task.",
         "",
         f"Against the paper. The paper: {report['paper_claim']}",
         "",

@@ -59,6 +59,8 @@ def test_quick_run_writes_curves_table_and_resumes(tmp_path):
     for run in plan:
         values = {k: run["config"][k] for k in ("learning_rate", "batch_size", "seed", "dropout", "warmup_ratio")}
         assert drawn.setdefault((run["task"], run["trial"]), values) == values
+    # half of each dev set is label 0, the training set's first most frequent: accuracy 0.5, and MRPC's F1 is 0
+    assert report["majority_baseline"] == {"SST-2": 0.5, "MRPC": 0.25}
     table = (out / "results.md").read_text()
     assert "| Model | Mixer | Init | Task | N | Failed | k=1 | k=5 | k=N |" in table and "Against the paper" in table
     # bench.report's section for it: the same tables, and not the per-trial record beside them
