@@ -172,15 +172,16 @@ def run(argv: list[str]) -> int:
     specs.sort(key=lambda s: (s.trial, s.task, s.model))  # interleaved: equal trials for all at any time
     log(f"{len(specs)} trials planned in {sweep_dir} ({len({s.model for s in specs})} models, {len(tasks)} tasks)")
     recorded = restore_trials(specs, out / TRIALS_FILE)
+    majority = majority_scores(args.glue_dir, list(tasks))  # read once: the report is rewritten after every trial
     started = time.perf_counter()
     for number, spec in enumerate(specs, start=1):
         log(f"trial {number}/{len(specs)}: {spec.name}")
         run_one(spec, progress=False)
         if record_trial(spec, recorded, out / TRIALS_FILE):  # a new trial: the partial results go on record too
-            write_results(out, aggregate(sweep_dir), argv, trials, tasks, space, args, sweep_dir)
+            write_results(out, aggregate(sweep_dir), argv, trials, tasks, space, args, sweep_dir, majority)
     log(f"trials done in {time.perf_counter() - started:.0f} s")
     summary = aggregate(sweep_dir)
-    write_results(out, summary, argv, trials, tasks, space, args, sweep_dir)
+    write_results(out, summary, argv, trials, tasks, space, args, sweep_dir, majority)
     print((out / "results.md").read_text())
     return 0
 
@@ -332,6 +333,7 @@ def write_results(
     space: str,
     args: argparse.Namespace,
     sweep_dir: Path,
+    majority: dict[str, float],
 ) -> None:
     from common.files import write_json_atomic, write_text_atomic
     from finetune import evp
@@ -360,7 +362,7 @@ def write_results(
         "trials_failed": summary["failed_runs"],
         "trials_missing": summary["missing_runs"],
         "trial_seconds": {"total": round(sum(seconds), 1), "mean": round(sum(seconds) / max(1, len(seconds)), 2)},
-        "majority_baseline": majority_scores(args.glue_dir, list(tasks)),
+        "majority_baseline": majority,
         "paper_claim": PAPER_CLAIM,
         "hypermixer_vs_transformer": comparisons,
         "evp": evp_summary,
