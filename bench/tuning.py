@@ -3,6 +3,7 @@ performance (Dodge et al. 2019) of the four mixers on SST-2 and a sentence-pair 
 
     python -m bench.tuning                               # from scratch: 4 mixers x 2 tasks x 20 trials
     python -m bench.tuning --release hm=PATH --release tf=PATH   # and from these pretrained releases
+    python -m bench.tuning --release hm=PATH --release tf=PATH --pretrained-only --out DIR   # these alone
     python -m bench.tuning --quick                       # the whole code path at toy size, a couple of minutes
 
 Every mixer and task gets the same search space and the same trials (hyperparameters and training
@@ -13,6 +14,9 @@ Models:
 - each mixer without a given release: from random weights, with the first release's shape and tokenizer
   (its mixer swapped), or with no release given, the `tiny` preset and a WordPiece tokenizer trained on
   the tasks' training sentences.
+With `--pretrained-only`, the given releases are fine-tuned from their weights and nothing else: the
+from-scratch curves are then those of a run without releases (a quarter of the trials where two releases
+are given, since each would otherwise bring two from-scratch models).
 Trials run interleaved (trial 0 of every model and task, then trial 1, ...), so an interrupted run
 still compares the mixers at equal trials; a rerun continues where it stopped (finished trials are
 kept). Writes results.json (with the exact command), results.md and evp-<task>.png into --out after every
@@ -117,6 +121,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="a pretrained release to fine-tune (and its random-init twin); repeat for several",
     )
     parser.add_argument(
+        "--pretrained-only",
+        action="store_true",
+        help="with --release: fine-tune the releases from their weights only (no model from random weights)",
+    )
+    parser.add_argument(
         "--pair-task", choices=PAIR_TASKS, default="MRPC", help="the sentence-pair task (default: MRPC)"
     )
     parser.add_argument("--trials", type=int, default=None, help="trials per model and task (default: 20; quick: 4)")
@@ -129,6 +138,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.trials is not None and args.trials < 1:
         parser.error(f"--trials must be at least 1, got {args.trials}")
+    if args.pretrained_only and not args.releases:
+        parser.error("--pretrained-only needs at least one --release NAME=FOLDER")
     return args
 
 
@@ -153,7 +164,7 @@ def run(argv: list[str]) -> int:
         space = str(space_file)
     load_space(space)  # a mistake in the space: reported before any model is built
 
-    models = make_models(args.releases, size, args.glue_dir, list(tasks), out / "releases")
+    models = make_models(args.releases, size, args.glue_dir, list(tasks), out / "releases", args.pretrained_only)
     sweep_dir = out / "sweep"
     from finetune.search import plan_random
 
@@ -187,10 +198,10 @@ def run(argv: list[str]) -> int:
 
 
 def make_models(
-    releases: list[str], size: Size, glue_dir: Path, tasks: list[str], folder: Path
+    releases: list[str], size: Size, glue_dir: Path, tasks: list[str], folder: Path, pretrained_only: bool = False
 ) -> list[tuple[list[str], tuple[str, ...]]]:
     """(releases as LABEL=FOLDER, inits) to plan: the given releases pretrained and from scratch, and the
-    mixers without one from scratch (made here)."""
+    mixers without one from scratch (made here); or, `pretrained_only`, the given releases pretrained alone."""
     from hypermixer import MIXERS, read_release_config
 
     given: dict[str, tuple[str, Path]] = {}  # mixer -> (label, folder)
@@ -207,8 +218,9 @@ def make_models(
         given[mixer] = (label, Path(path).resolve())
     models: list[tuple[list[str], tuple[str, ...]]] = []
     if given:
-        models.append(([f"{label}={path}" for label, path in given.values()], ("pretrained", "scratch")))
-    missing = [m for m in MIXERS if m not in given]
+        inits = ("pretrained",) if pretrained_only else ("pretrained", "scratch")
+        models.append(([f"{label}={path}" for label, path in given.values()], inits))
+    missing = [] if pretrained_only else [m for m in MIXERS if m not in given]
     if missing:
         made = scratch_releases(
             missing, next(iter(given.values()))[1] if given else None, size, glue_dir, tasks, folder

@@ -93,3 +93,22 @@ def test_quick_run_writes_curves_table_and_resumes(tmp_path):
     (out / "trials.json").write_text(json.dumps(recorded))
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and f"trial {name} was recorded with" in refused.stderr
+
+
+def test_pretrained_only_plans_the_given_releases_from_their_weights_alone(tmp_path):
+    import pytest
+
+    from bench.tuning import QUICK, make_models, parse_args, scratch_releases
+
+    glue = write_tasks(tmp_path / "glue")
+    made = scratch_releases(["hypermixer"], None, QUICK, glue, ["SST-2", "MRPC"], tmp_path / "made")
+    given = [f"hm={made['hypermixer']}"]
+    assert make_models(given, QUICK, glue, ["SST-2"], tmp_path / "a", pretrained_only=True) == [
+        (given, ("pretrained",))
+    ]
+    assert not (tmp_path / "a").exists()  # no model from random weights is made
+    default = make_models(given, QUICK, glue, ["SST-2"], tmp_path / "b")
+    assert default[0] == (given, ("pretrained", "scratch"))
+    assert sorted(r.split("=")[0] for r in default[1][0]) == sorted(m for m in MIXERS if m != "hypermixer")
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained-only"])
