@@ -15,7 +15,7 @@ Models:
   (its mixer swapped), or with no release given, the `tiny` preset and a WordPiece tokenizer trained on
   the tasks' training sentences.
 With `--pretrained-only`, the given releases are fine-tuned from their weights and nothing else: the
-from-scratch curves are then those of a run without releases (a quarter of the trials where two releases
+from-scratch curves are then those of a run without releases (a third of the trials where two releases
 are given, since each would otherwise bring two from-scratch models).
 Trials run interleaved (trial 0 of every model and task, then trial 1, ...), so an interrupted run
 still compares the mixers at equal trials; a rerun continues where it stopped (finished trials are
