@@ -22,7 +22,9 @@ still compares the mixers at equal trials; a rerun continues where it stopped (f
 kept). Writes results.json (with the exact command), results.md and evp-<task>.png into --out after every
 trial, and trials.json: each finished trial's result (or failure) by name. The sweep folder is not kept by
 git, so on a fresh clone the committed trials.json is what a rerun continues from: its trials are put back
-into the planned sweep and not trained again.
+into the planned sweep and not trained again. A trial fine-tuned from a release records the digest of the
+release's weights, and a rerun whose release folder holds other weights is refused: release folders are not
+kept by git either, and a release pretrained again on another machine is another model.
 """
 
 from __future__ import annotations
@@ -285,10 +287,42 @@ def train_tokenizer(glue_dir: Path, tasks: list[str], vocab_size: int, path: Pat
 
 
 def trial_settings(spec: RunSpec) -> dict:
-    """What makes a trial the same trial in another clone: its drawn values and seed, not its folders."""
+    """What makes a trial the same trial in another clone: its drawn values and seed, not its folders; and
+    for a pretrained model, the digest of the weights it starts from. Release folders are not kept by git,
+    and a release pretrained again on another machine is another model (it drifts once it leaves the
+    plateau), so a trial of the same name must not be taken for one trained from the weights now there.
+    (A model from random weights is made here from a fixed seed: its config and tokenizer say what it is.)"""
     from finetune.search import PARAMETERS
 
-    return {key: spec.config[key] for key in (*PARAMETERS, "seed", "max_train_examples", "max_seq_len")}
+    settings = {key: spec.config[key] for key in (*PARAMETERS, "seed", "max_train_examples", "max_seq_len")}
+    if not spec.config["from_scratch"]:
+        settings["release_sha256"] = _weights_digest(spec.config["release"])
+    return settings
+
+
+_DIGESTS: dict[str, str] = {}  # release folder -> sha256 of its model.safetensors, read once per run
+
+
+def _weights_digest(release: str) -> str:
+    from data_pipeline.shards import sha256_file
+
+    if release not in _DIGESTS:
+        _DIGESTS[release] = sha256_file(Path(release) / "model.safetensors")
+    return _DIGESTS[release]
+
+
+def _difference(recorded: dict, planned: dict) -> str:
+    """What differs between a recorded trial's settings and the plan's, for the refusal."""
+    if {k: v for k, v in recorded.items() if k != "release_sha256"} == {
+        k: v for k, v in planned.items() if k != "release_sha256"
+    }:
+        if "release_sha256" not in recorded:
+            return "was recorded without the digest of the release it started from, so it cannot be told apart"
+        return (
+            f"started from other weights (model.safetensors sha256 {recorded['release_sha256'][:12]}..., "
+            f"{planned['release_sha256'][:12]}... now)"
+        )
+    return f"was recorded with {recorded}, planned now with {planned}"
 
 
 def restore_trials(specs: list[RunSpec], path: Path) -> dict:
@@ -305,8 +339,7 @@ def restore_trials(specs: list[RunSpec], path: Path) -> dict:
             continue
         if entry["settings"] != trial_settings(spec):
             raise BenchError(
-                f"{path}: trial {spec.name} was recorded with {entry['settings']}, planned now with "
-                f"{trial_settings(spec)}; use another --out"
+                f"{path}: trial {spec.name} {_difference(entry['settings'], trial_settings(spec))}; use another --out"
             )
         spec.output_dir.mkdir(parents=True, exist_ok=True)
         if "result" in entry:

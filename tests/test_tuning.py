@@ -112,3 +112,51 @@ def test_pretrained_only_plans_the_given_releases_from_their_weights_alone(tmp_p
     assert sorted(r.split("=")[0] for r in default[1][0]) == sorted(m for m in MIXERS if m != "hypermixer")
     with pytest.raises(SystemExit):
         parse_args(["--pretrained-only"])
+
+
+def test_a_trial_recorded_from_other_weights_is_refused(tmp_path):
+    """Release folders are not kept by git: a trials.json continued with a release pretrained again (another
+    model, under the same path) must not mix the old trials into the new release's curve."""
+    import pytest
+    import torch
+
+    from bench.tuning import QUICK, BenchError, record_trial, restore_trials, scratch_releases
+    from finetune.search import PARAMETERS
+    from finetune.sweep import RunSpec
+    from finetune.trainer import RESULT_FILE
+    from hypermixer import ForMaskedLM, read_release_config
+
+    glue = write_tasks(tmp_path / "glue")
+    release = scratch_releases(["hypermixer"], None, QUICK, glue, ["SST-2", "MRPC"], tmp_path / "made")["hypermixer"]
+    config = {key: 0.1 for key in PARAMETERS} | {"seed": 3, "max_train_examples": 64, "max_seq_len": 32}
+    config |= {"release": str(release), "from_scratch": False, "output_dir": str(tmp_path / "sweep" / "run")}
+    spec = RunSpec(name="hm--SST-2--trial000", model="hm", task="SST-2", config=config, trial=0)
+    spec.output_dir.mkdir(parents=True)
+    (spec.output_dir / RESULT_FILE).write_text(json.dumps({"score": 0.75}))
+    trials = tmp_path / "trials.json"
+    recorded: dict = {}
+    assert record_trial(spec, recorded, trials)
+    assert len(json.loads(trials.read_text())[spec.name]["settings"]["release_sha256"]) == 64
+
+    # the same weights in a fresh sweep folder: put back, not trained again
+    shutil.rmtree(tmp_path / "sweep")
+    restore_trials([spec], trials)
+    assert json.loads((spec.output_dir / RESULT_FILE).read_text()) == {"score": 0.75}
+
+    # the release pretrained again (other weights, same folder): refused, naming why
+    shutil.rmtree(tmp_path / "sweep")
+    torch.manual_seed(1)
+    ForMaskedLM(read_release_config(release)["encoder"]).save_pretrained(release)
+    import bench.tuning
+
+    bench.tuning._DIGESTS.clear()  # a new process would read the folder afresh
+    with pytest.raises(BenchError, match=r"trial hm--SST-2--trial000 started from other weights"):
+        restore_trials([spec], trials)
+    assert not (spec.output_dir / RESULT_FILE).exists()
+
+    # a trial recorded before digests were kept cannot be told apart from another release's: refused too
+    legacy = json.loads(trials.read_text())
+    del legacy[spec.name]["settings"]["release_sha256"]
+    trials.write_text(json.dumps(legacy))
+    with pytest.raises(BenchError, match="without the digest of the release"):
+        restore_trials([spec], trials)
