@@ -53,6 +53,7 @@ from bench.quality import (
     finetune,
     finetune_dir,
     log,
+    machine,
     plot_curves,
     pretrain,
     pretraining_table,
@@ -644,7 +645,9 @@ def run(argv: list[str] | None = None) -> int:
             if not found:
                 continue
             curves[name] = max(found, key=lambda c: (c["done"], len(c["tokens"])))  # the one further along
-            if on_disk is not None and curves[name] is on_disk and earlier:  # a recorded run pretrained again
+            if on_disk is not None and curves[name] is on_disk:  # its run folder: written in this session, as a rule
+                on_disk["machine"] = machine()
+            if on_disk is not None and curves[name] is on_disk and earlier:
                 if "rerun" in earlier:
                     on_disk["rerun"] = earlier["rerun"]
                 elif on_disk["loss"][: len(earlier["loss"])] != earlier["loss"][: len(on_disk["loss"])]:
@@ -654,6 +657,7 @@ def run(argv: list[str] | None = None) -> int:
         else:
             sets = (*checkpoint_sets, f"seed={seed}", *variant_sets)
             curves[name] = pretrain(name, mixer, size, train, heldout, out, steps, extra_sets=sets)
+            curves[name]["machine"] = machine()  # of the session that ran it last (minutes compare on one)
             if earlier:
                 curves[name]["rerun"] = compare_rerun(name, earlier, curves[name])
         # Exported as soon as the run ends, not after every run: its checkpoints need not outlive it.

@@ -242,6 +242,23 @@ def pretrain(
     return read_curve(name, mixer, run_dir, steps, lr)
 
 
+def machine() -> str:
+    """The CPU that minutes and tokens/s were measured on: runs resumed in another session may land on
+    another machine, and the model name alone does not tell the vector units apart."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    units = [unit for unit in ("avx2", "avx512f", "amx_tile") if unit in flags]
+    return f"{model} ({', '.join(units) or 'no avx2'}), {os.cpu_count()} CPUs"
+
+
 def read_curve(name: str, mixer: str, run_dir: Path, steps: int, lr: float | None = None) -> dict:
     """A pretraining run's held-out curve from its metrics, so far: `done` says whether it reached `steps`."""
     from pretrain.metrics import read_metrics
