@@ -61,7 +61,7 @@ from bench.quality import (
     summarize,
 )
 from bench.quality import FULL as QUALITY_FULL
-from data_pipeline.shards import sha256_file
+from common.files import sha256_file
 
 IMDB = SHARED / "corpus" / "imdb"
 DEFAULT_CORPUS = (IMDB / "unsup.jsonl.gz", IMDB / "train.jsonl.gz")

@@ -183,7 +183,7 @@ NOT_COMPARED = {"train_file", "releases"}  # where the files lie: another clone 
 
 
 def setup_of(args: argparse.Namespace, size: Size) -> Setup:
-    from data_pipeline.shards import sha256_file
+    from common.files import sha256_file
 
     examples = size.max_train_examples if args.max_train_examples is None else (args.max_train_examples or None)
     return Setup(
@@ -574,8 +574,7 @@ def compare_pretrain(rows: list[dict]) -> list[dict]:
 
 
 def run(argv: list[str]) -> int:
-    from common.files import write_json_atomic, write_text_atomic
-    from data_pipeline.shards import sha256_file
+    from common.files import sha256_file, write_json_atomic, write_text_atomic
 
     args = parse_args(argv)
     size = QUICK if args.quick else FULL

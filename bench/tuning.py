@@ -292,23 +292,13 @@ def trial_settings(spec: RunSpec) -> dict:
     and a release pretrained again on another machine is another model (it drifts once it leaves the
     plateau), so a trial of the same name must not be taken for one trained from the weights now there.
     (A model from random weights is made here from a fixed seed: its config and tokenizer say what it is.)"""
+    from finetune.model import release_digest
     from finetune.search import PARAMETERS
 
     settings = {key: spec.config[key] for key in (*PARAMETERS, "seed", "max_train_examples", "max_seq_len")}
     if not spec.config["from_scratch"]:
-        settings["release_sha256"] = _weights_digest(spec.config["release"])
+        settings["release_sha256"] = release_digest(spec.config["release"], from_scratch=False)
     return settings
-
-
-_DIGESTS: dict[str, str] = {}  # release folder -> sha256 of its model.safetensors, read once per run
-
-
-def _weights_digest(release: str) -> str:
-    from data_pipeline.shards import sha256_file
-
-    if release not in _DIGESTS:
-        _DIGESTS[release] = sha256_file(Path(release) / "model.safetensors")
-    return _DIGESTS[release]
 
 
 def _difference(recorded: dict, planned: dict) -> str:

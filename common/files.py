@@ -4,6 +4,7 @@ hidden `.NAME.tmp-PID` that no reader looks at."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -55,3 +56,12 @@ def _write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (shards, tokenizers, a release's weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 
-from common.files import write_json_atomic
+from common.files import sha256_file, write_json_atomic
 
 from .config import BuildConfig, as_config, load_config
 from .dedup import dups_path, hash_unit, load_drop_set, resolve_duplicates
@@ -37,7 +37,7 @@ from .errors import DataPipelineError
 from .orphans import die_with_parent
 from .packing import Packer
 from .readers import ReadStats, expand_inputs, iter_docs
-from .shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, ShardWriter, dtype_for_vocab, sha256_file
+from .shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME, ShardWriter, dtype_for_vocab
 from .tokenizer import BulkEncoder, copy_tokenizer, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
 from .units import Unit, plan, read_result, result_path
 

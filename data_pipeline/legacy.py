@@ -9,9 +9,9 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from common.files import write_json_atomic
+from common.files import sha256_file, write_json_atomic
 
-from .shards import DTYPES, iter_shard, read_manifest, sha256_file
+from .shards import DTYPES, iter_shard, read_manifest
 
 
 def write_format1_copy(build_dir: str | Path, out_dir: str | Path) -> Path:

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from common.files import sha256_file
+
 from .errors import DataPipelineError
 
 FORMAT_VERSION = 2  # written; 1 (one member per sequence) is still read
@@ -352,14 +354,6 @@ def iter_shard(path: str | os.PathLike, seq_len: int | None = None) -> Iterator[
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:

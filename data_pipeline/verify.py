@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import sha256_file
+
 from .errors import DataPipelineError
 from .packing import unpack
-from .shards import iter_shard, sha256_file, shard_urls
+from .shards import iter_shard, shard_urls
 
 
 def split_sequences(manifest: dict, split: str) -> dict[str, list[np.ndarray]]:

@@ -10,11 +10,13 @@ to the fixed max length, which makes a prediction independent of the rest of its
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from common.files import sha256_file
 from finetune.data import Encoded, Examples, batches, encode, load_tokenizer
 from finetune.errors import FinetuneError
 from finetune.positions import extend_positions as extend
@@ -142,6 +144,22 @@ def load(
     model.to(torch_device)
     pad_to = max_len if encoder_config.mixer in FIXED_LENGTH_MIXERS else None
     return Runner(model, tokenizer, torch_device, resolve_precision(precision, torch_device), max_len, pad_to, windows)
+
+
+def release_digest(release: str, from_scratch: bool) -> str | None:
+    """sha256 of the weights a pretrained run starts from; None from random weights, or for a release that is
+    not a local folder. A run records it, so that a sweep never takes a run finished from other weights (a
+    release exported again into the same folder) for one from the weights there now."""
+    weights = Path(release) / "model.safetensors"
+    if from_scratch or not weights.is_file():
+        return None
+    stat = weights.stat()
+    return _digest(str(weights.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, mtime_ns: int, size: int) -> str:  # read once per file version, not once per run
+    return sha256_file(path)
 
 
 def set_dropout(model: ForSequenceClassification, p: float) -> None:

@@ -23,6 +23,7 @@ from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.errors import FinetuneError
 from finetune.files import default_task_name
+from finetune.model import release_digest
 from finetune.tasks import GLUE_TASKS, parse_tasks
 from finetune.trainer import RESULT_FILE, train
 
@@ -122,8 +123,17 @@ def run_one(spec: RunSpec | dict[str, Any], progress: bool | None = None) -> dic
     spec = spec if isinstance(spec, RunSpec) else RunSpec.from_dict(spec)
     done = spec.output_dir / RESULT_FILE
     if done.is_file():
+        result = json.loads(done.read_text())
+        recorded = result.get("release_sha256")  # absent from runs made before it was recorded
+        now = release_digest(spec.config["release"], spec.config["from_scratch"])
+        if recorded is not None and now is not None and recorded != now:
+            raise FinetuneError(
+                f"{spec.name}: finished from other weights than {spec.config['release']} holds now "
+                f"(model.safetensors sha256 {recorded[:12]}..., now {now[:12]}...): remove {spec.output_dir} "
+                "to train it from these, or plan the sweep into another folder"
+            )
         print(f"finetune: {spec.name}: already done ({done})", flush=True)
-        return json.loads(done.read_text())
+        return result
     if spec.trial is not None:  # a random-search trial: a failure is recorded, not raised
         from finetune.search import run_trial
 

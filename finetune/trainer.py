@@ -29,7 +29,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import Encoded, read_split
 from finetune.errors import FinetuneError
 from finetune.files import fixed_subset, task_of
-from finetune.model import Runner, load
+from finetune.model import Runner, load, release_digest
 from finetune.submission import FINETUNE_FILE, predict_tests
 from finetune.tasks import Task
 from hypermixer.hf.release import tokenizer_files
@@ -61,6 +61,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
             if ev.test.files:
                 read_split(task, ev.test)
     seed_everything(config.seed)
+    weights_sha256 = release_digest(config.release, config.from_scratch)  # the weights this run starts from
     runner = load(
         config.release,
         task.num_labels,
@@ -164,6 +165,7 @@ def train(config: FinetuneConfig, progress: bool | None = None) -> dict:
         "device": str(runner.device),
         "precision": runner.precision,
         "parameters": sum(p.numel() for p in runner.model.parameters()),
+        "release_sha256": weights_sha256,
         "seconds": round(time.perf_counter() - started, 2),
         "config": config.to_dict(),
     }

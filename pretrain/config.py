@@ -416,8 +416,9 @@ def resolve(config: PretrainConfig, world_size: int) -> Resolved:
 
 def read_data(config: PretrainConfig, problems: list[str]) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(the training manifest, its sha256, the validation manifest); what is wrong with them goes to `problems`."""
+    from common.files import sha256_file
     from data_pipeline.errors import DataPipelineError
-    from data_pipeline.shards import MANIFEST_NAME, read_manifest, sha256_file
+    from data_pipeline.shards import MANIFEST_NAME, read_manifest
 
     if not config.data.path:
         raise ConfigError(["data.path: required (a data_pipeline build folder or its manifest.json)"])

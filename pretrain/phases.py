@@ -51,8 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 def check_release(release: Path, data_path: str | None) -> list[str]:
     """What keeps `release` from starting a run on `data_path` (its files, and the data's tokenizer)."""
+    from common.files import sha256_file
     from data_pipeline.errors import DataPipelineError
-    from data_pipeline.shards import read_manifest, sha256_file
+    from data_pipeline.shards import read_manifest
 
     problems = []
     for name in ("config.json", "model.safetensors", "tokenizer.json"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.files import sha256_file
 from common.optim import lr_scheduler
 from data_pipeline.tokenizer import train_tokenizer
 from finetune import metrics
@@ -27,7 +28,7 @@ from finetune.submission import SUBMISSION_FILES, write_submission
 from finetune.sweep import load_plan, plan_sweep, run_one, run_sweep
 from finetune.tasks import GLUE_TASKS, TASKS, get_task, parse_tasks
 from finetune.trainer import make_optimizer, train
-from hypermixer import MIXERS, EncoderConfig, ForMaskedLM, ForSequenceClassification
+from hypermixer import MIXERS, EncoderConfig, ForMaskedLM, ForSequenceClassification, read_release_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SST2 = REPO.parent / "shared" / "data" / "glue" / "SST-2"
@@ -741,6 +742,28 @@ def test_sweep_plan_run_skip_aggregate_submit(releases, glue, tmp_path, capsys):
         best_run = sweep / "runs" / rte["best"]["run"] / "predictions" / "RTE.tsv"
         assert archive.read("RTE.tsv").decode() == best_run.read_text()
     assert main(["submit", "--sweep-dir", str(sweep)]) == 2  # two models: which one?
+
+
+def test_sweep_refuses_a_run_finished_from_other_weights(glue, tokenizer, tmp_path):
+    """A release exported again into the same folder is another model: its sweep's finished runs are not
+    taken for runs from the new weights (nor are they silently trained over)."""
+    release = make_release(tmp_path / "release", "hypermixer", tokenizer)
+    kwargs = dict(glue_dir=str(glue), epochs=1, device="cpu", eval_batch_size=8, save_model=False)
+    specs = plan_sweep(
+        tmp_path / "sweep", [f"hm={release}"], "RTE", [1e-3], [0], [4], ["pretrained", "scratch"], **kwargs
+    )
+    pretrained, scratch = specs
+    first = run_one(pretrained, progress=False)
+    run_one(scratch, progress=False)
+    assert first["release_sha256"] == sha256_file(release / "model.safetensors")
+    assert json.loads((scratch.output_dir / "result.json").read_text())["release_sha256"] is None
+    assert run_one(pretrained)["score"] == first["score"]  # the same weights: skipped
+
+    torch.manual_seed(1)  # the release exported again: other weights in the same folder
+    ForMaskedLM(read_release_config(release)["encoder"]).save_pretrained(release)
+    with pytest.raises(FinetuneError, match=r"hm--RTE--lr0.001--bs4--seed0: finished from other weights than"):
+        run_one(pretrained)
+    run_one(scratch)  # from random weights: the release's weights play no part
 
 
 def test_sweep_cli_plan_only_and_run_one_by_array_index(releases, glue, tmp_path, monkeypatch, capsys):

@@ -147,9 +147,6 @@ def test_a_trial_recorded_from_other_weights_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "sweep")
     torch.manual_seed(1)
     ForMaskedLM(read_release_config(release)["encoder"]).save_pretrained(release)
-    import bench.tuning
-
-    bench.tuning._DIGESTS.clear()  # a new process would read the folder afresh
     with pytest.raises(BenchError, match=r"trial hm--SST-2--trial000 started from other weights"):
         restore_trials([spec], trials)
     assert not (spec.output_dir / RESULT_FILE).exists()
