@@ -515,7 +515,32 @@ def main(argv: list[str] | None = None) -> int:
     temporary.write_text(text, encoding="utf-8")
     temporary.replace(args.out)  # never a half-written page
     print(f"bench.report: wrote {args.out}")
+    for name in untracked(RESULTS):
+        print(f"bench.report: {name} is not in git yet: commit it with the page, which shows it", file=sys.stderr)
     return 0
+
+
+def untracked(results: Path) -> list[str]:
+    """Results files the page was made from that git does not track: a clone would lack them (and the page
+    would name files it does not have). Empty outside a git checkout."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard", "--", str(results)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    used: set[Path] = set()
+    for result in discover(results):
+        used |= {*result.files, *([result.notes_path] if result.notes_path else [])}
+        if result.files[0].name == "results.json":  # its figures are linked too
+            used |= set(result.files[0].parent.glob("*.png"))
+    return sorted(name for name in listed if ROOT / name in used)
 
 
 if __name__ == "__main__":
